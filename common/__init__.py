@@ -1,0 +1,1 @@
+"""Shared library of the rollback toolkit: settings, logs, PostgreSQL tools, the catalog."""

@@ -1,0 +1,300 @@
+"""Making rollback points: the approaches of DESIGN §4, tried in order, every attempt logged."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import catalog
+from .catalog import RollbackPoint
+from .database import ConnInfo, connect, database_size, migration_head, rows, scalar, server_version, table_row_counts
+from .errors import BackupFailed, ConfigError, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
+from .locks import DatabaseLock
+from .log import get_logger
+from .pgtools import Tool, default_compression, find_tool
+from .progress import Progress, human_size
+from .runner import Process
+
+METHODS = ("pg_dump", "docker")
+
+
+@dataclass
+class Source:
+    """A database held open in one REPEATABLE READ transaction whose snapshot pg_dump imports,
+    so the row counts and the dump describe the same instant even under concurrent writes."""
+
+    info: ConnInfo
+    conn: object
+    major: int
+    version: str
+    snapshot_id: Optional[str]
+    tables: List[str]
+    data_bytes: int
+    _counts: Optional[Dict[str, int]] = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, info: ConnInfo, app: str) -> "Source":
+        conn = connect(info, autocommit=False, app=app)
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        major, version = server_version(conn)
+        snapshot_id = None
+        try:
+            snapshot_id = scalar(conn, "SELECT pg_export_snapshot()")
+        except Exception as exc:  # e.g. a hot standby before PostgreSQL 10
+            conn.rollback()
+            get_logger().warning("cannot export a snapshot (%s); row counts are taken separately", exc)
+        tables = [f"{s}.{t}" for s, t in rows(conn, """
+            SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+              AND n.nspname NOT LIKE 'pg\\_%'""")]
+        # From the planner's statistics, not pg_table_size(): that takes a lock per table and
+        # would wait behind any exclusive lock before the dump has even started.
+        data_bytes = int(scalar(conn, """
+            SELECT coalesce(sum(c.relpages + coalesce(t.relpages, 0)), 0)::bigint
+                   * current_setting('block_size')::bigint
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            LEFT JOIN pg_class t ON t.oid = c.reltoastrelid
+            WHERE c.relkind IN ('r', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')""") or 0)
+        return cls(info, conn, major, version, snapshot_id, tables, data_bytes)
+
+    def counts(self) -> Dict[str, int]:
+        if self._counts is None:
+            self._counts = table_row_counts(self.conn)
+        return self._counts
+
+    def count_beside(self, proc: Process, what: str) -> None:
+        """Count rows in our snapshot while the dump runs (two cores, both busy); if the dump fails,
+        cancel the count, which would otherwise wait on the same locks pg_dump waited on."""
+        failure: List[BaseException] = []
+
+        def count() -> None:
+            try:
+                self.counts()
+            except BaseException as exc:  # reported below, in the calling thread
+                failure.append(exc)
+
+        counter = threading.Thread(target=count, daemon=True)
+        counter.start()
+        try:
+            proc.wait(what=what)
+        except BaseException:
+            proc.kill()
+            if counter.is_alive():
+                self.conn.cancel()
+            counter.join()
+            self._abandon_snapshot()
+            raise
+        counter.join()
+        if failure:
+            raise failure[0]
+
+    def _abandon_snapshot(self) -> None:
+        """After a cancelled count the transaction is gone: start a fresh one for a next approach."""
+        try:
+            self.conn.rollback()
+            self.snapshot_id = scalar(self.conn, "SELECT pg_export_snapshot()")
+        except Exception:
+            self.snapshot_id = None
+        self._counts = None
+
+    def close(self) -> None:
+        try:
+            self.conn.rollback()
+        finally:
+            self.conn.close()
+
+
+def check_free_space(folder: Path, source: Source, compression: str) -> None:
+    """Refuse early when the disk is clearly too small for the dump; warn when it is tight."""
+    factor = 1.0 if compression in ("0", "none") else 0.5
+    needed = int(source.data_bytes * factor)
+    free = shutil.disk_usage(folder).free
+    log = get_logger()
+    log.debug("free space in %s: %s; estimated dump size: %s", folder, human_size(free), human_size(needed))
+    if free < needed // 2:
+        raise BackupFailed(f"not enough disk space in {folder}: {human_size(free)} free, the dump of "
+                           f"{source.info.dbname} needs about {human_size(needed)}. Nothing was written. "
+                           "Free space or set BACKUP_DIR to a larger disk.")
+    if free < needed:
+        log.warning("disk space is tight in %s: %s free, the dump may need about %s",
+                    folder, human_size(free), human_size(needed))
+
+
+def dump_to_file(source: Source, dest: Path, *, pg_bin_dir: Optional[str] = None,
+                 method: Optional[str] = None, compress: Optional[str] = None) -> RollbackPoint:
+    """Dump the source into `dest` (custom format) by the first approach that works; returns an
+    unsaved point with size, sha256, counts and the method. Nothing is left behind on failure."""
+    log = get_logger()
+    methods = [method] if method else list(METHODS)
+    partial = dest.with_name(dest.name + ".partial")
+    failures: List[str] = []
+    started = time.monotonic()
+    for name in methods:
+        log.info("Backup approach %s ...", name)
+        try:
+            tool_desc, tool_version, used_compress = _APPROACHES[name](source, partial, pg_bin_dir, compress)
+        except (ToolNotFound, ToolFailed, BackupFailed) as exc:
+            _remove(partial)
+            log.warning("  approach %s failed: %s", name, exc)
+            failures.append(f"{name}: {exc}")
+            if isinstance(exc, BackupFailed):
+                break
+            continue
+        except BaseException:
+            _remove(partial)
+            raise
+        counts = source.counts()
+        catalog.fsync_file(partial)
+        os.chmod(partial, 0o600)
+        size = partial.stat().st_size
+        sha = catalog.sha256_file(partial)
+        os.replace(partial, dest)
+        catalog.fsync_dir(dest.parent)
+        return RollbackPoint(
+            id=dest.stem, kind=catalog.DUMP, database=source.info.dbname,
+            source_url=source.info.masked().replace(":***", ""), server_version=source.version,
+            method=name, tool=tool_desc, tool_version=tool_version, compression=used_compress,
+            file=dest.name, size_bytes=size, sha256=sha, tables=counts,
+            migration_head=migration_head(source.conn), duration_seconds=round(time.monotonic() - started, 3),
+            folder=dest.parent)
+    raise BackupFailed("every backup approach failed; nothing was written:\n  " + "\n  ".join(failures))
+
+
+def _pg_dump(source: Source, partial: Path, pg_bin_dir: Optional[str], compress: Optional[str]):
+    tool = find_tool("pg_dump", source.major, pg_bin_dir, purpose=f"PostgreSQL {source.major}")
+    compression = compress or default_compression(tool)
+    check_free_space(partial.parent, source, compression)
+    argv = [tool.path, "--format=custom", f"--compress={compression}", "--file", str(partial),
+            "--verbose", "--no-password"]
+    if source.snapshot_id:
+        argv += ["--snapshot", source.snapshot_id]
+    progress = Progress("dumping", total=len(source.tables))
+
+    def on_line(line: str) -> None:
+        if "dumping contents of table" in line:
+            size = partial.stat().st_size if partial.exists() else 0
+            progress.step(line.split("table", 1)[1].strip(), f"{human_size(size)} written")
+
+    log = get_logger()
+    log.info("  %s, compression %s, into %s", tool.describe(), compression, partial.parent)
+    proc = Process(argv, password=source.info.password, env=source.info.libpq_env(), on_stderr_line=on_line)
+    try:
+        source.count_beside(proc, what=f"pg_dump {tool.version}")
+    except ToolFailed as exc:
+        raise _explain(exc, tool, source) from None
+    finally:
+        proc.kill()
+        progress.done()
+    return tool.describe(), tool.version, compression
+
+
+def _explain(exc: ToolFailed, tool: Tool, source: Source) -> ToolFailed:
+    text = exc.stderr
+    if "server version mismatch" in text:
+        return ToolVersionMismatch(f"pg_dump {tool.version} cannot dump a PostgreSQL {source.version} server "
+                                   f"(server version mismatch); it needs pg_dump {source.major} or newer",
+                                   exc.returncode, text)
+    if "No space left on device" in text or "File too large" in text:
+        return ToolFailed(f"the disk is full (pg_dump: {exc}); the partial file was removed", exc.returncode, text)
+    return exc
+
+
+def _docker(source: Source, partial: Path, pg_bin_dir: Optional[str], compress: Optional[str]):
+    """pg_dump inside a postgres:<major> container, streamed into our file (DESIGN §4, approach 2)."""
+    try:
+        import docker
+        from docker.errors import DockerException
+    except ImportError:
+        raise ToolNotFound("the docker SDK is not installed (pip install docker)") from None
+    try:
+        client = docker.from_env(timeout=5)
+        client.ping()
+    except DockerException as exc:
+        raise ToolNotFound(f"no Docker engine answers ({type(exc).__name__})") from None
+    compression = compress or "0"
+    check_free_space(partial.parent, source, compression)
+    info = source.info
+    if info.host.startswith("/"):
+        raise ToolNotFound("the server is reached through a Unix socket, which a container cannot use")
+    env = info.libpq_env()
+    env["PGPASSWORD"] = info.password or ""
+    command = ["pg_dump", "--format=custom", f"--compress={compression}", "--no-password"]
+    if source.snapshot_id:
+        command += ["--snapshot", source.snapshot_id]
+    image = f"postgres:{source.major}"
+    get_logger().info("  pg_dump in a %s container", image)
+    try:
+        container = client.containers.run(image, command, environment=env, network_mode="host", detach=True)
+    except DockerException as exc:
+        raise ToolNotFound(f"cannot start a {image} container: {exc}") from None
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=False):
+                fh.write(chunk)
+        source.counts()
+        code = container.wait().get("StatusCode", 1)
+        if code != 0:
+            stderr = container.logs(stdout=False, stderr=True).decode("utf-8", "replace")
+            raise ToolFailed(f"pg_dump in {image} failed (exit {code}): {stderr.strip()[-300:]}", code, stderr)
+        version = f"{source.major} (image {image})"
+    finally:
+        container.remove(force=True)
+    return f"pg_dump in container {image}", version, compression
+
+
+_APPROACHES = {"pg_dump": _pg_dump, "docker": _docker}
+
+
+def create_point(info: ConnInfo, folder: Path, script: str, description: str = "", *,
+                 pg_bin_dir: Optional[str] = None, method: Optional[str] = None,
+                 compress: Optional[str] = None) -> RollbackPoint:
+    """A rollback point of one database: lock, dump, sidecar last (DESIGN §4)."""
+    if method and method not in METHODS:
+        raise ConfigError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+    catalog.ensure_dir(folder)
+    log = get_logger()
+    with DatabaseLock(info, info.dbname, script):
+        remove_stale_partials(folder, info.dbname)
+        source = Source.open(info, app=f"rollback-toolkit/{script}")
+        try:
+            log.info("Creating a rollback point of %s (PostgreSQL %s, %d tables)",
+                     info.masked(), source.version, len(source.tables))
+            point_id = catalog.new_id(folder, info.dbname, description)
+            point = dump_to_file(source, folder / f"{point_id}.dump", pg_bin_dir=pg_bin_dir,
+                                 method=method, compress=compress)
+        finally:
+            source.close()
+        point.description = description
+        point.created_at = catalog.utc_now().isoformat(timespec="seconds")
+        try:
+            catalog.save(point)
+        except BaseException:
+            _remove(point.path)
+            raise
+        return point
+
+
+def remove_stale_partials(folder: Path, database: str, quiet_seconds: int = 600) -> None:
+    """Delete leftovers of killed backups of this database (we hold its lock; a file nobody has
+    written to for 10 minutes is not being written)."""
+    prefix = catalog.slug(database) + "_"
+    now = time.time()
+    for leftover in folder.glob(f"{prefix}*.partial"):
+        if now - leftover.stat().st_mtime > quiet_seconds:
+            get_logger().info("Removing the leftover of an interrupted backup: %s", leftover.name)
+            _remove(leftover)
+
+
+def _remove(path: Optional[Path]) -> None:
+    if path is not None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+

@@ -1,0 +1,291 @@
+"""The rollback-point catalog: backups in $BACKUP_DIR and their JSON sidecars (DESIGN §4)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from .errors import BackupCorrupt, UsageError
+
+FORMAT_VERSION = 1
+OK, CORRUPT, MISSING, INCOMPLETE = "OK", "CORRUPT", "MISSING", "INCOMPLETE"
+DUMP, SNAPSHOT = "dump", "snapshot"
+_REQUIRED = ("format_version", "id", "kind", "database", "created_at")
+
+
+@dataclass
+class RollbackPoint:
+    """One rollback point as its sidecar records it, plus its status as last checked."""
+
+    id: str
+    kind: str = DUMP
+    database: str = ""
+    description: str = ""
+    created_at: str = ""
+    source_url: str = ""
+    server_version: str = ""
+    method: str = ""
+    tool: str = ""
+    tool_version: str = ""
+    compression: str = ""
+    file: Optional[str] = None
+    snapshot_database: Optional[str] = None
+    size_bytes: int = 0
+    sha256: Optional[str] = None
+    tables: Dict[str, int] = field(default_factory=dict)
+    migration_head: Optional[str] = None
+    duration_seconds: float = 0.0
+    format_version: int = FORMAT_VERSION
+    # Not stored: where the catalog found it and what the last check said.
+    folder: Optional[Path] = field(default=None, repr=False, compare=False)
+    status: str = OK
+    problem: str = ""
+
+    @property
+    def path(self) -> Optional[Path]:
+        """The backup file (dump kind)."""
+        return self.folder / self.file if (self.folder and self.file) else None
+
+    @property
+    def sidecar(self) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{self.id}.json"
+
+    @property
+    def rows(self) -> int:
+        return sum(self.tables.values())
+
+    def to_json(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("folder", "status", "problem")}
+        return data
+
+    def summary(self) -> dict:
+        """What `list --json` and `info --json` print: the sidecar plus status and paths."""
+        data = self.to_json()
+        data.update(status=self.status, problem=self.problem,
+                    path=str(self.path) if self.path else None,
+                    sidecar=str(self.sidecar) if self.folder else None)
+        return data
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe form: [A-Za-z0-9_-] only (the sidecar keeps the exact text)."""
+    s = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-_")
+    return s[:limit].rstrip("-_") or "db"
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def ensure_dir(folder: Path) -> Path:
+    """The backup folder, created 0700: backups hold data."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    return folder
+
+
+def new_id(folder: Path, database: str, description: str = "", now: Optional[datetime] = None) -> str:
+    """`<db>_<YYYYmmdd_HHMMSS>[_<slug>]`, unique in the folder even for two points in one second."""
+    stamp = (now or utc_now()).astimezone().strftime("%Y%m%d_%H%M%S")
+    base = f"{slug(database)}_{stamp}" + (f"_{slug(description)}" if description.strip() else "")
+    candidate, n = base, 1
+    while any((folder / f"{candidate}{ext}").exists() for ext in (".json", ".dump", ".dump.partial", ".json.partial")):
+        n += 1
+        candidate = f"{base}_{n}"
+    return candidate
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to *.partial, fsync, rename, fsync the folder: a reader sees the old file or the new."""
+    tmp = path.with_name(path.name + ".partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, ensure_ascii=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def save(point: RollbackPoint) -> None:
+    """Write the sidecar: the last step of creating a point, so a point without one is never offered."""
+    write_json_atomic(point.sidecar, point.to_json())
+
+
+def load_sidecar(path: Path) -> RollbackPoint:
+    """A point from its sidecar; raises ValueError when the sidecar is not a valid one."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or any(k not in data for k in _REQUIRED):
+        raise ValueError("sidecar lacks required fields")
+    if data["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"unknown sidecar format_version {data['format_version']}")
+    if data["id"] != path.stem:
+        raise ValueError(f"sidecar id {data['id']!r} does not match its file name")
+    known = {f.name for f in fields(RollbackPoint)}
+    point = RollbackPoint(**{k: v for k, v in data.items() if k in known})
+    if point.kind == DUMP and not point.file:
+        raise ValueError("dump sidecar names no file")
+    point.folder = path.parent
+    return point
+
+
+def quick_check(point: RollbackPoint, snapshot_exists: Optional[Callable[[str], Optional[bool]]] = None) -> RollbackPoint:
+    """Cheap status for `list`: the file or snapshot database present, the size as recorded."""
+    point.status, point.problem = OK, ""
+    if point.kind == SNAPSHOT:
+        exists = snapshot_exists(point.snapshot_database) if snapshot_exists else None
+        if exists is False:
+            point.status, point.problem = MISSING, f"snapshot database {point.snapshot_database!r} does not exist"
+        return point
+    path = point.path
+    if path is None or not path.exists():
+        point.status, point.problem = MISSING, f"backup file {point.file} is missing"
+    elif path.stat().st_size != point.size_bytes:
+        point.status = CORRUPT
+        point.problem = f"size is {path.stat().st_size} bytes, the sidecar says {point.size_bytes}"
+    return point
+
+
+def scan(folder: Path, snapshot_exists: Optional[Callable[[str], Optional[bool]]] = None) -> List[RollbackPoint]:
+    """Every point in the folder, newest first, with its cheap status; dumps without a valid
+    sidecar (and leftovers of interrupted backups) are listed as INCOMPLETE."""
+    if not folder.is_dir():
+        return []
+    points: List[RollbackPoint] = []
+    claimed = set()
+    for sidecar in folder.glob("*.json"):
+        try:
+            point = load_sidecar(sidecar)
+        except (ValueError, TypeError, OSError) as exc:
+            points.append(_incomplete(sidecar, f"sidecar unreadable: {exc}"))
+            claimed.add(sidecar.stem + ".dump")
+            continue
+        if point.file:
+            claimed.add(point.file)
+        points.append(quick_check(point, snapshot_exists))
+    for leftover in list(folder.glob("*.dump")) + list(folder.glob("*.partial")):
+        if leftover.name in claimed or leftover.name.endswith(".json.partial"):
+            continue
+        reason = "interrupted backup (partial file)" if leftover.suffix == ".partial" else "no sidecar"
+        points.append(_incomplete(leftover, reason))
+    points.sort(key=lambda p: (p.created_at, p.id), reverse=True)
+    return points
+
+
+def _incomplete(path: Path, reason: str) -> RollbackPoint:
+    stat = path.stat()
+    created = datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(timespec="seconds")
+    stem = path.name.split(".")[0]
+    return RollbackPoint(id=stem, file=path.name if path.suffix != ".json" else None, created_at=created,
+                         size_bytes=stat.st_size, folder=path.parent, status=INCOMPLETE, problem=reason)
+
+
+def newest_ok(points: List[RollbackPoint], database: str) -> Optional[RollbackPoint]:
+    for point in points:
+        if point.status == OK and point.database == database:
+            return point
+    return None
+
+
+def resolve(folder: Path, ref: str) -> RollbackPoint:
+    """A point named by its dump file, its sidecar, or its id (in $BACKUP_DIR)."""
+    given = Path(ref).expanduser()
+    if given.suffix == ".partial":
+        raise UsageError(f"{ref} is an interrupted backup (partial file); it cannot be used. Nothing was changed.")
+    candidates = []
+    if given.suffix in (".dump", ".json") or given.exists():
+        candidates.append(given.with_suffix(".json") if given.suffix == ".dump" else given)
+    candidates.append(folder / f"{given.stem if given.suffix in ('.dump', '.json') else ref}.json")
+    for sidecar in candidates:
+        if sidecar.is_file():
+            try:
+                point = load_sidecar(sidecar)
+            except (ValueError, TypeError) as exc:
+                raise BackupCorrupt(f"the sidecar {sidecar} is not valid ({exc}); this backup cannot be "
+                                    "checked, so it is not used. Nothing was changed.") from None
+            if given.suffix == ".dump" and point.file != given.name:
+                continue
+            return point
+    if given.is_file():
+        raise UsageError(f"{ref} has no sidecar ({given.with_suffix('.json').name}): its checksum cannot be "
+                         "verified, so it is not used for a restore. Nothing was changed.")
+    raise UsageError(f"no rollback point {ref!r} (looked for a file of that name and for an id in {folder}). "
+                     "List them with: python3 rollback_manager.py list")
+
+
+def sha256_file(path: Path, on_progress: Optional[Callable[[int], None]] = None) -> str:
+    digest = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(4 * 1024 * 1024)
+            if not chunk:
+                break
+            digest.update(chunk)
+            done += len(chunk)
+            if on_progress:
+                on_progress(done)
+    return digest.hexdigest()
+
+
+def verify_checksum(point: RollbackPoint, on_progress: Optional[Callable[[int], None]] = None) -> None:
+    """Full check before any restore: present, the recorded size, the recorded sha256."""
+    if point.kind != DUMP:
+        return
+    quick_check(point)
+    if point.status != OK:
+        raise BackupCorrupt(f"rollback point {point.id} is {point.status}: {point.problem}. Nothing was changed.")
+    actual = sha256_file(point.path, on_progress)
+    if actual != point.sha256:
+        point.status, point.problem = CORRUPT, f"sha256 is {actual[:16]}…, the sidecar says {str(point.sha256)[:16]}…"
+        raise BackupCorrupt(f"rollback point {point.id} is CORRUPT: {point.problem}. Nothing was changed.")
+
+
+def age_days(point: RollbackPoint, now: Optional[float] = None) -> float:
+    try:
+        created = datetime.fromisoformat(point.created_at).timestamp()
+    except ValueError:
+        return 0.0
+    return ((now or time.time()) - created) / 86400
+
+
+def remove_files(point: RollbackPoint) -> List[Path]:
+    """Delete a point's dump and sidecar (the sidecar first, so a crash leaves no listed-OK point)."""
+    removed = []
+    targets = [point.sidecar] if point.status != INCOMPLETE else []
+    if point.path:
+        targets.append(point.path)
+    for path in targets:
+        if path.exists():
+            path.unlink()
+            removed.append(path)
+    if removed:
+        fsync_dir(removed[0].parent)
+    return removed
+
+

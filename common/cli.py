@@ -1,0 +1,146 @@
+"""What every script shares at its edges: settings and logs at start, confirmation, exit codes."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from . import report
+from .database import ConnInfo
+from .env import Settings, load_settings
+from .errors import EXIT_FAILED, ConfigError, NotConfirmed, RollbackError
+from .log import console_only, get_logger, mask, register_secret, setup_logging
+
+
+@dataclass
+class Context:
+    """One run: its script name, settings, log file and the flags every script shares."""
+
+    script: str
+    settings: Settings
+    log_path: Path
+    yes: bool = False
+    json: bool = False
+
+    @property
+    def log(self):
+        return get_logger()
+
+    def conninfo(self, variable: str, override: Optional[str] = None) -> ConnInfo:
+        url = override or self.settings.require(variable)
+        return ConnInfo.parse(url, what=variable)
+
+    def db_target(self, override_url: Optional[str] = None) -> ConnInfo:
+        """database_rollback.py's target: the DB_* variables, or STAGING_DATABASE_URL without DB_NAME."""
+        s = self.settings
+        if override_url:
+            return ConnInfo.parse(override_url, what="--url")
+        if not s.get("DB_NAME"):
+            if s.get("STAGING_DATABASE_URL"):
+                return self.conninfo("STAGING_DATABASE_URL")
+            s.require("DB_NAME")
+        try:
+            port = int(s.get("DB_PORT") or 5432)
+        except ValueError:
+            raise ConfigError(f"DB_PORT must be a number (got {s.get('DB_PORT')!r})") from None
+        info = ConnInfo(host=s.get("DB_HOST") or "localhost", port=port, dbname=s.require("DB_NAME"),
+                        user=s.get("DB_USER"), password=s.get("DB_PASSWORD") or None)
+        register_secret(info.password)
+        return info
+
+    def confirm(self, action: str, details: List[str]) -> None:
+        """Show what will be replaced and ask for 'yes' (DESIGN §3); --yes skips the question."""
+        log = self.log
+        log.info("%s", action)
+        for line in details:
+            log.info("  %s", line)
+        if self.yes:
+            log.info("Confirmed by --yes.")
+            return
+        if not sys.stdin.isatty():
+            raise NotConfirmed("not confirmed: no terminal to ask on. Pass --yes to confirm. Nothing was changed.")
+        try:
+            answer = input("Type 'yes' to continue: ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() != "yes":
+            raise NotConfirmed("declined. Nothing was changed.")
+        log.debug("confirmed at the prompt")
+
+    @property
+    def pg_bin_dir(self) -> Optional[str]:
+        return self.settings.get("PG_BIN_DIR")
+
+    def show_point(self, point) -> None:
+        """A new or restored rollback point: JSON with --json, else the summary lines."""
+        if self.json:
+            self.emit_json(point.summary())
+        else:
+            for line in report.created_lines(point):
+                self.log.info("%s", line)
+
+    def emit_json(self, document) -> None:
+        print(json.dumps(document, indent=2, sort_keys=True, default=str, ensure_ascii=False))
+
+
+# Command-line options that override a variable of the environment (DESIGN §2).
+OVERRIDES = {"backup_dir": "BACKUP_DIR", "log_dir": "LOG_DIR", "pg_bin_dir": "PG_BIN_DIR",
+             "migrations_dir": "MIGRATIONS_DIR"}
+
+
+def common_flags(parser: argparse.ArgumentParser, destructive: bool = True, machine: bool = False,
+                 database: bool = True) -> None:
+    if database:
+        parser.add_argument("--backup-dir", metavar="DIR", help="rollback points folder (default: $BACKUP_DIR)")
+        parser.add_argument("--pg-bin-dir", metavar="DIR", help="folder searched first for pg_dump/pg_restore "
+                            "(default: $PG_BIN_DIR)")
+    parser.add_argument("--log-dir", metavar="DIR", help="run logs folder (default: $LOG_DIR)")
+    if destructive:
+        parser.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    if machine:
+        parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show DEBUG lines on the console too")
+
+
+def execute(script: str, parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace, Context], Optional[int]],
+            argv: Optional[List[str]] = None) -> int:
+    """Parse, load settings, start the log, run the handler, turn errors into exit codes."""
+    args = parser.parse_args(argv)
+    log = get_logger()
+    log_path = Path("-")
+    try:
+        settings = load_settings(**{var: getattr(args, attr) for attr, var in OVERRIDES.items()
+                                    if getattr(args, attr, None)})
+        machine = bool(getattr(args, "json", False))
+        log_path = setup_logging(script, settings.log_dir, verbose=getattr(args, "verbose", False),
+                                 machine_output=machine)
+        ctx = Context(script, settings, log_path, yes=getattr(args, "yes", False), json=machine)
+        code = handler(args, ctx)
+        return 0 if code is None else code
+    except RollbackError as exc:
+        _ensure_console()
+        log.error("error: %s", exc)
+        log.error("log: %s", log_path)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _ensure_console()
+        log.error("interrupted. See the log for what had been done: %s", log_path)
+        return 130
+    except Exception as exc:  # a bug: one line for the operator, the traceback in the log
+        _ensure_console()
+        log.debug("%s", traceback.format_exc())
+        log.error("unexpected error: %s: %s. Details: %s", type(exc).__name__, mask(str(exc)), log_path)
+        return EXIT_FAILED
+
+
+def _ensure_console() -> None:
+    if not get_logger().handlers:
+        console_only()
+
+
+def main(script: str, parser: argparse.ArgumentParser, handler) -> None:
+    sys.exit(execute(script, parser, handler))

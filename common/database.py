@@ -1,0 +1,292 @@
+"""Connections and the database-level operations: create, rename, cut connections, count rows."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import psycopg2
+import psycopg2.errors
+from psycopg2 import sql
+
+from .errors import ConfigError, ConnectionFailed
+from .log import get_logger, mask, register_secret
+
+CONNECT_TIMEOUT = 5
+APP_NAME = "rollback-toolkit"
+# libpq settings that may ride along in a URL's query string and that tools take from PG* variables.
+_QUERY_ENV = {"sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT",
+              "sslkey": "PGSSLKEY", "target_session_attrs": "PGTARGETSESSIONATTRS",
+              "options": "PGOPTIONS", "gssencmode": "PGGSSENCMODE"}
+
+
+@dataclass(frozen=True)
+class ConnInfo:
+    """Where a database is and who connects: parsed once, the password kept out of every printout."""
+
+    host: str = "localhost"
+    port: int = 5432
+    dbname: str = "postgres"
+    user: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)
+    params: tuple = ()
+
+    @classmethod
+    def parse(cls, url: str, what: str = "database URL") -> "ConnInfo":
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"{what} is not a valid URL ({mask(str(exc))}): {mask(url)}") from exc
+        if parts.scheme not in ("postgres", "postgresql"):
+            raise ConfigError(f"{what} must start with postgresql:// (got {mask(url)!r})")
+        query = dict(parse_qsl(parts.query))
+        host = query.pop("host", None) or (unquote(parts.hostname) if parts.hostname else "localhost")
+        if "port" in query:
+            port = int(query.pop("port"))
+        dbname = unquote(parts.path[1:]) if parts.path and len(parts.path) > 1 else None
+        dbname = query.pop("dbname", None) or dbname
+        if not dbname:
+            raise ConfigError(f"{what} names no database: {mask(url)} (add /DBNAME after the host)")
+        user = query.pop("user", None) or (unquote(parts.username) if parts.username else None)
+        password = query.pop("password", None) or (unquote(parts.password) if parts.password else None)
+        register_secret(password)
+        return cls(host=host, port=port or 5432, dbname=dbname, user=user, password=password,
+                   params=tuple(sorted(query.items())))
+
+    def with_db(self, dbname: str) -> "ConnInfo":
+        return replace(self, dbname=dbname)
+
+    def masked(self, dbname: Optional[str] = None) -> str:
+        """The URL as it may be printed: postgresql://user:***@host:5432/db."""
+        auth = ""
+        if self.user:
+            auth = quote(self.user, safe="") + (":***" if self.password else "") + "@"
+        host = quote(self.host, safe="") if self.host.startswith("/") else self.host
+        return f"postgresql://{auth}{host}:{self.port}/{quote(dbname or self.dbname, safe='')}"
+
+    def libpq_env(self, dbname: Optional[str] = None) -> Dict[str, str]:
+        """Everything a client tool needs but the password (which the runner passes as PGPASSWORD)."""
+        env = {"PGHOST": self.host, "PGPORT": str(self.port), "PGDATABASE": dbname or self.dbname}
+        if self.user:
+            env["PGUSER"] = self.user
+        for key, value in self.params:
+            if key in _QUERY_ENV:
+                env[_QUERY_ENV[key]] = value
+        return env
+
+
+def connect(info: ConnInfo, dbname: Optional[str] = None, autocommit: bool = True,
+            app: str = APP_NAME):
+    """A psycopg2 connection that fails within seconds with a one-line reason, never a hang."""
+    target = dbname or info.dbname
+    kwargs = {"host": info.host, "port": info.port, "dbname": target,
+              "connect_timeout": CONNECT_TIMEOUT, "application_name": app}
+    if info.user:
+        kwargs["user"] = info.user
+    if info.password:
+        kwargs["password"] = info.password
+    kwargs.update({k: v for k, v in info.params if k in _QUERY_ENV or k in ("connect_timeout",)})
+    try:
+        conn = psycopg2.connect(**kwargs)
+    except psycopg2.OperationalError as exc:
+        reason = _reason(exc)
+        raise ConnectionFailed(f"cannot connect to {info.masked(target)}: {reason}. Nothing was changed.") from None
+    conn.autocommit = autocommit
+    return conn
+
+
+def _reason(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = "; ".join(lines[:2]) if lines else type(exc).__name__
+    return mask(text.replace("FATAL:  ", ""))
+
+
+def app_name(script: str) -> str:
+    return f"{APP_NAME}/{script} pid={os.getpid()}"
+
+
+def scalar(conn, query, args=None):
+    with conn.cursor() as cur:
+        cur.execute(query, args)
+        row = cur.fetchone()
+        return row[0] if row else None
+
+
+def rows(conn, query, args=None) -> list:
+    with conn.cursor() as cur:
+        cur.execute(query, args)
+        return cur.fetchall()
+
+
+def server_version(conn) -> tuple:
+    """(major, 'x.y') of the connected server, e.g. (15, '15.18')."""
+    num = conn.server_version
+    major = num // 10000
+    return major, f"{major}.{num % 10000}"
+
+
+def database_exists(conn, name: str) -> bool:
+    return bool(scalar(conn, "SELECT 1 FROM pg_database WHERE datname = %s", (name,)))
+
+
+def databases_like(conn, prefix: str) -> List[str]:
+    like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return [r[0] for r in rows(conn, "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1", (like,))]
+
+
+def database_size(conn, name: str) -> int:
+    return int(scalar(conn, "SELECT pg_database_size(%s)", (name,)) or 0)
+
+
+def can_create_databases(conn) -> bool:
+    return bool(scalar(conn, "SELECT rolsuper OR rolcreatedb FROM pg_roles WHERE rolname = current_user"))
+
+
+def table_row_counts(conn) -> Dict[str, int]:
+    """Exact rows of every ordinary table ('schema.table' -> count); leaf tables only, so
+    partitioned data is counted once."""
+    tables = rows(conn, """
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
+        ORDER BY 1, 2""")
+    counts = {}
+    for schema, table in tables:
+        counts[f"{schema}.{table}"] = int(scalar(conn, sql.SQL("SELECT count(*) FROM {}.{}").format(
+            sql.Identifier(schema), sql.Identifier(table))))
+    return counts
+
+
+def migration_head(conn) -> Optional[str]:
+    """The newest applied migration version, when the database tracks them in schema_migrations."""
+    if not scalar(conn, "SELECT to_regclass('public.schema_migrations') IS NOT NULL"):
+        return None
+    return scalar(conn, "SELECT max(version) FROM public.schema_migrations")
+
+
+@dataclass
+class Session:
+    pid: int
+    user: str
+    application: str
+    client: str
+    state: str
+    since: str
+    query: str
+
+    def describe(self) -> str:
+        app = f" {self.application}" if self.application else ""
+        return f"pid {self.pid} {self.user}{app} from {self.client} ({self.state}, since {self.since}): {self.query}"
+
+
+def sessions(conn, dbname: str) -> List[Session]:
+    """Other sessions connected to a database, longest-running transaction first."""
+    found = rows(conn, """
+        SELECT pid, coalesce(usename, ''), coalesce(application_name, ''),
+               coalesce(host(client_addr), 'local socket'), coalesce(state, ''),
+               to_char(coalesce(xact_start, backend_start), 'YYYY-MM-DD HH24:MI:SS'),
+               left(regexp_replace(coalesce(query, ''), '\\s+', ' ', 'g'), 80)
+        FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()
+        ORDER BY xact_start NULLS LAST, backend_start""", (dbname,))
+    return [Session(*r) for r in found]
+
+
+def set_allow_connections(conn, dbname: str, allowed: bool) -> None:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+            sql.Identifier(dbname), sql.SQL("true" if allowed else "false")))
+
+
+def allows_connections(conn, dbname: str) -> Optional[bool]:
+    return scalar(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (dbname,))
+
+
+def terminate_sessions(conn, dbname: str) -> int:
+    """Cut every other session of the database and wait (up to 5 s each) until they are gone."""
+    wait = ", 5000" if conn.server_version >= 140000 else ""
+    return len(rows(conn, f"""
+        SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity
+        WHERE datname = %s AND pid <> pg_backend_pid()""", (dbname,)))
+
+
+def create_database(conn, name: str, template: Optional[str] = None, like: Optional[str] = None) -> None:
+    """CREATE DATABASE name [TEMPLATE t]; with `like`, the owner, encoding and locale of that database."""
+    parts = [sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))]
+    if template:
+        parts.append(sql.SQL("TEMPLATE {}").format(sql.Identifier(template)))
+    if like:
+        owner, encoding, collate, ctype = rows(conn, """
+            SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype
+            FROM pg_database WHERE datname = %s""", (like,))[0]
+        parts.append(sql.SQL("OWNER {}").format(sql.Identifier(owner)))
+        if not template:
+            parts.append(sql.SQL("TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
+                sql.Literal(encoding), sql.Literal(collate), sql.Literal(ctype)))
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL(" ").join(parts))
+
+
+def drop_database(conn, name: str) -> None:
+    force = sql.SQL(" WITH (FORCE)") if conn.server_version >= 130000 else sql.SQL("")
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)) + force)
+
+
+def swap_names(conn, target: str, replacement: str, keep_as: str) -> None:
+    """Rename target -> keep_as and replacement -> target in one transaction: both or neither.
+    (PostgreSQL allows renames in a transaction block; CREATE/DROP DATABASE it does not.)"""
+    previous = conn.autocommit
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                sql.Identifier(target), sql.Identifier(keep_as)))
+            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                sql.Identifier(replacement), sql.Identifier(target)))
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        conn.autocommit = previous
+
+
+def copy_database_settings(conn, source: str, target: str) -> None:
+    """Carry database-level settings (ALTER DATABASE ... SET) and grants from source to target:
+    they belong to the database, not to its data, so a dump does not hold them."""
+    settings = rows(conn, """
+        SELECT unnest(s.setconfig) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase
+        WHERE d.datname = %s AND s.setrole = 0""", (source,))
+    grants = rows(conn, """
+        SELECT a.privilege_type, CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END
+        FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s""", (source,))
+    with conn.cursor() as cur:
+        for (item,) in settings:
+            name, _, value = item.partition("=")
+            cur.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                sql.Identifier(target), sql.Identifier(name), sql.Literal(value)))
+        for privilege, grantee in grants:
+            who = sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
+            cur.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}").format(
+                sql.SQL(privilege), sql.Identifier(target), who))
+
+
+def maintenance_db(info: ConnInfo, app: str = APP_NAME):
+    """A connection to the server's maintenance database (postgres, else template1), never to the
+    database being replaced: a session there would block its rename."""
+    try:
+        return connect(info, "postgres", app=app)
+    except ConnectionFailed as first:
+        try:
+            return connect(info, "template1", app=app)
+        except ConnectionFailed:
+            raise first from None
+
+
+def log_sessions(found: List[Session]) -> None:
+    log = get_logger()
+    for s in found:
+        log.info("  %s", s.describe())

@@ -1,0 +1,67 @@
+"""How rollback points are shown to a person: the `list` table and the `info` lines."""
+from __future__ import annotations
+
+from typing import List
+
+from .catalog import RollbackPoint
+from .progress import human_size
+
+
+def points_table(points: List[RollbackPoint]) -> str:
+    if not points:
+        return "No rollback points."
+    header = ("#", "ID", "CREATED", "DESCRIPTION", "KIND", "DATABASE", "SIZE", "MIGRATION", "STATUS")
+    body = []
+    for n, p in enumerate(points, 1):
+        status = p.status + (f" ({p.problem})" if p.problem and p.status != "OK" else "")
+        body.append((str(n), p.id, p.created_at.replace("T", " ")[:19], _cut(p.description, 30), p.kind,
+                     p.database or "?", human_size(p.size_bytes) if p.size_bytes else "-",
+                     p.migration_head or "-", status))
+    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header] + body:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return "\n".join(lines)
+
+
+def point_details(p: RollbackPoint) -> List[str]:
+    lines = [
+        f"id:             {p.id}",
+        f"status:         {p.status}" + (f" ({p.problem})" if p.problem else ""),
+        f"description:    {p.description or '-'}",
+        f"kind:           {p.kind}",
+        f"database:       {p.database}",
+        f"source:         {p.source_url}",
+        f"created:        {p.created_at}",
+        f"server version: {p.server_version}",
+        f"method:         {p.method}, compression {p.compression or '-'}",
+        f"tool:           {p.tool}",
+    ]
+    if p.path:
+        lines.append(f"file:           {p.path}")
+    if p.snapshot_database:
+        lines.append(f"snapshot db:    {p.snapshot_database}")
+    lines += [
+        f"size:           {human_size(p.size_bytes)} ({p.size_bytes} bytes)",
+        f"sha256:         {p.sha256 or '-'}",
+        f"migration head: {p.migration_head or '-'}",
+        f"duration:       {p.duration_seconds:.1f} s",
+        f"tables:         {len(p.tables)} ({p.rows} rows)",
+    ]
+    lines += [f"  {name}: {count}" for name, count in sorted(p.tables.items())]
+    return lines
+
+
+def created_lines(p: RollbackPoint) -> List[str]:
+    return [
+        f"Rollback point created: {p.id}",
+        f"  file:     {p.path or p.snapshot_database}",
+        f"  size:     {human_size(p.size_bytes)}",
+        f"  method:   {p.method} ({p.tool_version}), compression {p.compression or '-'}",
+        f"  tables:   {len(p.tables)} ({p.rows} rows), migration head {p.migration_head or '-'}",
+        f"  duration: {p.duration_seconds:.1f} s",
+    ]
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"

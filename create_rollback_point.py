@@ -1,0 +1,34 @@
+#!/usr/bin/env python3
+"""Make a rollback point of staging before a migration.
+
+    python3 create_rollback_point.py "Before migration test"
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import backup, cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="create_rollback_point.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("description", nargs="?", default="", help="what this point is for")
+    parser.add_argument("--method", choices=backup.METHODS, help="force one backup approach")
+    parser.add_argument("--compress", metavar="SPEC",
+                        help="pg_dump --compress value (default: lz4 where pg_dump has it, else 0)")
+    parser.add_argument("--url", help="staging URL (default: $STAGING_DATABASE_URL)")
+    cli.common_flags(parser, destructive=False, machine=True)
+    return parser
+
+
+def handle(args, ctx: cli.Context) -> int:
+    staging = ctx.conninfo("STAGING_DATABASE_URL", args.url)
+    ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
+                                       pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress))
+
+
+if __name__ == "__main__":
+    cli.main("create_rollback_point", build_parser(), handle)

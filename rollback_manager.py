@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Full control over rollback points of the staging database.
+
+    python3 rollback_manager.py [V2_DATABASE_URL STAGING_DATABASE_URL] COMMAND [OPTIONS]
+
+The two URLs may be omitted: they are then read from the environment / .env (which also keeps
+the passwords out of the process list).
+
+Commands: list, info --file F, create [--description D] [--method M], verify --file F,
+delete --file F"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import backup, catalog, cli, report, restore  # noqa: E402
+from common.errors import UsageError, VerifyProblems  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rollback_manager.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("list", help="rollback points, newest first, with their status")
+    cli.common_flags(p, destructive=False, machine=True)
+    p = sub.add_parser("info", help="everything recorded about one rollback point")
+    p.add_argument("--file", required=True, help="dump file, sidecar or id")
+    cli.common_flags(p, destructive=False, machine=True)
+    p = sub.add_parser("create", help="make a rollback point of staging")
+    p.add_argument("--description", default="")
+    p.add_argument("--method", choices=backup.METHODS)
+    p.add_argument("--compress", metavar="SPEC")
+    cli.common_flags(p, destructive=False, machine=True)
+    p = sub.add_parser("verify", help="full checksum and readability check (exit 4 on problems)")
+    p.add_argument("--file", required=True)
+    cli.common_flags(p, destructive=False, machine=True)
+    p = sub.add_parser("delete", help="remove a rollback point (its dump and sidecar)")
+    p.add_argument("--file", required=True)
+    cli.common_flags(p)
+    return parser
+
+
+def split_urls(argv):
+    """The documents' form puts two URLs before the command: take them off the front."""
+    urls = []
+    while argv and "://" in argv[0]:
+        urls.append(argv.pop(0))
+    return urls, argv
+
+
+def cmd_list(args, ctx):
+    points = catalog.scan(ctx.settings.backup_dir)
+    if ctx.json:
+        ctx.emit_json({"backup_dir": str(ctx.settings.backup_dir), "points": [p.summary() for p in points]})
+    else:
+        print(f"Rollback points in {ctx.settings.backup_dir}:")
+        print(report.points_table(points))
+
+
+def cmd_info(args, ctx):
+    point = catalog.quick_check(catalog.resolve(ctx.settings.backup_dir, args.file))
+    if ctx.json:
+        ctx.emit_json(point.summary())
+    else:
+        print("\n".join(report.point_details(point)))
+
+
+def cmd_create(args, ctx):
+    staging = ctx.conninfo("STAGING_DATABASE_URL", args.staging_url)
+    ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
+                                       pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress))
+
+
+def cmd_verify(args, ctx):
+    point = catalog.resolve(ctx.settings.backup_dir, args.file)
+    try:
+        restore.verify_point(point, ctx.settings.get("PG_BIN_DIR"))
+    except VerifyProblems:
+        raise
+    except Exception as exc:
+        if ctx.json:
+            ctx.emit_json({**point.summary(), "ok": False})
+        raise VerifyProblems(str(exc)) from None
+    if ctx.json:
+        ctx.emit_json({**point.summary(), "ok": True})
+    else:
+        ctx.log.info("Rollback point %s is OK: %s, sha256 matches, readable by pg_restore.",
+                     point.id, report.human_size(point.size_bytes))
+
+
+def cmd_delete(args, ctx):
+    point = catalog.quick_check(catalog.resolve(ctx.settings.backup_dir, args.file))
+    ctx.confirm(f"Delete rollback point {point.id}?",
+                [f"{line}" for line in report.point_details(point)[:10]])
+    removed = catalog.remove_files(point)
+    ctx.log.info("Deleted rollback point %s (%s).", point.id, ", ".join(str(p) for p in removed) or "no files left")
+
+
+COMMANDS = {"list": cmd_list, "info": cmd_info, "create": cmd_create, "verify": cmd_verify, "delete": cmd_delete}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    urls, rest = split_urls(list(sys.argv[1:] if argv is None else argv))
+    if len(urls) not in (0, 2):
+        parser.error("give both URLs (V2, then staging) before the command, or neither")
+
+    def handle(args, ctx: cli.Context):
+        args.v2_url, args.staging_url = urls or (None, None)
+        return COMMANDS[args.command](args, ctx)
+
+    return cli.execute("rollback_manager", parser, handle, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""create_rollback_point.py and the backup approaches, run as users run them, on real servers."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from common.database import connect
+from common.locks import lock_key
+from tests import pgfixtures as pf
+
+
+def sidecars(backups: Path):
+    return sorted(backups.glob("*.json"))
+
+
+def restore_into_scratch(server, dump: Path) -> str:
+    scratch = pf.create_database(server, pf.unique_name("scratch"))
+    subprocess.run([pf.tool(server, "pg_restore"), "--exit-on-error", "-d", scratch, str(dump)],
+                   env=pf.libpq_env(server.info, scratch), check=True, capture_output=True)
+    return scratch
+
+
+def test_rollback_point_restores_to_the_same_schema_and_rows(server, rich_db, env_for, tmp_path):
+    result = pf.run_script("create_rollback_point.py", "Before migration test", env=env_for(server, rich_db))
+    assert result.returncode == 0, result.stderr
+    backups = tmp_path / "backups"
+    [sidecar] = sidecars(backups)
+    meta = json.loads(sidecar.read_text())
+    dump = backups / meta["file"]
+    assert meta["description"] == "Before migration test" and meta["database"] == rich_db
+    assert meta["kind"] == "dump" and meta["method"] == "pg_dump"
+    assert meta["tool_version"].split(".")[0] == str(server.major)
+    assert meta["size_bytes"] == dump.stat().st_size
+    assert meta["sha256"] == hashlib.sha256(dump.read_bytes()).hexdigest()
+    assert meta["tables"] == {"public.customers": 203, "sales.orders": 501, "audit.events": 2}
+    assert dump.name.startswith(f"{rich_db}_") and "Before-migration-test" in dump.name
+    assert stat.S_IMODE(backups.stat().st_mode) == 0o700
+    assert stat.S_IMODE(dump.stat().st_mode) == 0o600 and stat.S_IMODE(sidecar.stat().st_mode) == 0o600
+    assert not list(backups.glob("*.partial"))
+    for word in (meta["id"], str(dump), "pg_dump", meta["tool_version"]):
+        assert word in result.stdout
+
+    scratch = restore_into_scratch(server, dump)
+    try:
+        assert pf.fingerprint(server, scratch) == pf.fingerprint(server, rich_db)
+    finally:
+        pf.drop_database(server, scratch)
+
+
+def test_points_from_every_script_are_listed_by_all(pg15, rich15, env_for, tmp_path):
+    server = pg15
+    info = server.info
+    env = env_for(server, rich15, DB_HOST=info.host, DB_PORT=str(info.port), DB_NAME=rich15,
+                  DB_USER=info.user, DB_PASSWORD=info.password)
+    assert pf.run_script("database_rollback.py", "backup", env=env).returncode == 0
+    assert pf.run_script("create_rollback_point.py", "second", env=env).returncode == 0
+    listed = pf.run_script("rollback_manager.py", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    points = json.loads(listed.stdout)["points"]
+    assert [p["description"] for p in points] == ["second", ""]
+    assert all(p["status"] == "OK" for p in points)
+    table = pf.run_script("rollback_manager.py", pf.url(server, "v2"), pf.url(server, rich15), "list", env=env)
+    assert table.returncode == 0 and table.stdout.count(" OK") == 2
+    assert info.password not in table.stdout + table.stderr
+
+
+def test_a_database_name_with_capitals_a_space_and_a_quote(pg15, env_for, tmp_path):
+    name = 'Stage "Q" DB'
+    pf.create_database(pg15, name, "CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2);")
+    try:
+        result = pf.run_script("create_rollback_point.py", "odd name", env=env_for(pg15, name))
+        assert result.returncode == 0, result.stderr
+        [sidecar] = sidecars(tmp_path / "backups")
+        meta = json.loads(sidecar.read_text())
+        assert meta["database"] == name and meta["tables"] == {"public.t": 2}
+        assert sidecar.name.startswith("Stage-Q-DB_")
+        scratch = restore_into_scratch(pg15, tmp_path / "backups" / meta["file"])
+        assert pf.row_fingerprint(pg15, scratch) == pf.row_fingerprint(pg15, name)
+        pf.drop_database(pg15, scratch)
+    finally:
+        pf.drop_database(pg15, name)
+
+
+def test_two_points_in_the_same_second_never_collide(pg15, rich15, env_for, tmp_path):
+    env = env_for(pg15, rich15)
+    for _ in range(3):
+        assert pf.run_script("create_rollback_point.py", "same", env=env).returncode == 0
+    assert len(sidecars(tmp_path / "backups")) == 3
+    assert len(list((tmp_path / "backups").glob("*.dump"))) == 3
+
+
+def _blocked_backup(server, dbname, env):
+    """A backup whose pg_dump waits on a lock we hold, so the test can kill it mid-way."""
+    blocker = connect(server.info, dbname, autocommit=False)
+    blocker.cursor().execute("LOCK TABLE sales.orders IN ACCESS EXCLUSIVE MODE")
+    proc = pf.start_script("create_rollback_point.py", "doomed", env=env)
+    deadline = time.monotonic() + 30
+    dump_pid = None
+    while time.monotonic() < deadline and dump_pid is None:
+        dump_pid = next((c for c in pf.children(proc.pid) if "pg_dump" in pf.cmdline(c)
+                         and "--version" not in pf.cmdline(c)), None)
+        time.sleep(0.05)
+    assert dump_pid, "pg_dump did not start"
+    return proc, dump_pid, blocker
+
+
+def test_a_killed_pg_dump_leaves_nothing_listed_as_ok(pg15, rich15, env_for, tmp_path):
+    env = env_for(pg15, rich15)
+    proc, dump_pid, blocker = _blocked_backup(pg15, rich15, env)
+    os.kill(dump_pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    blocker.rollback()
+    blocker.close()
+    assert proc.returncode == 1
+    assert "nothing was written" in err
+    backups = tmp_path / "backups"
+    assert list(backups.iterdir()) == []
+    listed = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
+    assert listed == []
+
+
+def test_a_killed_script_leaves_an_incomplete_point_and_its_pg_dump_dies(pg15, rich15, env_for, tmp_path):
+    env = env_for(pg15, rich15)
+    proc, dump_pid, blocker = _blocked_backup(pg15, rich15, env)
+    partial = tmp_path / "backups"
+    deadline = time.monotonic() + 10
+    while not list(partial.glob("*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{dump_pid}") and "pg_dump" in pf.cmdline(dump_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "pg_dump" not in pf.cmdline(dump_pid), "pg_dump outlived the killed script"
+    blocker.rollback()
+    blocker.close()
+    listed = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
+    assert listed and all(p["status"] == "INCOMPLETE" for p in listed)
+    # the next backup of the same database succeeds and is the only OK point
+    assert pf.run_script("create_rollback_point.py", "after", env=env).returncode == 0
+    listed = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
+    assert [p["description"] for p in listed if p["status"] == "OK"] == ["after"]
+
+
+def test_pg18_server_with_only_pg15_tools_on_path_uses_pg_bin_dir(pg18, embedded_bindir, env_for, tmp_path):
+    db = pf.create_database(pg18, pf.unique_name("v18"), pf.RICH_SCHEMA)
+    try:
+        env = env_for(pg18, db, PG_BIN_DIR=embedded_bindir)
+        result = pf.run_script("create_rollback_point.py", "on 18", env=env)
+        assert result.returncode == 0, result.stderr
+        [sidecar] = sidecars(tmp_path / "backups")
+        meta = json.loads(sidecar.read_text())
+        assert meta["tool_version"].startswith("18.") and meta["server_version"].startswith("18.")
+        assert embedded_bindir in meta["tool"]
+    finally:
+        pf.drop_database(pg18, db)
+
+
+def test_no_usable_pg_dump_and_no_docker_is_a_clear_error(pg18, env_for, tmp_path):
+    db = pf.create_database(pg18, pf.unique_name("v18"), "CREATE TABLE t (id int);")
+    try:
+        env = env_for(pg18, db)
+        del env["PG_BIN_DIR"]  # only Debian's PostgreSQL 15 tools remain: on PATH and in /usr/lib/postgresql
+        result = pf.run_script("create_rollback_point.py", "no tools", env=env)
+        assert result.returncode == 1
+        err = result.stderr
+        assert "pg_dump 18 or newer" in err and "15." in err and "/usr/lib/postgresql" in err
+        assert "docker" in err.lower() and "Traceback" not in err
+        assert not (tmp_path / "backups").exists() or list((tmp_path / "backups").iterdir()) == []
+    finally:
+        pf.drop_database(pg18, db)
+
+
+def test_the_password_never_leaks(pg15, env_for, tmp_path):
+    password = "p@ss:w/rd#Secret1"
+    role = pf.unique_name("role")
+    db = pf.unique_name("secret")
+    pf.execute(pg15, "postgres", f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    pf.execute(pg15, "postgres", f"CREATE DATABASE {db} OWNER {role}")
+    pf.execute(pg15, db, f"SET ROLE {role}; CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
+    from urllib.parse import quote
+    staging = f"postgresql://{role}:{quote(password, safe='')}@127.0.0.1:{pg15.info.port}/{db}"
+    try:
+        env = env_for(pg15, db, STAGING_DATABASE_URL=staging)
+        blocker = connect(pg15.info, db, autocommit=False)
+        blocker.cursor().execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        proc = pf.start_script("create_rollback_point.py", "secret", env=env)
+        argv_seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("--format=custom" in a for a in argv_seen):
+            argv_seen = [pf.cmdline(c) for c in pf.children(proc.pid)]
+            time.sleep(0.05)
+        blocker.rollback()
+        blocker.close()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert any("--format=custom" in a for a in argv_seen)
+        for text in argv_seen + [out, err]:
+            assert password not in text and quote(password, safe="") not in text
+        for path in list((tmp_path / "logs").glob("*.log")) + list((tmp_path / "backups").glob("*.json")):
+            content = path.read_text()
+            assert password not in content and quote(password, safe="") not in content, path
+        listed = pf.run_script("rollback_manager.py", "list", "--json", env=env)
+        assert password not in listed.stdout + listed.stderr
+    finally:
+        pf.drop_database(pg15, db)
+        pf.execute(pg15, "postgres", f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("case", ["missing", "refused", "silent", "wrong_password"])
+def test_connection_problems_are_one_clear_line(pg15, env_for, tmp_path, case):
+    import socket
+    listener = None
+    env = env_for(pg15, "postgres")
+    if case == "missing":
+        del env["STAGING_DATABASE_URL"]
+    elif case == "refused":
+        env["STAGING_DATABASE_URL"] = f"postgresql://postgres:x@127.0.0.1:{_closed_port()}/staging"
+    elif case == "silent":  # accepts TCP but never answers: must time out, not hang
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        env["STAGING_DATABASE_URL"] = f"postgresql://postgres:x@127.0.0.1:{listener.getsockname()[1]}/staging"
+    else:
+        env["STAGING_DATABASE_URL"] = pf.url(pg15, "postgres").replace(pg15.info.password, "wrong-password")
+    started = time.monotonic()
+    result = pf.run_script("create_rollback_point.py", "x", env=env, timeout=60)
+    elapsed = time.monotonic() - started
+    if listener:
+        listener.close()
+    assert result.returncode == (2 if case == "missing" else 1)
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+    assert elapsed < 30
+    if case == "missing":
+        assert "STAGING_DATABASE_URL=" in result.stderr
+    elif case == "wrong_password":
+        assert "password authentication failed" in result.stderr and "wrong-password" not in result.stderr
+    assert not (tmp_path / "backups").exists() or not list((tmp_path / "backups").iterdir())
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_second_operation_on_the_same_database_is_refused_naming_the_holder(pg15, rich15, env_for, tmp_path):
+    holder = connect(pg15.info, "postgres", app="rollback-toolkit/quick_rollback pid=4242")
+    holder.cursor().execute("SELECT pg_advisory_lock(%s)", (lock_key(rich15),))
+    try:
+        result = pf.run_script("create_rollback_point.py", "blocked", env=env_for(pg15, rich15))
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    assert "quick_rollback pid=4242" in result.stderr and "Nothing was changed" in result.stderr
+    assert not (tmp_path / "backups").exists() or not list((tmp_path / "backups").glob("*.json"))
