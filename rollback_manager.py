@@ -6,15 +6,16 @@
 The two URLs may be omitted: they are then read from the environment / .env (which also keeps
 the passwords out of the process list).
 
-Commands: list, info --file F, create [--description D] [--method M], verify --file F,
-delete --file F"""
+Commands: list, info --file F, create [--description D] [--method M], restore --file F,
+restore --latest, verify --file F, delete --file F, reset (staging from V2),
+cleanup [--older-than DAYS] [--keep N] [--dry-run]"""
 import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import backup, catalog, cli, report, restore  # noqa: E402
+from common import backup, catalog, cli, report, restore, runbooks  # noqa: E402
 from common.errors import UsageError, VerifyProblems  # noqa: E402
 
 
@@ -34,6 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=backup.METHODS)
     p.add_argument("--compress", metavar="SPEC")
     cli.common_flags(p, destructive=False, machine=True)
+    p = sub.add_parser("restore", help="restore staging from a rollback point")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--file", help="dump file, sidecar or id")
+    which.add_argument("--latest", action="store_true", help="the newest OK rollback point of staging")
+    p.add_argument("--force", action="store_true", help="allow a backup of another database")
+    p.add_argument("--drop-previous", action="store_true", help="do not keep the replaced database")
+    cli.common_flags(p, machine=True)
+    p = sub.add_parser("reset", help="emergency: staging := a fresh copy of V2")
+    p.add_argument("--drop-previous", action="store_true", help="do not keep the replaced database")
+    cli.common_flags(p, machine=True)
+    p = sub.add_parser("cleanup", help="remove old rollback points and kept databases")
+    p.add_argument("--older-than", type=float, metavar="DAYS")
+    p.add_argument("--keep", type=int, metavar="N", help="keep the N newest OK points of each database")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    cli.common_flags(p)
     p = sub.add_parser("verify", help="full checksum and readability check (exit 4 on problems)")
     p.add_argument("--file", required=True)
     cli.common_flags(p, destructive=False, machine=True)
@@ -91,6 +107,30 @@ def cmd_verify(args, ctx):
                      point.id, report.human_size(point.size_bytes))
 
 
+def cmd_restore(args, ctx):
+    staging = ctx.conninfo("STAGING_DATABASE_URL", args.staging_url)
+    if args.latest:
+        point = runbooks.newest_point(ctx, staging.dbname)
+        if point is None:
+            raise UsageError(f"no OK rollback point of {staging.dbname} in {ctx.settings.backup_dir}. "
+                             "Nothing was changed. Reset from V2 with: python3 rollback_manager.py reset")
+    else:
+        point = catalog.resolve(ctx.settings.backup_dir, args.file)
+    runbooks.restore_point(ctx, staging, point, force=args.force, drop_previous=args.drop_previous)
+
+
+def cmd_reset(args, ctx):
+    runbooks.reset_from_v2(ctx, ctx.conninfo("V2_DATABASE_URL", args.v2_url),
+                           ctx.conninfo("STAGING_DATABASE_URL", args.staging_url), drop_previous=args.drop_previous)
+
+
+def cmd_cleanup(args, ctx):
+    staging = None
+    if args.staging_url or ctx.settings.get("STAGING_DATABASE_URL"):
+        staging = ctx.conninfo("STAGING_DATABASE_URL", args.staging_url)
+    runbooks.cleanup(ctx, staging, args.older_than, args.keep, args.dry_run)
+
+
 def cmd_delete(args, ctx):
     point = catalog.quick_check(catalog.resolve(ctx.settings.backup_dir, args.file))
     ctx.confirm(f"Delete rollback point {point.id}?",
@@ -99,7 +139,8 @@ def cmd_delete(args, ctx):
     ctx.log.info("Deleted rollback point %s (%s).", point.id, ", ".join(str(p) for p in removed) or "no files left")
 
 
-COMMANDS = {"list": cmd_list, "info": cmd_info, "create": cmd_create, "verify": cmd_verify, "delete": cmd_delete}
+COMMANDS = {"list": cmd_list, "info": cmd_info, "create": cmd_create, "restore": cmd_restore, "reset": cmd_reset,
+            "cleanup": cmd_cleanup, "verify": cmd_verify, "delete": cmd_delete}
 
 
 def main(argv=None) -> int:

@@ -11,8 +11,8 @@ from typing import Dict, List, Optional
 
 from . import catalog
 from .catalog import RollbackPoint
-from .database import ConnInfo, connect, database_size, migration_head, rows, scalar, server_version, table_row_counts
-from .errors import BackupFailed, ConfigError, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
+from .database import ConnInfo, connect, migration_head, rows, scalar, server_version, table_row_counts
+from .errors import BackupFailed, ConfigError, ToolFailed, ToolNotFound, ToolVersionMismatch
 from .locks import DatabaseLock
 from .log import get_logger
 from .pgtools import Tool, default_compression, find_tool

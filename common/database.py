@@ -1,6 +1,7 @@
 """Connections and the database-level operations: create, rename, cut connections, count rows."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
@@ -91,13 +92,14 @@ def connect(info: ConnInfo, dbname: Optional[str] = None, autocommit: bool = Tru
     try:
         conn = psycopg2.connect(**kwargs)
     except psycopg2.OperationalError as exc:
-        reason = _reason(exc)
-        raise ConnectionFailed(f"cannot connect to {info.masked(target)}: {reason}. Nothing was changed.") from None
+        reason_text = reason(exc)
+        raise ConnectionFailed(f"cannot connect to {info.masked(target)}: {reason_text}. Nothing was changed.") from None
     conn.autocommit = autocommit
     return conn
 
 
-def _reason(exc: Exception) -> str:
+def reason(exc: Exception) -> str:
+    """The first lines of a psycopg2 error, without 'FATAL:' noise, passwords masked."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = "; ".join(lines[:2]) if lines else type(exc).__name__
     return mask(text.replace("FATAL:  ", ""))
@@ -105,6 +107,11 @@ def _reason(exc: Exception) -> str:
 
 def app_name(script: str) -> str:
     return f"{APP_NAME}/{script} pid={os.getpid()}"
+
+
+def execute(conn, query, args=None) -> None:
+    with conn.cursor() as cur:
+        cur.execute(query, args)
 
 
 def scalar(conn, query, args=None):
@@ -235,6 +242,11 @@ def drop_database(conn, name: str) -> None:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)) + force)
 
 
+def rename_database(conn, name: str, new_name: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(name), sql.Identifier(new_name)))
+
+
 def swap_names(conn, target: str, replacement: str, keep_as: str) -> None:
     """Rename target -> keep_as and replacement -> target in one transaction: both or neither.
     (PostgreSQL allows renames in a transaction block; CREATE/DROP DATABASE it does not.)"""
@@ -290,3 +302,19 @@ def log_sessions(found: List[Session]) -> None:
     log = get_logger()
     for s in found:
         log.info("  %s", s.describe())
+
+
+def derived_name(target: str, tag: str, stamp: str) -> str:
+    """`<target>__<tag>_<stamp>`, shortened with a hash of the target when it would pass
+    PostgreSQL's 63-byte name limit (the server would silently cut it)."""
+    return name_prefix(target, tag) + stamp
+
+
+def name_prefix(target: str, tag: str) -> str:
+    prefix = f"{target}__{tag}_"
+    if len((prefix + "20250101_000000_000").encode()) <= 63:
+        return prefix
+    short = hashlib.sha256(target.encode()).hexdigest()[:8]
+    room = 63 - len(f"_{short}__{tag}_20250101_000000_000")
+    head = target.encode()[:room].decode("utf-8", "ignore")
+    return f"{head}_{short}__{tag}_"

@@ -5,7 +5,6 @@ and it is released by the server when our process dies, however it dies."""
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
 
 from .database import ConnInfo, app_name, maintenance_db, rows, scalar
 from .errors import LockHeld

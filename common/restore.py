@@ -1,14 +1,34 @@
-"""Checking and restoring rollback points (DESIGN §5)."""
+"""Checking and restoring rollback points: never half-done (DESIGN §5).
+
+Default path: restore into a fresh `<db>__restore_<ts>` while the target serves, check it against
+the sidecar, then cut connections and swap the names in one transaction. The replaced database is
+kept as `<db>__pre_rollback_<ts>`. A kill at any moment leaves the target as it was or fully
+restored; the next run removes leftovers and re-allows connections an interrupted run had cut."""
 from __future__ import annotations
 
-from typing import Optional
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
 
-from . import catalog
+import psycopg2
+from psycopg2 import sql
+
+from . import catalog, testhooks
+from . import database as db
 from .catalog import RollbackPoint
-from .errors import BackupCorrupt, ToolFailed
+from .database import ConnInfo
+from .errors import BackupCorrupt, RestoreFailed, ToolFailed, UsageError
+from .locks import DatabaseLock
 from .log import get_logger
-from .pgtools import archive_tool_major, find_tool, list_archive
-from .progress import Progress
+from .pgtools import Tool, archive_tool_major, find_tool, list_archive
+from .progress import Progress, human_size
+from .runner import Process, run
+
+RESTORE_TAG, PREVIOUS_TAG = "restore", "pre_rollback"
 
 
 def verify_point(point: RollbackPoint, pg_bin_dir: Optional[str] = None) -> RollbackPoint:
@@ -19,14 +39,416 @@ def verify_point(point: RollbackPoint, pg_bin_dir: Optional[str] = None) -> Roll
     finally:
         progress.done()
     if point.kind == catalog.DUMP:
-        major = archive_tool_major(point.tool_version)
-        pg_restore = find_tool("pg_restore", major, pg_bin_dir, minimum=major,
-                               purpose=f"an archive written by pg_dump {point.tool_version}")
+        pg_restore = restore_tool(point, archive_tool_major(point.tool_version), pg_bin_dir)
         try:
             entries = list_archive(pg_restore, str(point.path))
         except ToolFailed as exc:
             point.status, point.problem = catalog.CORRUPT, f"pg_restore cannot read it: {exc}"
-            raise BackupCorrupt(f"rollback point {point.id} is CORRUPT: {point.problem}") from None
+            raise BackupCorrupt(f"rollback point {point.id} is CORRUPT: {point.problem}. Nothing was changed.") from None
         get_logger().debug("%s: %d archive entries readable by %s", point.id, entries, pg_restore.describe())
     point.status, point.problem = catalog.OK, ""
     return point
+
+
+def restore_tool(point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str]) -> Tool:
+    """pg_restore of the target server's major, never older than the pg_dump that wrote the archive
+    (pg_restore 15 cannot read pg_dump 18's archive: 'unsupported version (1.16) in file header')."""
+    archive_major = archive_tool_major(point.tool_version)
+    return find_tool("pg_restore", server_major, pg_bin_dir, minimum=archive_major,
+                     purpose=f"an archive written by pg_dump {point.tool_version} into PostgreSQL {server_major}")
+
+
+@dataclass
+class Plan:
+    """What a restore will do, as the confirmation shows it."""
+
+    info: ConnInfo
+    point: RollbackPoint
+    server_major: int
+    server_version: str
+    size_bytes: int
+    sessions: List[db.Session]
+    can_create: bool
+    exists: bool
+    source_text: Optional[str] = None  # set for a reset: where the fresh copy comes from
+
+    def describe(self) -> List[str]:
+        p = self.point
+        lines = [f"target:         {self.info.masked()} (PostgreSQL {self.server_version}, "
+                 f"{human_size(self.size_bytes) if self.exists else 'does not exist yet'})"]
+        if self.source_text:
+            lines.append(f"source:         {self.source_text}")
+        else:
+            lines += [f"rollback point: {p.id} ({p.kind}, {p.description or 'no description'}, created {p.created_at})",
+                      f"                {len(p.tables)} tables, {p.rows} rows, migration head {p.migration_head or '-'}"]
+        if self.can_create:
+            lines.append(f"method:         restore into a new database, check it, then swap names; the current "
+                         f"{self.info.dbname} is kept as {self.info.dbname}__{PREVIOUS_TAG}_<timestamp>")
+        else:
+            lines.append("method:         in place, in one transaction (this role may not create databases)")
+        if self.sessions:
+            lines.append(f"connections that will be cut ({len(self.sessions)}):")
+            lines += [f"  {s.describe()}" for s in self.sessions]
+        else:
+            lines.append("connections that will be cut: none")
+        return lines
+
+
+@dataclass
+class Result:
+    target: str
+    point: RollbackPoint
+    method: str
+    kept_as: Optional[str] = None
+    seconds: float = 0.0
+    unavailable_seconds: float = 0.0
+    sessions_cut: int = 0
+    tables_checked: int = 0
+    rows_checked: int = 0
+    notes: List[str] = field(default_factory=list)
+    headline: Optional[str] = None
+
+    def summary_lines(self) -> List[str]:
+        p = self.point
+        lines = [self.headline or f"Restored {self.target} from rollback point {p.id} ({p.description or 'no description'}).",
+                 f"  method:       {self.method}",
+                 f"  took:         {self.seconds:.1f} s; {self.target} was unavailable for "
+                 f"{self.unavailable_seconds * 1000:.0f} ms",
+                 f"  verification: OK, {self.tables_checked} tables and {self.rows_checked} rows match the rollback point",
+                 f"  connections cut: {self.sessions_cut}"]
+        if self.kept_as:
+            lines.append(f"  previous state kept as database {self.kept_as!r} "
+                         "(remove with cleanup, or restore it by renaming if this rollback was wrong)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return lines
+
+    def to_json(self) -> dict:
+        return {"target": self.target, "point": self.point.id, "method": self.method, "kept_as": self.kept_as,
+                "seconds": round(self.seconds, 3), "unavailable_seconds": round(self.unavailable_seconds, 4),
+                "sessions_cut": self.sessions_cut, "tables_checked": self.tables_checked,
+                "rows_checked": self.rows_checked, "verified": True, "notes": self.notes}
+
+
+def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = None, force: bool = False,
+         check_backup: bool = True) -> Plan:
+    """Everything checked before anything changes: the backup whole, the target the right one,
+    a pg_restore that can do the job."""
+    if point.database and point.database != info.dbname and not force:
+        raise UsageError(f"rollback point {point.id} is a backup of database {point.database!r}, not "
+                         f"{info.dbname!r}. Nothing was changed. Pass --force to restore it anyway.")
+    if check_backup:
+        verify_checksum_with_progress(point)
+    conn = db.maintenance_db(info)
+    try:
+        major, version = db.server_version(conn)
+        exists = db.database_exists(conn, info.dbname)
+        the_plan = Plan(info, point, major, version,
+                        db.database_size(conn, info.dbname) if exists else 0,
+                        db.sessions(conn, info.dbname) if exists else [],
+                        db.can_create_databases(conn), exists)
+    finally:
+        conn.close()
+    if point.kind == catalog.DUMP:
+        restore_tool(point, major, pg_bin_dir)  # fail now, not after the confirmation
+    return the_plan
+
+
+def verify_checksum_with_progress(point: RollbackPoint) -> None:
+    log = get_logger()
+    log.info("Checking rollback point %s (sha256 of %s) ...", point.id, human_size(point.size_bytes))
+    progress = Progress("checking sha256", unit="")
+    try:
+        catalog.verify_checksum(point, on_progress=lambda done: progress.bytes(done, point.size_bytes))
+    finally:
+        progress.done()
+
+
+def execute(the_plan: Plan, *, script: str, folder: Path, pg_bin_dir: Optional[str] = None,
+            drop_previous: bool = False, lock: Optional[DatabaseLock] = None) -> Result:
+    """Carry out a confirmed plan under the target's lock (taken here unless the caller holds it)."""
+    if lock is None:
+        with DatabaseLock(the_plan.info, the_plan.info.dbname, script) as own:
+            return execute(the_plan, script=script, folder=folder, pg_bin_dir=pg_bin_dir,
+                           drop_previous=drop_previous, lock=own)
+    started = time.monotonic()
+    conn = lock.conn
+    recover_interrupted(conn, the_plan.info.dbname, folder)
+    if the_plan.can_create:
+        result = _restore_by_swap(the_plan, conn, folder, pg_bin_dir, script)
+        if drop_previous and result.kept_as:
+            db.drop_database(conn, result.kept_as)
+            result.notes.append(f"previous state {result.kept_as!r} dropped (--drop-previous)")
+            result.kept_as = None
+    else:
+        result = _restore_in_place(the_plan, conn, pg_bin_dir)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _stamp() -> str:
+    t = time.time()
+    return time.strftime("%Y%m%d_%H%M%S", time.localtime(t)) + f"_{int(t * 1000) % 1000:03d}"
+
+
+def _inflight_path(folder: Path, target: str) -> Path:
+    digest = hashlib.sha256(target.encode()).hexdigest()[:8]
+    return folder / f".inflight_{catalog.slug(target)}_{digest}.json"
+
+
+def recover_interrupted(conn, target: str, folder: Path) -> None:
+    """Undo what a killed run left: connections it had cut, `__restore_` databases it had begun.
+    Only called under the target's lock, so no other run is using them."""
+    log = get_logger()
+    marker = _inflight_path(folder, target)
+    if marker.exists():
+        try:
+            names = json.loads(marker.read_text()).get("databases", [])
+        except (OSError, ValueError):
+            names = [target]
+        for name in names:
+            if db.allows_connections(conn, name) is False:
+                db.set_allow_connections(conn, name, True)
+                log.warning("Connections to %s had been left cut by an interrupted run: allowed again.", name)
+        marker.unlink()
+    for leftover in db.databases_like(conn, db.name_prefix(target, RESTORE_TAG)):
+        log.warning("Removing %s, left by an interrupted restore.", leftover)
+        db.drop_database(conn, leftover)
+
+
+def _write_marker(folder: Path, target: str, names: List[str]) -> Path:
+    marker = _inflight_path(folder, target)
+    catalog.ensure_dir(folder)
+    catalog.write_json_atomic(marker, {"target": target, "databases": names, "pid": os.getpid(),
+                                       "started": catalog.utc_now().isoformat(timespec="seconds")})
+    return marker
+
+
+def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[str], script: str) -> Result:
+    log = get_logger()
+    info, point = the_plan.info, the_plan.point
+    target = info.dbname
+    stamp = _stamp()
+    fresh = db.derived_name(target, RESTORE_TAG, stamp)
+    keep_as = db.derived_name(target, PREVIOUS_TAG, stamp)
+    result = Result(target, point, method="restore into a new database, then swap names")
+    log.info("Restoring into %s while %s keeps serving ...", fresh, target)
+    _create_like(conn, fresh, target if the_plan.exists else None)
+    try:
+        testhooks.checkpoint("restore-database-created")
+        fill_database(info.with_db(fresh), point, the_plan.server_major, pg_bin_dir)
+        testhooks.checkpoint("restore-filled")
+        result.tables_checked, result.rows_checked = check_against_point(info.with_db(fresh), point)
+        if the_plan.exists:
+            db.copy_database_settings(conn, target, fresh)
+        testhooks.checkpoint("restore-checked")
+    except BaseException:
+        _drop_quietly(conn, fresh)
+        raise
+    if not the_plan.exists:
+        db.rename_database(conn, fresh, target)
+        result.method = "restore into a new database, then rename (the target did not exist)"
+        return result
+
+    marker = _write_marker(folder, target, [target, keep_as])
+    cut_at = time.monotonic()
+    try:
+        db.set_allow_connections(conn, target, False)
+        found = db.sessions(conn, target)
+        if found:
+            log.info("Cutting %d connection(s) to %s:", len(found), target)
+            db.log_sessions(found)
+        result.sessions_cut = db.terminate_sessions(conn, target)
+        testhooks.checkpoint("restore-connections-cut")
+        db.swap_names(conn, target, fresh, keep_as)
+        result.unavailable_seconds = time.monotonic() - cut_at
+        result.kept_as = keep_as
+        testhooks.checkpoint("restore-swapped")
+    except BaseException as exc:
+        _allow_again(conn, target)
+        _drop_quietly(conn, fresh)
+        marker.unlink()
+        if isinstance(exc, psycopg2.Error):
+            raise RestoreFailed(f"the swap failed ({db.reason(exc)}); {target} is unchanged and accepts "
+                                "connections again") from None
+        raise
+    _allow_again(conn, keep_as)
+    marker.unlink()
+    log.info("Swapped: %s is now the restored database; the previous one is %s.", target, keep_as)
+    return result
+
+
+def _create_like(conn, name: str, like: Optional[str]) -> None:
+    try:
+        db.create_database(conn, name, like=like)
+    except psycopg2.errors.InsufficientPrivilege:
+        # CREATEDB but not a member of the owner's role: the new database is ours instead.
+        get_logger().warning("cannot give %s the owner of %s; it will be owned by the connecting role", name, like)
+        db.create_database(conn, name)
+    except psycopg2.Error as exc:
+        raise RestoreFailed(f"cannot create {name}: {db.reason(exc)}. Nothing was changed.") from None
+
+
+def _allow_again(conn, name: str) -> None:
+    try:
+        if db.allows_connections(conn, name) is False:
+            db.set_allow_connections(conn, name, True)
+    except psycopg2.Error as exc:
+        get_logger().error("could not allow connections to %s again (%s): run "
+                           "ALTER DATABASE ... WITH ALLOW_CONNECTIONS true", name, db.reason(exc))
+
+
+def _drop_quietly(conn, name: str) -> None:
+    try:
+        db.drop_database(conn, name)
+    except psycopg2.Error as exc:
+        get_logger().warning("could not drop %s (%s); the next run removes it", name, db.reason(exc))
+
+
+def fill_database(target: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str]) -> None:
+    """pg_restore the dump into an empty database (parallel jobs: the custom format allows it)."""
+    tool = restore_tool(point, server_major, pg_bin_dir)
+    jobs = max(2, min(4, os.cpu_count() or 2))
+    progress = Progress("restoring", total=len(point.tables))
+
+    def on_line(line: str) -> None:
+        if "processing data for table" in line:
+            progress.step(line.split("table", 1)[1].strip())
+
+    get_logger().info("  %s, %d jobs, from %s", tool.describe(), jobs, point.path)
+    argv = [tool.path, "--exit-on-error", "--verbose", f"--jobs={jobs}", "--no-password",
+            "--dbname", conninfo_dbname(target.dbname), str(point.path)]
+    try:
+        run(argv, password=target.password, env=target.libpq_env(), on_stderr_line=on_line,
+            what=f"pg_restore {tool.version}")
+    except ToolFailed as exc:
+        raise RestoreFailed(f"{exc}. The target was not touched.") from None
+    finally:
+        progress.done()
+    conn = db.connect(target)
+    try:
+        db.execute(conn, "ANALYZE")  # a restored database has no planner statistics until analysed
+    finally:
+        conn.close()
+
+
+def conninfo_dbname(name: str) -> str:
+    """A libpq conninfo naming only the database: safe for any name, even one with '=' or quotes."""
+    escaped = name.replace("\\", "\\\\").replace("'", "\\'")
+    return f"dbname='{escaped}'"
+
+
+def check_against_point(target: ConnInfo, point: RollbackPoint) -> tuple:
+    """Tables and row counts must equal the sidecar's; returns (tables, rows) checked."""
+    conn = db.connect(target)
+    try:
+        counts = db.table_row_counts(conn)
+    finally:
+        conn.close()
+    problems = diff_counts(point.tables, counts)
+    if problems:
+        raise RestoreFailed("the restored copy does not match the rollback point (" + "; ".join(problems[:5]) +
+                            "). The target was not touched.")
+    return len(counts), sum(counts.values())
+
+
+def diff_counts(expected: Dict[str, int], actual: Dict[str, int]) -> List[str]:
+    problems = [f"table {t} missing" for t in sorted(set(expected) - set(actual))]
+    problems += [f"table {t} not in the rollback point" for t in sorted(set(actual) - set(expected))]
+    problems += [f"{t}: {actual[t]} rows, expected {expected[t]}" for t in sorted(set(expected) & set(actual))
+                 if expected[t] != actual[t]]
+    return problems
+
+
+def _restore_in_place(the_plan: Plan, conn, pg_bin_dir: Optional[str]) -> Result:
+    """For a role that may not create databases: pg_restore --clean in one transaction, so a failure
+    rolls back whole. Relations and schemas added since the point are dropped in that transaction."""
+    log = get_logger()
+    info, point = the_plan.info, the_plan.point
+    result = Result(info.dbname, point, method="in place, in one transaction (the role may not create databases)")
+    log.warning("This role may not create databases: restoring %s in place, in one transaction.", info.dbname)
+    tool = restore_tool(point, the_plan.server_major, pg_bin_dir)
+    psql = find_tool("psql", the_plan.server_major, pg_bin_dir)
+    found = db.sessions(conn, info.dbname)
+    if found:
+        log.info("Cutting %d connection(s) to %s:", len(found), info.dbname)
+        db.log_sessions(found)
+    try:
+        result.sessions_cut = db.terminate_sessions(conn, info.dbname)
+    except psycopg2.Error as exc:
+        log.warning("could not cut every connection (%s); the restore waits for their locks", db.reason(exc))
+    preamble = extra_objects_sql(info, tool, point)
+    cut_at = time.monotonic()
+    producer = Process([tool.path, "--clean", "--if-exists", "--file=-", str(point.path)], env=info.libpq_env())
+    preamble_file = point.folder / f".inplace_{os.getpid()}.sql"
+    fd = os.open(preamble_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(preamble)
+    try:
+        run([psql.path, "-X", "-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "--no-password",
+             "-f", str(preamble_file), "-f", "-"], password=info.password, env=info.libpq_env(),
+            stdin=producer.proc.stdout, what=f"psql {psql.version} (in-place restore)")
+        producer.wait(what=f"pg_restore {tool.version}")
+    except ToolFailed as exc:
+        producer.kill()
+        raise RestoreFailed(f"{exc}. The transaction was rolled back: {info.dbname} is unchanged.") from None
+    finally:
+        preamble_file.unlink()
+    result.unavailable_seconds = time.monotonic() - cut_at
+    result.notes.append("in place: the database was locked for the whole restore")
+    result.tables_checked, result.rows_checked = _check_after_in_place(info, point)
+    return result
+
+
+def _check_after_in_place(info: ConnInfo, point: RollbackPoint) -> tuple:
+    conn = db.connect(info)
+    try:
+        counts = db.table_row_counts(conn)
+        db.execute(conn, "ANALYZE")
+    finally:
+        conn.close()
+    problems = diff_counts(point.tables, counts)
+    if problems:
+        raise RestoreFailed(f"{info.dbname} was restored in place but does not match the rollback point (" +
+                            "; ".join(problems[:5]) + "). Check it before use.")
+    return len(counts), sum(counts.values())
+
+
+def extra_objects_sql(info: ConnInfo, tool: Tool, point: RollbackPoint) -> str:
+    """DROP statements for schemas and relations the target has and the archive does not."""
+    toc = run([tool.path, "--list", str(point.path)], what="pg_restore --list").stdout
+    in_archive = set()
+    for line in toc.splitlines():
+        parts = line.split()
+        if line.startswith(";") or len(parts) < 7:
+            continue
+        # e.g. "215; 1259 16390 TABLE public customers postgres", "5; 2615 16385 SCHEMA - sales postgres"
+        kind, rest = parts[3], parts[4:]
+        if kind == "MATERIALIZED" and rest[0] == "VIEW":
+            kind, rest = "VIEW", rest[1:]
+        if kind == "SCHEMA":
+            in_archive.add(("SCHEMA", rest[1], ""))
+        elif kind in ("TABLE", "VIEW", "SEQUENCE") and rest[0] not in ("DATA", "SET", "OWNED"):
+            in_archive.add(("REL", rest[0], rest[1]))
+    conn = db.connect(info)
+    try:
+        statements = []
+        schemas = db.rows(conn, """SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%'
+                                   AND nspname NOT IN ('information_schema', 'public')""")
+        gone = set()
+        for (schema,) in schemas:
+            if ("SCHEMA", schema, "") not in in_archive:
+                gone.add(schema)
+                statements.append(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE;").format(sql.Identifier(schema)))
+        relations = db.rows(conn, """
+            SELECT n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'v', 'm', 'S', 'p', 'f') AND n.nspname NOT LIKE 'pg\\_%'
+              AND n.nspname <> 'information_schema'
+              AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a', 'i', 'e'))""")
+        kinds = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW", "S": "SEQUENCE", "f": "FOREIGN TABLE"}
+        for schema, name, kind in relations:
+            if schema not in gone and ("REL", schema, name) not in in_archive:
+                statements.append(sql.SQL("DROP {} IF EXISTS {}.{} CASCADE;").format(
+                    sql.SQL(kinds[kind]), sql.Identifier(schema), sql.Identifier(name)))
+        return "\n".join(s.as_string(conn) for s in statements) + "\n"
+    finally:
+        conn.close()

@@ -39,7 +39,8 @@ class Process:
     def __init__(self, argv: Sequence[str], *, password: Optional[str] = None,
                  env: Optional[Mapping[str, str]] = None, stdout: Union[None, IO, int] = None,
                  on_stderr_line: Optional[Callable[[str], None]] = None,
-                 user: Optional[str] = None, group: Optional[str] = None, cwd: Optional[str] = None):
+                 user: Optional[str] = None, group: Optional[str] = None, cwd: Optional[str] = None,
+                 stdin: Union[None, IO, int] = None):
         self.argv = [str(a) for a in argv]
         self.log = get_logger()
         child_env = dict(os.environ)
@@ -60,7 +61,7 @@ class Process:
         self._stderr_lines: list = []
         self._on_line = on_stderr_line
         self.proc = subprocess.Popen(
-            self.argv, env=child_env, cwd=cwd, stdin=subprocess.DEVNULL,
+            self.argv, env=child_env, cwd=cwd, stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=subprocess.PIPE if stdout is None else stdout,
             stderr=subprocess.PIPE, umask=0o077,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") and user is None else None, **extra)

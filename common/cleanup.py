@@ -1,0 +1,76 @@
+"""Removing old rollback points and kept databases; the newest OK point of each database stays."""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import List, Optional
+
+from . import catalog
+from . import database as db
+from .catalog import RollbackPoint
+from .restore import PREVIOUS_TAG
+
+_STAMP = re.compile(r"(\d{8}_\d{6})(?:_\d{3})?$")
+
+
+@dataclass
+class CleanupPlan:
+    points: List[RollbackPoint] = field(default_factory=list)
+    databases: List[str] = field(default_factory=list)
+    kept: List[RollbackPoint] = field(default_factory=list)
+
+    def lines(self) -> List[str]:
+        out = [f"rollback point {p.id} ({p.status}, created {p.created_at}, {p.description or '-'})" for p in self.points]
+        out += [f"database {name}" for name in self.databases]
+        return out or ["nothing"]
+
+
+def plan_points(points: List[RollbackPoint], older_than_days: Optional[float], keep: Optional[int],
+                now: Optional[float] = None) -> CleanupPlan:
+    """Points past the age (or beyond the newest `keep` of their database) go; the newest OK point
+    of every database always stays."""
+    plan = CleanupPlan()
+    seen_ok: dict = {}
+    for point in points:  # newest first
+        key = point.database
+        rank = seen_ok.get(key, 0)
+        is_ok = point.status == catalog.OK
+        protected = is_ok and rank == 0
+        if is_ok:
+            seen_ok[key] = rank + 1
+        old = older_than_days is not None and catalog.age_days(point, now) > older_than_days
+        surplus = keep is not None and is_ok and rank >= keep
+        if not protected and (old or surplus):
+            plan.points.append(point)
+        else:
+            plan.kept.append(point)
+    return plan
+
+
+def kept_databases(conn, target: str, older_than_days: Optional[float], now: Optional[float] = None) -> List[str]:
+    """`<target>__pre_rollback_<ts>` databases past the age."""
+    if older_than_days is None:
+        return []
+    now = now or time.time()
+    found = []
+    for name in db.databases_like(conn, db.name_prefix(target, PREVIOUS_TAG)):
+        match = _STAMP.search(name)
+        if not match:
+            continue
+        created = datetime.strptime(match.group(1), "%Y%m%d_%H%M%S").timestamp()
+        if (now - created) / 86400 > older_than_days:
+            found.append(name)
+    return found
+
+
+def remove(plan: CleanupPlan, conn=None) -> List[str]:
+    done = []
+    for point in plan.points:
+        catalog.remove_files(point)
+        done.append(f"rollback point {point.id}")
+    for name in plan.databases:
+        db.drop_database(conn, name)
+        done.append(f"database {name}")
+    return done

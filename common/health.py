@@ -1,0 +1,92 @@
+"""database_rollback.py verify: the health of a database and its drift from the newest rollback point."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from . import database as db
+from .catalog import RollbackPoint
+from .database import ConnInfo
+from .progress import human_size
+from .restore import diff_counts
+
+LONG_TRANSACTION_MINUTES = 10
+
+
+@dataclass
+class HealthReport:
+    database: str
+    server_version: str = ""
+    size_bytes: int = 0
+    tables: Dict[str, int] = field(default_factory=dict)
+    migration_head: Optional[str] = None
+    point: Optional[str] = None
+    drift: List[str] = field(default_factory=list)
+    blocked: List[str] = field(default_factory=list)
+    long_transactions: List[str] = field(default_factory=list)
+    invalid_indexes: List[str] = field(default_factory=list)
+    connections_allowed: bool = True
+
+    def problems(self, strict: bool = False) -> List[str]:
+        found = [f"blocked: {b}" for b in self.blocked]
+        found += [f"long transaction: {t}" for t in self.long_transactions]
+        found += [f"invalid index: {i}" for i in self.invalid_indexes]
+        if not self.connections_allowed:
+            found.append("the database does not allow connections (ALLOW_CONNECTIONS false)")
+        if strict:
+            found += [f"drift: {d}" for d in self.drift]
+        return found
+
+    def lines(self, strict: bool = False) -> List[str]:
+        out = [f"database:       {self.database} (PostgreSQL {self.server_version}, {human_size(self.size_bytes)})",
+               f"tables:         {len(self.tables)} ({sum(self.tables.values())} rows)",
+               f"migration head: {self.migration_head or '-'}"]
+        if self.point is None:
+            out.append("drift:          no OK rollback point of this database to compare with")
+        elif self.drift:
+            out.append(f"drift against {self.point}: {len(self.drift)} difference(s)")
+            out += [f"  {d}" for d in self.drift]
+        else:
+            out.append(f"drift:          none: tables and row counts match rollback point {self.point}")
+        problems = self.problems(strict)
+        out.append("problems:       " + ("none" if not problems else str(len(problems))))
+        out += [f"  {p}" for p in problems]
+        return out
+
+    def to_json(self, strict: bool = False) -> dict:
+        return {"database": self.database, "server_version": self.server_version, "size_bytes": self.size_bytes,
+                "tables": self.tables, "migration_head": self.migration_head, "compared_with": self.point,
+                "drift": self.drift, "blocked": self.blocked, "long_transactions": self.long_transactions,
+                "invalid_indexes": self.invalid_indexes, "connections_allowed": self.connections_allowed,
+                "problems": self.problems(strict), "ok": not self.problems(strict)}
+
+
+def check(info: ConnInfo, newest: Optional[RollbackPoint]) -> HealthReport:
+    report = HealthReport(info.dbname)
+    conn = db.connect(info)
+    try:
+        _, report.server_version = db.server_version(conn)
+        report.size_bytes = db.database_size(conn, info.dbname)
+        report.tables = db.table_row_counts(conn)
+        report.migration_head = db.migration_head(conn)
+        report.connections_allowed = bool(db.allows_connections(conn, info.dbname))
+        report.blocked = [f"pid {pid} waits for a lock held by {blockers}: {query}" for pid, blockers, query in db.rows(conn, """
+            SELECT pid, pg_blocking_pids(pid)::text, left(regexp_replace(query, '\\s+', ' ', 'g'), 80)
+            FROM pg_stat_activity WHERE datname = current_database() AND cardinality(pg_blocking_pids(pid)) > 0""")]
+        report.long_transactions = [f"pid {pid} {user} open for {age}: {query}" for pid, user, age, query in db.rows(conn, """
+            SELECT pid, usename, date_trunc('second', now() - xact_start)::text,
+                   left(regexp_replace(query, '\\s+', ' ', 'g'), 80)
+            FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+              AND xact_start < now() - make_interval(mins => %s)""", (LONG_TRANSACTION_MINUTES,))]
+        report.invalid_indexes = [f"{schema}.{name}" for schema, name in db.rows(conn, """
+            SELECT n.nspname, c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+            JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid""")]
+    finally:
+        conn.close()
+    if newest is not None:
+        report.point = newest.id
+        report.drift = diff_counts(newest.tables, report.tables)
+        if newest.migration_head != report.migration_head:
+            report.drift.append(f"migration head is {report.migration_head or '-'}, the rollback point's is "
+                                f"{newest.migration_head or '-'}")
+    return report

@@ -1,0 +1,103 @@
+"""The sequences several scripts share: plan → confirm → carry out → summarise."""
+from __future__ import annotations
+
+import shutil
+from typing import Optional
+
+from . import backup, catalog, restore
+from . import cleanup as cleaning
+from .catalog import RollbackPoint
+from .cli import Context
+from .database import ConnInfo, app_name
+from .errors import UsageError
+from .locks import DatabaseLock
+
+
+def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: bool = False,
+                  drop_previous: bool = False, question: Optional[str] = None) -> restore.Result:
+    """Check the backup, show what will be replaced, confirm, restore, print the summary."""
+    the_plan = restore.plan(info, point, pg_bin_dir=ctx.pg_bin_dir, force=force)
+    ctx.confirm(question or f"Restore {info.dbname} from rollback point {point.id}?", the_plan.describe())
+    result = restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
+                             pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous)
+    show_result(ctx, result)
+    return result
+
+
+def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previous: bool = False) -> restore.Result:
+    """staging := a fresh copy of V2. V2 is only read, by pg_dump in one snapshot; staging is
+    replaced by the never-half-done path, so a failure at any step leaves it as it was."""
+    if (v2.host, v2.port, v2.dbname) == (staging.host, staging.port, staging.dbname):
+        raise UsageError("V2_DATABASE_URL and STAGING_DATABASE_URL name the same database; refusing to "
+                         "reset it from itself. Nothing was changed.")
+    placeholder = RollbackPoint(id=f"fresh copy of V2 ({v2.dbname})", database=staging.dbname,
+                                description=f"fresh copy of V2 {v2.masked()}")
+    the_plan = restore.plan(staging, placeholder, pg_bin_dir=ctx.pg_bin_dir, check_backup=False)
+    the_plan.source_text = f"a fresh pg_dump of V2 {v2.masked()} (V2 is only read)"
+    ctx.confirm(f"Reset {staging.dbname} from V2?", the_plan.describe())
+    folder = ctx.settings.backup_dir
+    scratch = catalog.ensure_dir(folder / ".tmp")
+    with DatabaseLock(staging, staging.dbname, ctx.script) as lock:
+        source = backup.Source.open(v2, app=app_name(ctx.script))
+        try:
+            ctx.log.info("Dumping V2 %s (PostgreSQL %s, %d tables) ...", v2.masked(), source.version, len(source.tables))
+            dump_id = catalog.new_id(scratch, f"v2-{v2.dbname}", "reset")
+            point = backup.dump_to_file(source, scratch / f"{dump_id}.dump", pg_bin_dir=ctx.pg_bin_dir)
+        finally:
+            source.close()
+        try:
+            point.description = f"fresh copy of V2 {v2.masked()}"
+            point.created_at = catalog.utc_now().isoformat(timespec="seconds")
+            the_plan.point = point
+            result = restore.execute(the_plan, script=ctx.script, folder=folder, pg_bin_dir=ctx.pg_bin_dir,
+                                     drop_previous=drop_previous, lock=lock)
+        finally:
+            point.path.unlink()
+    shutil.rmtree(scratch, ignore_errors=True)
+    result.headline = f"Reset {staging.dbname} from V2 {v2.masked()}: it is now a fresh copy of V2."
+    show_result(ctx, result)
+    return result
+
+
+def show_result(ctx: Context, result: restore.Result) -> None:
+    if ctx.json:
+        ctx.emit_json(result.to_json())
+    else:
+        for line in result.summary_lines():
+            ctx.log.info("%s", line)
+
+
+def newest_point(ctx: Context, database: str) -> Optional[RollbackPoint]:
+    return catalog.newest_ok(catalog.scan(ctx.settings.backup_dir), database)
+
+
+def cleanup(ctx: Context, info: Optional[ConnInfo], older_than: Optional[float], keep: Optional[int],
+            dry_run: bool) -> None:
+    """Old rollback points (files) and old `__pre_rollback_` databases of the target; the newest
+    OK point of every database is always kept."""
+    if older_than is None and keep is None:
+        raise UsageError("say what to remove: --older-than DAYS and/or --keep N. Nothing was changed.")
+    folder = ctx.settings.backup_dir
+    the_plan = cleaning.plan_points(catalog.scan(folder), older_than, keep)
+    lock = None
+    try:
+        if info is not None:
+            lock = DatabaseLock(info, info.dbname, ctx.script).__enter__()
+            the_plan.databases = cleaning.kept_databases(lock.conn, info.dbname, older_than)
+        if dry_run:
+            ctx.log.info("Cleanup (dry run): would remove")
+            for line in the_plan.lines():
+                ctx.log.info("  %s", line)
+            return
+        if not the_plan.points and not the_plan.databases:
+            ctx.log.info("Cleanup: nothing to remove (%d rollback points kept).", len(the_plan.kept))
+            return
+        ctx.confirm("Remove these?", the_plan.lines())
+        done = cleaning.remove(the_plan, lock.conn if lock else None)
+        ctx.log.info("Removed %d item(s):", len(done))
+        for line in done:
+            ctx.log.info("  %s", line)
+        ctx.log.info("Kept %d rollback point(s).", len(the_plan.kept))
+    finally:
+        if lock is not None:
+            lock.release()

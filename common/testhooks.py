@@ -1,0 +1,22 @@
+"""A test-only pause at named steps, so tests can kill a run at an exact point.
+
+With ROLLBACK_TEST_PAUSE_AT="<step>:<file>" a run that reaches <step> writes its pid to <file>
+and waits (up to 5 minutes) to be killed. Unset, checkpoint() does nothing."""
+from __future__ import annotations
+
+import os
+import time
+
+VARIABLE = "ROLLBACK_TEST_PAUSE_AT"
+
+
+def checkpoint(step: str) -> None:
+    spec = os.environ.get(VARIABLE)
+    if not spec:
+        return
+    wanted, _, path = spec.partition(":")
+    if wanted != step or not path:
+        return
+    with open(path, "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(300)

@@ -1,0 +1,320 @@
+"""quick_rollback.py, reset_staging.py and the restore commands: never half-done (DESIGN §5)."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import psycopg2
+import psycopg2.errors
+import pytest
+
+from common.database import connect, databases_like, rows
+from tests import pgfixtures as pf
+
+MIGRATION = """
+ALTER TABLE public.customers ADD COLUMN vip boolean DEFAULT false;
+UPDATE public.customers SET name = upper(name), vip = true WHERE id % 2 = 0;
+DELETE FROM sales.orders WHERE id > 400;
+DROP TABLE audit.events CASCADE;
+CREATE TABLE public.migrated (id int PRIMARY KEY, note text);
+INSERT INTO public.migrated SELECT i, 'row ' || i FROM generate_series(1, 50) i;
+SELECT setval('sales.orders_id_seq', 9999);
+"""
+
+
+def make_point(env, description="before migration"):
+    result = pf.run_script("create_rollback_point.py", description, env=env)
+    assert result.returncode == 0, result.stderr
+    [sidecar] = [p for p in (Path(env["BACKUP_DIR"])).glob("*.json") if description.replace(" ", "-") in p.name]
+    return json.loads(sidecar.read_text()), sidecar
+
+
+def leftovers(server, dbname, tag):
+    conn = connect(server.info)
+    try:
+        return databases_like(conn, f"{dbname}__{tag}_")
+    finally:
+        conn.close()
+
+
+def drop_all(server, dbname):
+    for tag in ("pre_rollback", "restore"):
+        for name in leftovers(server, dbname, tag):
+            pf.drop_database(server, name)
+    pf.drop_database(server, dbname)
+
+
+@pytest.fixture
+def staging(server):
+    name = pf.create_database(server, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    yield name
+    drop_all(server, name)
+
+
+@pytest.fixture
+def staging15(pg15):
+    name = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    yield name
+    drop_all(pg15, name)
+
+
+def test_quick_rollback_restores_schema_and_every_row(server, staging, env_for):
+    env = env_for(server, staging)
+    before = pf.fingerprint(server, staging)
+    make_point(env)
+    pf.execute(server, staging, MIGRATION)
+    migrated = pf.fingerprint(server, staging)
+    assert migrated != before
+
+    result = pf.run_script("quick_rollback.py", "--yes", env=env)
+    assert result.returncode == 0, result.stderr
+    assert pf.fingerprint(server, staging) == before
+    [kept] = leftovers(server, staging, "pre_rollback")
+    assert pf.fingerprint(server, kept) == migrated
+    assert leftovers(server, staging, "restore") == []
+    out = result.stdout
+    assert "verification: OK" in out and "was unavailable for" in out and "before migration" in out
+    conn = connect(server.info)
+    assert rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (staging,)) == [(True,)]
+    conn.close()
+
+
+def test_reset_staging_makes_staging_equal_to_v2_and_only_reads_v2(server, staging, env_for):
+    v2 = pf.create_database(server, pf.unique_name("v2"), pf.RICH_SCHEMA + MIGRATION)
+    try:
+        v2_before = pf.fingerprint(server, v2)
+        watcher = connect(server.info, v2)  # a production client: must not be cut
+        env = env_for(server, staging, V2_DATABASE_URL=pf.url(server, v2))
+        result = pf.run_script("reset_staging.py", "--yes", env=env)
+        assert result.returncode == 0, result.stderr
+        assert pf.fingerprint(server, staging) == v2_before
+        assert pf.fingerprint(server, v2) == v2_before
+        assert rows(watcher, "SELECT 1") == [(1,)]
+        watcher.close()
+        assert "fresh copy of V2" in result.stdout
+        assert not list(Path(env["BACKUP_DIR"]).glob("**/*.dump")), "the temporary V2 dump is removed"
+    finally:
+        pf.drop_database(server, v2)
+
+
+def test_quick_rollback_without_points_offers_the_reset_and_from_v2_forces_it(pg15, staging15, env_for):
+    v2 = pf.create_database(pg15, pf.unique_name("v2"), "CREATE TABLE only_in_v2 (id int); INSERT INTO only_in_v2 VALUES (7);")
+    try:
+        env = env_for(pg15, staging15, V2_DATABASE_URL=pf.url(pg15, v2))
+        declined = pf.run_script("quick_rollback.py", env=env)
+        assert declined.returncode == 3 and "reset of staging from V2" in declined.stdout
+        assert pf.row_fingerprint(pg15, staging15)["public.customers"][0] == 203
+        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert result.returncode == 0, result.stderr
+        assert pf.fingerprint(pg15, staging15) == pf.fingerprint(pg15, v2)
+    finally:
+        pf.drop_database(pg15, v2)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no_sidecar_checksum"])
+def test_a_damaged_backup_is_refused_before_staging_is_touched(pg15, staging15, env_for, damage):
+    env = env_for(pg15, staging15)
+    meta, sidecar = make_point(env)
+    dump = sidecar.with_suffix(".dump")
+    pf.execute(pg15, staging15, MIGRATION)
+    migrated = pf.fingerprint(pg15, staging15)
+    if damage == "flip":
+        data = bytearray(dump.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        dump.write_bytes(bytes(data))
+    elif damage == "truncate":
+        with open(dump, "r+b") as fh:
+            fh.truncate(dump.stat().st_size // 2)
+    else:
+        meta["sha256"] = "0" * 64
+        sidecar.write_text(json.dumps(meta))
+    result = pf.run_script("rollback_manager.py", "restore", "--file", str(dump), "--yes", env=env)
+    assert result.returncode == 1
+    assert "CORRUPT" in result.stderr and "Nothing was changed" in result.stderr
+    assert pf.fingerprint(pg15, staging15) == migrated
+    assert leftovers(pg15, staging15, "restore") == [] and leftovers(pg15, staging15, "pre_rollback") == []
+    # quick_rollback refuses it too (no V2 is configured here, so its reset fallback cannot run either)
+    quick = pf.run_script("quick_rollback.py", "--yes", env=env)
+    assert quick.returncode in (1, 2) and "Traceback" not in quick.stderr
+    assert pf.fingerprint(pg15, staging15) == migrated
+
+
+def test_a_session_with_an_open_transaction_and_a_lock_is_listed_and_cut(pg15, staging15, env_for):
+    env = env_for(pg15, staging15)
+    before = pf.fingerprint(pg15, staging15)
+    make_point(env)
+    pf.execute(pg15, staging15, MIGRATION)
+    client = connect(pg15.info, staging15, autocommit=False, app="busy-app")
+    client.cursor().execute("LOCK TABLE public.customers IN ACCESS EXCLUSIVE MODE")
+    result = pf.run_script("quick_rollback.py", "--yes", env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "busy-app" in result.stdout and "connections cut: 1" in result.stdout
+    with pytest.raises(psycopg2.OperationalError):
+        client.cursor().execute("SELECT 1")
+    assert pf.fingerprint(pg15, staging15) == before
+
+
+def _pause_at(step, tmp_path, env):
+    flag = tmp_path / f"paused-{step}"
+    env = dict(env, ROLLBACK_TEST_PAUSE_AT=f"{step}:{flag}")
+    return flag, env
+
+
+def _wait_for(flag: Path, proc, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not flag.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never reached the step"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("step", ["restore-database-created", "restore-filled", "restore-checked",
+                                  "restore-connections-cut", "restore-swapped"])
+def test_a_kill_at_any_step_leaves_staging_old_or_new_and_the_next_run_completes(pg15, staging15, env_for, tmp_path, step):
+    env = env_for(pg15, staging15)
+    before = pf.fingerprint(pg15, staging15)
+    make_point(env)
+    pf.execute(pg15, staging15, MIGRATION)
+    migrated = pf.fingerprint(pg15, staging15)
+    flag, paused_env = _pause_at(step, tmp_path, env)
+    proc = pf.start_script("quick_rollback.py", "--yes", env=paused_env)
+    _wait_for(flag, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    state = pf.fingerprint(pg15, staging15) if step != "restore-connections-cut" else None
+    if state is not None:
+        assert state in (before, migrated)
+    # the next run cleans up, re-allows connections and completes
+    result = pf.run_script("quick_rollback.py", "--yes", env=env)
+    assert result.returncode == 0, result.stderr
+    assert pf.fingerprint(pg15, staging15) == before
+    assert leftovers(pg15, staging15, "restore") == []
+    conn = connect(pg15.info)
+    allowed = rows(conn, "SELECT datname, datallowconn FROM pg_database WHERE datname LIKE %s",
+                   (staging15 + "%",))
+    conn.close()
+    assert all(ok for _, ok in allowed), allowed
+
+
+def test_without_a_terminal_and_without_yes_nothing_changes(pg15, staging15, env_for):
+    env = env_for(pg15, staging15)
+    make_point(env)
+    pf.execute(pg15, staging15, MIGRATION)
+    migrated = pf.fingerprint(pg15, staging15)
+    result = pf.run_script("quick_rollback.py", env=env)
+    assert result.returncode == 3 and "--yes" in result.stderr
+    assert pf.fingerprint(pg15, staging15) == migrated
+    assert leftovers(pg15, staging15, "pre_rollback") == []
+
+
+def test_two_restores_at_once_exactly_one_runs(pg15, staging15, env_for, tmp_path):
+    env = env_for(pg15, staging15)
+    before = pf.fingerprint(pg15, staging15)
+    make_point(env)
+    pf.execute(pg15, staging15, MIGRATION)
+    flag = tmp_path / "first-paused"
+    first = pf.start_script("quick_rollback.py", "--yes",
+                            env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"restore-filled:{flag}"))
+    _wait_for(flag, first)
+    second = pf.run_script("quick_rollback.py", "--yes", env=env)
+    assert second.returncode == 1 and "held by" in second.stderr and "quick_rollback" in second.stderr
+    first.kill()
+    first.communicate(timeout=30)
+    assert pf.run_script("quick_rollback.py", "--yes", env=env).returncode == 0
+    assert pf.fingerprint(pg15, staging15) == before
+
+
+def test_a_backup_of_another_database_needs_force(pg15, staging15, env_for, tmp_path):
+    other = pf.create_database(pg15, pf.unique_name("other"), "CREATE TABLE x (id int); INSERT INTO x VALUES (1);")
+    try:
+        meta, sidecar = make_point(env_for(pg15, other), "other db")
+        env = env_for(pg15, staging15)
+        before = pf.fingerprint(pg15, staging15)
+        refused = pf.run_script("rollback_manager.py", "restore", "--file", str(sidecar.with_suffix(".dump")),
+                                "--yes", env=env)
+        assert refused.returncode == 2 and "--force" in refused.stderr
+        assert pf.fingerprint(pg15, staging15) == before
+        forced = pf.run_script("rollback_manager.py", "restore", "--file", meta["id"], "--yes", "--force", env=env)
+        assert forced.returncode == 0, forced.stderr
+        assert pf.fingerprint(pg15, staging15) == pf.fingerprint(pg15, other)
+    finally:
+        pf.drop_database(pg15, other)
+
+
+def test_a_role_without_createdb_restores_in_place_in_one_transaction(pg15, env_for, tmp_path):
+    role, password = pf.unique_name("owner"), "owner-secret-1"
+    name = pf.unique_name("staging")
+    pf.execute(pg15, "postgres", f"CREATE ROLE {role} LOGIN NOCREATEDB PASSWORD '{password}'")
+    pf.execute(pg15, "postgres", f"CREATE DATABASE {name} OWNER {role}")
+    pf.execute(pg15, name, f"SET ROLE {role}; CREATE SCHEMA app AUTHORIZATION {role}; SET search_path = app;"
+               "CREATE TABLE app.items (id int PRIMARY KEY, label text); "
+               "INSERT INTO app.items SELECT i, 'item ' || i FROM generate_series(1, 100) i;")
+    try:
+        url = f"postgresql://{role}:{password}@127.0.0.1:{pg15.info.port}/{name}"
+        env = env_for(pg15, name, STAGING_DATABASE_URL=url)
+        before = pf.fingerprint(pg15, name)
+        make_point(env)
+        pf.execute(pg15, name, f"SET ROLE {role}; DELETE FROM app.items WHERE id > 10; "
+                               "CREATE TABLE app.added (x int); CREATE SCHEMA extra; ")
+        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "in place" in result.stdout
+        assert pf.fingerprint(pg15, name) == before
+    finally:
+        pf.drop_database(pg15, name)
+        pf.execute(pg15, "postgres", f"DROP ROLE {role}")
+
+
+def test_database_rollback_restore_verify_and_cleanup(pg15, staging15, env_for, tmp_path):
+    env = env_for(pg15, staging15)
+    del env["STAGING_DATABASE_URL"]
+    info = pg15.info
+    env.update(DB_HOST=info.host, DB_PORT=str(info.port), DB_NAME=staging15, DB_USER=info.user, DB_PASSWORD=info.password)
+    before = pf.fingerprint(pg15, staging15)
+    backup = pf.run_script("database_rollback.py", "backup", "--json", env=env)
+    assert backup.returncode == 0, backup.stderr
+    dump = json.loads(backup.stdout)["path"]
+    verify = pf.run_script("database_rollback.py", "verify", "--json", env=env)
+    assert verify.returncode == 0, verify.stderr
+    report = json.loads(verify.stdout)
+    assert report["drift"] == [] and report["ok"] and report["tables"]["sales.orders"] == 501
+    pf.execute(pg15, staging15, MIGRATION)
+    drift = json.loads(pf.run_script("database_rollback.py", "verify", "--json", env=env).stdout)["drift"]
+    assert "table audit.events missing" in drift and "table public.migrated not in the rollback point" in drift
+    assert pf.run_script("database_rollback.py", "verify", "--strict", env=env).returncode == 4
+    conn = connect(pg15.info, staging15)
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        conn.cursor().execute("CREATE UNIQUE INDEX CONCURRENTLY broken ON sales.orders (customer_id)")
+    conn.close()
+    bad = pf.run_script("database_rollback.py", "verify", env=env)
+    assert bad.returncode == 4 and "invalid index: sales.broken" in bad.stdout
+
+    restored = pf.run_script("database_rollback.py", "restore", dump, "--yes", env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert pf.fingerprint(pg15, staging15) == before
+    assert pf.run_script("database_rollback.py", "verify", "--strict", env=env).returncode == 0
+
+    # cleanup: an old point and an old kept database go; the newest OK point stays
+    for n in range(2):
+        assert pf.run_script("database_rollback.py", "backup", f"extra {n}", env=env).returncode == 0
+    sidecars = sorted(Path(env["BACKUP_DIR"]).glob("*.json"))
+    oldest = json.loads(sidecars[0].read_text())
+    oldest["created_at"] = "2020-01-01T00:00:00+00:00"
+    sidecars[0].write_text(json.dumps(oldest))
+    old_db = f"{staging15}__pre_rollback_20200101_000000_000"
+    pf.create_database(pg15, old_db)
+    dry = pf.run_script("database_rollback.py", "cleanup", "30", "--dry-run", env=env)
+    assert dry.returncode == 0 and oldest["id"] in dry.stdout and old_db in dry.stdout
+    assert sidecars[0].exists() and pf.database_exists(pg15, old_db)
+    done = pf.run_script("database_rollback.py", "cleanup", "30", "--yes", env=env)
+    assert done.returncode == 0, done.stderr
+    assert not sidecars[0].exists() and not Path(oldest["file"]).exists()
+    assert not pf.database_exists(pg15, old_db)
+    assert all(p.exists() for p in sidecars[1:])
+    assert leftovers(pg15, staging15, "pre_rollback"), "recent kept databases stay"
+    env["STAGING_DATABASE_URL"] = pf.url(pg15, staging15)
+    keep = pf.run_script("rollback_manager.py", "cleanup", "--keep", "1", "--yes", env=env)
+    assert keep.returncode == 0, keep.stderr
+    assert len(list(Path(env["BACKUP_DIR"]).glob("*.json"))) == 1
