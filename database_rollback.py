@@ -2,6 +2,9 @@
 """Database rollback for the DB_* target (or STAGING_DATABASE_URL when DB_NAME is unset).
 
     python3 database_rollback.py backup
+    python3 database_rollback.py migrate [TARGET]
+    python3 database_rollback.py status [--json]
+    python3 database_rollback.py rollback 001_initial_schema
     python3 database_rollback.py restore /path/to/backup.dump
     python3 database_rollback.py verify [--json] [--strict]
     python3 database_rollback.py cleanup 30
@@ -12,8 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import backup, catalog, cli, health, runbooks  # noqa: E402
-from common.errors import VerifyProblems  # noqa: E402
+from common import backup, catalog, cli, health, migrations, runbooks, testhooks  # noqa: E402
+from common.database import connect  # noqa: E402
+from common.errors import RollbackError, UsageError, VerifyProblems  # noqa: E402
+from common.locks import DatabaseLock  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=backup.METHODS)
     p.add_argument("--compress", metavar="SPEC")
     cli.common_flags(p, destructive=False, machine=True)
+    p = sub.add_parser("migrate", help="apply pending SQL migrations in order (up to TARGET)")
+    p.add_argument("target", nargs="?", help="version (001) or name (001_initial_schema) to stop at")
+    p.add_argument("--migrations-dir", metavar="DIR", help="default: $MIGRATIONS_DIR")
+    cli.common_flags(p, destructive=False)
+    p = sub.add_parser("status", help="applied, pending and edited migrations")
+    p.add_argument("--migrations-dir", metavar="DIR")
+    cli.common_flags(p, destructive=False, machine=True)
+    p = sub.add_parser("rollback", help="revert every migration applied after TARGET, newest first")
+    p.add_argument("target", help="version (001) or name (001_initial_schema) to go back to")
+    p.add_argument("--migrations-dir", metavar="DIR")
+    cli.common_flags(p)
     p = sub.add_parser("restore", help="restore the target from a rollback point (never half-done)")
     p.add_argument("path", help="the .dump file (with its .json sidecar beside it) or a rollback point id")
     p.add_argument("--force", action="store_true", help="allow a backup of another database")
@@ -40,6 +56,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     cli.common_flags(p)
     return parser
+
+
+def read_status(ctx, target_info):
+    found = migrations.discover(ctx.settings.path("MIGRATIONS_DIR"))
+    conn = connect(target_info)
+    try:
+        return migrations.read_status(conn, found)
+    finally:
+        conn.close()
+
+
+def cmd_status(args, ctx):
+    status = read_status(ctx, ctx.db_target())
+    if ctx.json:
+        ctx.emit_json(status.to_json())
+    else:
+        for line in status.lines():
+            ctx.log.info("%s", line)
+
+
+def cmd_migrate(args, ctx):
+    target = ctx.db_target()
+    with DatabaseLock(target, target.dbname, ctx.script):
+        status = read_status(ctx, target)
+        for m in status.edited:
+            ctx.log.warning("warning: %s was edited since it was applied (checksum differs)", m.path.name)
+        todo = migrations.to_apply(status, args.target)
+        if not todo:
+            ctx.log.info("Nothing to apply: %s is at %s.", target.dbname, status.head or "no migration")
+            return
+        ctx.log.info("Applying %d migration(s) to %s:", len(todo), target.dbname)
+        for n, m in enumerate(todo, 1):
+            try:
+                migrations.apply(target, m)
+            except migrations.MigrationFailed as exc:
+                done = ", ".join(x.full_name for x in todo[: n - 1]) or "none"
+                raise RollbackError(f"{exc} Applied before it: {done}. Stopped; later migrations were not run.") from None
+            ctx.log.info("  [%d/%d] applied %s", n, len(todo), m.full_name)
+    ctx.log.info("Done: %s is at %s.", target.dbname, todo[-1].full_name)
+
+
+def cmd_rollback(args, ctx):
+    target = ctx.db_target()
+    status = read_status(ctx, target)
+    goal = migrations.resolve(status.migrations, args.target)
+    todo = migrations.to_revert(status, args.target)
+    if not todo:
+        ctx.log.info("Nothing to revert: %s is already at %s.", target.dbname, goal.full_name)
+        return
+    missing = [m for m in todo if m.down is None]
+    if missing:
+        point = next((p for p in catalog.scan(ctx.settings.backup_dir) if p.status == catalog.OK
+                      and p.database == target.dbname and p.migration_head == goal.version), None)
+        hint = (f"The newest rollback point at {goal.full_name} is {point.id}: python3 database_rollback.py "
+                f"restore {point.path or point.id}") if point else f"No rollback point records {goal.full_name} as its head."
+        raise UsageError("cannot revert: no down script " + ", ".join(
+            f"{m.version}_{m.name}.down.sql" for m in missing) + f". Nothing was changed. {hint}")
+    ctx.confirm(f"Roll {target.dbname} back to {goal.full_name}?",
+                [f"revert {m.full_name} ({m.down.name})" for m in todo] +
+                ["an automatic rollback point of the current state is taken first"])
+    with DatabaseLock(target, target.dbname, ctx.script) as lock:
+        if migrations.to_revert(read_status(ctx, target), args.target) != todo:
+            raise UsageError("the migrations changed while you confirmed; run the command again. Nothing was changed.")
+        point = backup.create_point(target, ctx.settings.backup_dir, ctx.script, f"automatic before rollback to "
+                                    f"{goal.full_name}", pg_bin_dir=ctx.pg_bin_dir, lock=lock)
+        ctx.log.info("Automatic rollback point: %s", point.id)
+        testhooks.checkpoint("rollback-point-taken")
+        for n, m in enumerate(todo, 1):
+            try:
+                migrations.revert(target, m)
+            except migrations.MigrationFailed as exc:
+                at = todo[n - 1].full_name
+                raise RollbackError(
+                    f"{exc} Stopped at a migration boundary: {target.dbname} is at {at} "
+                    f"({n - 1} of {len(todo)} reverted). To return to the state before this rollback: "
+                    f"python3 database_rollback.py restore {point.path}") from None
+            ctx.log.info("  [%d/%d] reverted %s", n, len(todo), m.full_name)
+    ctx.log.info("Done: %s is back at %s. Undo with: python3 database_rollback.py restore %s",
+                 target.dbname, goal.full_name, point.path)
 
 
 def cmd_restore(args, ctx):
@@ -70,7 +165,8 @@ def cmd_backup(args, ctx):
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress))
 
 
-COMMANDS = {"backup": cmd_backup, "restore": cmd_restore, "verify": cmd_verify, "cleanup": cmd_cleanup}
+COMMANDS = {"backup": cmd_backup, "restore": cmd_restore, "verify": cmd_verify, "cleanup": cmd_cleanup,
+            "migrate": cmd_migrate, "status": cmd_status, "rollback": cmd_rollback}
 
 
 def handle(args, ctx: cli.Context):

@@ -252,31 +252,34 @@ _APPROACHES = {"pg_dump": _pg_dump, "docker": _docker}
 
 def create_point(info: ConnInfo, folder: Path, script: str, description: str = "", *,
                  pg_bin_dir: Optional[str] = None, method: Optional[str] = None,
-                 compress: Optional[str] = None) -> RollbackPoint:
-    """A rollback point of one database: lock, dump, sidecar last (DESIGN §4)."""
+                 compress: Optional[str] = None, lock: Optional[DatabaseLock] = None) -> RollbackPoint:
+    """A rollback point of one database: lock (unless the caller holds it), dump, sidecar last."""
     if method and method not in METHODS:
         raise ConfigError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+    if lock is None:
+        with DatabaseLock(info, info.dbname, script) as own:
+            return create_point(info, folder, script, description, pg_bin_dir=pg_bin_dir, method=method,
+                                compress=compress, lock=own)
     catalog.ensure_dir(folder)
     log = get_logger()
-    with DatabaseLock(info, info.dbname, script):
-        remove_stale_partials(folder, info.dbname)
-        source = Source.open(info, app=f"rollback-toolkit/{script}")
-        try:
-            log.info("Creating a rollback point of %s (PostgreSQL %s, %d tables)",
-                     info.masked(), source.version, len(source.tables))
-            point_id = catalog.new_id(folder, info.dbname, description)
-            point = dump_to_file(source, folder / f"{point_id}.dump", pg_bin_dir=pg_bin_dir,
-                                 method=method, compress=compress)
-        finally:
-            source.close()
-        point.description = description
-        point.created_at = catalog.utc_now().isoformat(timespec="seconds")
-        try:
-            catalog.save(point)
-        except BaseException:
-            _remove(point.path)
-            raise
-        return point
+    remove_stale_partials(folder, info.dbname)
+    source = Source.open(info, app=f"rollback-toolkit/{script}")
+    try:
+        log.info("Creating a rollback point of %s (PostgreSQL %s, %d tables)",
+                 info.masked(), source.version, len(source.tables))
+        point_id = catalog.new_id(folder, info.dbname, description)
+        point = dump_to_file(source, folder / f"{point_id}.dump", pg_bin_dir=pg_bin_dir,
+                             method=method, compress=compress)
+    finally:
+        source.close()
+    point.description = description
+    point.created_at = catalog.utc_now().isoformat(timespec="seconds")
+    try:
+        catalog.save(point)
+    except BaseException:
+        _remove(point.path)
+        raise
+    return point
 
 
 def remove_stale_partials(folder: Path, database: str, quiet_seconds: int = 600) -> None:

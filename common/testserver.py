@@ -108,8 +108,9 @@ class ThrowawayServer:
     """A PostgreSQL cluster in a temporary folder; `url` is a superuser URL with a password
     (scram-sha-256), so every client exercises the password path."""
 
-    def __init__(self, major: Optional[int] = None):
+    def __init__(self, major: Optional[int] = None, durable: bool = False):
         self.wanted = major
+        self.durable = durable  # fsync on: for benchmarks; tests run faster without it
         self.url: Optional[str] = None
         self.major: Optional[int] = None
         self.bindir: Optional[str] = None
@@ -186,7 +187,9 @@ class ThrowawayServer:
         port = free_port()
         with open(data / "postgresql.conf", "a") as conf:
             conf.write(f"\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{sock}'\n"
-                       "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 60\n")
+                       "max_connections = 60\n")
+            if not self.durable:
+                conf.write("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
         run([os.path.join(self.bindir, "pg_ctl"), "-D", str(data), "-l", str(self.base / "server.log"),
              "-w", "-t", "60", "start"], cwd=str(self.base), what="pg_ctl start", **as_user)
         self.url = f"postgresql://postgres:{quote(password, safe='')}@127.0.0.1:{port}/postgres"

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Time the toolkit against the plain tools on a generated database (DESIGN §13).
+
+    python3 benchmarks/run.py --size 1GB [--major 15] [--runs 3]
+
+Starts its own throwaway PostgreSQL (fsync on), fills a database with random text and numbers
+(with indexes; not pgbench's compressible rows), then times, alternating ours and the peer in
+each round: rollback point creation against `pg_dump -Fc` and `pg_dump -Fc -Z0`, and the quick
+rollback against `pg_restore -j 2` into a new database. Medians go to benchmarks/RESULTS.md."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.database import connect, database_size, drop_database, execute  # noqa: E402
+from common.progress import human_size  # noqa: E402
+from common.testserver import ThrowawayServer  # noqa: E402
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+    text = text.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def generate(server: ThrowawayServer, dbname: str, size: int) -> int:
+    """Random hex text and numbers in four indexed tables, until the database reaches `size`."""
+    admin = connect(server.info)
+    execute(admin, f'CREATE DATABASE "{dbname}"')
+    conn = connect(server.info, dbname)
+    for n in range(4):
+        execute(conn, f"""CREATE TABLE data_{n} (id bigserial PRIMARY KEY, label text, body text,
+                          amount double precision, qty int, created timestamptz)""")
+    batch = 0
+    while database_size(admin, dbname) < size:
+        table = f"data_{batch % 4}"
+        execute(conn, f"""INSERT INTO {table} (label, body, amount, qty, created)
+            SELECT md5(random()::text), md5(random()::text) || md5(random()::text) || md5(random()::text),
+                   random() * 1e6, (random() * 1e5)::int, now() - random() * interval '900 days'
+            FROM generate_series(1, 200000)""")
+        batch += 1
+        print(f"\r  generating: {human_size(database_size(admin, dbname))}", end="", flush=True)
+    for n in range(4):
+        execute(conn, f"CREATE INDEX ON data_{n} (qty)")
+    execute(conn, "VACUUM ANALYZE")
+    conn.close()
+    final = database_size(admin, dbname)
+    admin.close()
+    print(f"\r  generated {human_size(final)} in {dbname}")
+    return final
+
+
+def rusage_run(argv, env) -> tuple:
+    """(seconds, peak RSS in MB of that process alone, stdout)"""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # wait4 reports this child's own peak memory (RUSAGE_CHILDREN would mix all children)
+    out_chunks = []
+    while True:
+        chunk = proc.stdout.read(65536)
+        if not chunk:
+            break
+        out_chunks.append(chunk)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, argv))}\n{err.decode()[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024, b"".join(out_chunks).decode()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="1GB")
+    parser.add_argument("--major", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args()
+    size = parse_size(args.size)
+
+    server = ThrowawayServer(args.major, durable=True).start()
+    work = Path(tempfile.mkdtemp(prefix="rollback-bench-"))
+    try:
+        info = server.info
+        bindir = server.bindir
+        staging = "bench_staging"
+        print(f"PostgreSQL {server.major} at {info.masked()}, work folder {work}")
+        actual = generate(server, staging, size)
+        env = dict(os.environ, STAGING_DATABASE_URL=f"{server.url.rsplit('/', 1)[0]}/{staging}",
+                   BACKUP_DIR=str(work / "backups"), LOG_DIR=str(work / "logs"), PG_BIN_DIR=bindir,
+                   ENV_FILE=str(work / "none.env"))
+        plain_env = dict(os.environ, **info.libpq_env(staging), PGPASSWORD=info.password or "")
+        results: dict = {}
+
+        def record(name, seconds, peak=None, extra=None):
+            results.setdefault(name, []).append({"seconds": seconds, "peak_mb": peak, **(extra or {})})
+            print(f"  {name}: {seconds:.2f} s" + (f", peak {peak:.0f} MB" if peak else "")
+                  + (f", {extra}" if extra else ""))
+
+        admin = connect(info)
+        for run in range(args.runs):
+            print(f"round {run + 1}/{args.runs}")
+            for z, name in ((None, "pg_dump -Fc"), ("0", "pg_dump -Fc -Z0")):
+                target = work / "plain.dump"
+                argv = [f"{bindir}/pg_dump", "-Fc", "-f", str(target)] + ([f"-Z{z}"] if z else [])
+                seconds, _, _ = rusage_run(argv, plain_env)
+                record(name, seconds, extra={"bytes": target.stat().st_size})
+                target.unlink()
+            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "create_rollback_point.py"),
+                                             f"bench {run}", "--json"], env)
+            point = json.loads(out)
+            record("ours: create_rollback_point.py", seconds, peak, {"bytes": point["size_bytes"]})
+
+            plain_db = f"bench_plain_{run}"
+            execute(admin, f'CREATE DATABASE "{plain_db}"')
+            argv = [f"{bindir}/pg_restore", "-j", "2", "-d", plain_db, point["path"]]
+            seconds, _, _ = rusage_run(argv, dict(plain_env, PGDATABASE=plain_db))
+            record("pg_restore -j 2 (new database)", seconds)
+            drop_database(admin, plain_db)
+
+            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "quick_rollback.py"), "--yes", "--json"], env)
+            summary = json.loads(out)
+            record("ours: quick_rollback.py", seconds, peak, {"unavailable_s": summary["unavailable_seconds"]})
+            drop_database(admin, summary["kept_as"])
+            for leftover in (work / "backups").glob("*"):
+                leftover.unlink()
+        admin.close()
+        write_results(Path(args.out), results, server, actual, args)
+    finally:
+        server.stop()
+        subprocess.run(["rm", "-rf", str(work)])
+    return 0
+
+
+def write_results(path: Path, results: dict, server, actual: int, args) -> None:
+    def median(name, key="seconds"):
+        values = [r[key] for r in results[name] if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    rows = [
+        ("create (dump)", "ours: create_rollback_point.py", "pg_dump -Fc"),
+        ("create (dump)", "ours: create_rollback_point.py", "pg_dump -Fc -Z0"),
+        ("restore (dump)", "ours: quick_rollback.py", "pg_restore -j 2 (new database)"),
+    ]
+    lines = [f"# Benchmark results ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+             f"PostgreSQL {server.major} (fsync on), database {human_size(actual)} of random text and numbers "
+             f"with indexes; medians of {args.runs} runs. Command: `python3 benchmarks/run.py --size {args.size} "
+             f"--major {args.major} --runs {args.runs}`.", "",
+             "| operation | ours (s) | peer | peer (s) | ours / peer |", "| --- | --- | --- | --- | --- |"]
+    for op, ours, peer in rows:
+        a, b = median(ours), median(peer)
+        lines.append(f"| {op} | {a:.2f} | {peer} | {b:.2f} | {a / b:.2f} |")
+    lines += ["", "| measurement | median |", "| --- | --- |"]
+    for name in results:
+        lines.append(f"| {name}: seconds | {median(name):.2f} |")
+        if median(name, "bytes"):
+            lines.append(f"| {name}: file size | {human_size(median(name, 'bytes'))} |")
+        if median(name, "peak_mb"):
+            lines.append(f"| {name}: peak memory of our process | {median(name, 'peak_mb'):.0f} MB |")
+        if median(name, "unavailable_s") is not None:
+            lines.append(f"| {name}: staging unavailable | {median(name, 'unavailable_s') * 1000:.0f} ms |")
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
