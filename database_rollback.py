@@ -107,7 +107,7 @@ def cmd_rollback(args, ctx):
         return
     missing = [m for m in todo if m.down is None]
     if missing:
-        point = next((p for p in catalog.scan(ctx.settings.backup_dir) if p.status == catalog.OK
+        point = next((p for p in runbooks.scan(ctx, target) if p.status == catalog.OK
                       and p.database == target.dbname and p.migration_head == goal.version), None)
         hint = (f"The newest rollback point at {goal.full_name} is {point.id}: python3 database_rollback.py "
                 f"restore {point.path or point.id}") if point else f"No rollback point records {goal.full_name} as its head."
@@ -144,7 +144,7 @@ def cmd_restore(args, ctx):
 
 def cmd_verify(args, ctx):
     target = ctx.db_target()
-    report = health.check(target, runbooks.newest_point(ctx, target.dbname))
+    report = health.check(target, runbooks.newest_point(ctx, target))
     problems = report.problems(args.strict)
     if ctx.json:
         ctx.emit_json(report.to_json(args.strict))

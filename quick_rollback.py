@@ -28,7 +28,7 @@ def handle(args, ctx: cli.Context) -> int:
     if args.from_v2:
         runbooks.reset_from_v2(ctx, ctx.conninfo("V2_DATABASE_URL"), staging, drop_previous=args.drop_previous)
         return 0
-    point = runbooks.newest_point(ctx, staging.dbname)
+    point = runbooks.newest_point(ctx, staging)
     if point is None:
         ctx.log.info("No OK rollback point of %s in %s.", staging.dbname, ctx.settings.backup_dir)
         ctx.log.info("The fallback is a reset of staging from V2 (a fresh copy of production).")

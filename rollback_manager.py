@@ -67,8 +67,14 @@ def split_urls(argv):
     return urls, argv
 
 
+def staging_or_none(ctx, args):
+    if args.staging_url or ctx.settings.get("STAGING_DATABASE_URL"):
+        return ctx.conninfo("STAGING_DATABASE_URL", args.staging_url)
+    return None
+
+
 def cmd_list(args, ctx):
-    points = catalog.scan(ctx.settings.backup_dir)
+    points = runbooks.scan(ctx, staging_or_none(ctx, args))
     if ctx.json:
         ctx.emit_json({"backup_dir": str(ctx.settings.backup_dir), "points": [p.summary() for p in points]})
     else:
@@ -77,7 +83,8 @@ def cmd_list(args, ctx):
 
 
 def cmd_info(args, ctx):
-    point = catalog.quick_check(catalog.resolve(ctx.settings.backup_dir, args.file))
+    point = catalog.resolve(ctx.settings.backup_dir, args.file)
+    catalog.quick_check(point, runbooks.scan_checker(ctx, staging_or_none(ctx, args)))
     if ctx.json:
         ctx.emit_json(point.summary())
     else:
@@ -110,7 +117,7 @@ def cmd_verify(args, ctx):
 def cmd_restore(args, ctx):
     staging = ctx.conninfo("STAGING_DATABASE_URL", args.staging_url)
     if args.latest:
-        point = runbooks.newest_point(ctx, staging.dbname)
+        point = runbooks.newest_point(ctx, staging)
         if point is None:
             raise UsageError(f"no OK rollback point of {staging.dbname} in {ctx.settings.backup_dir}. "
                              "Nothing was changed. Reset from V2 with: python3 rollback_manager.py reset")
@@ -125,18 +132,15 @@ def cmd_reset(args, ctx):
 
 
 def cmd_cleanup(args, ctx):
-    staging = None
-    if args.staging_url or ctx.settings.get("STAGING_DATABASE_URL"):
-        staging = ctx.conninfo("STAGING_DATABASE_URL", args.staging_url)
-    runbooks.cleanup(ctx, staging, args.older_than, args.keep, args.dry_run)
+    runbooks.cleanup(ctx, staging_or_none(ctx, args), args.older_than, args.keep, args.dry_run)
 
 
 def cmd_delete(args, ctx):
-    point = catalog.quick_check(catalog.resolve(ctx.settings.backup_dir, args.file))
-    ctx.confirm(f"Delete rollback point {point.id}?",
-                [f"{line}" for line in report.point_details(point)[:10]])
-    removed = catalog.remove_files(point)
-    ctx.log.info("Deleted rollback point %s (%s).", point.id, ", ".join(str(p) for p in removed) or "no files left")
+    point = catalog.resolve(ctx.settings.backup_dir, args.file)
+    staging = staging_or_none(ctx, args)
+    catalog.quick_check(point, runbooks.scan_checker(ctx, staging))
+    ctx.confirm(f"Delete rollback point {point.id}?", report.point_details(point)[:12])
+    runbooks.delete_point(ctx, point, staging)
 
 
 COMMANDS = {"list": cmd_list, "info": cmd_info, "create": cmd_create, "restore": cmd_restore, "reset": cmd_reset,

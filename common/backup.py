@@ -9,17 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import catalog
+from . import catalog, snapshot
 from .catalog import RollbackPoint
 from .database import ConnInfo, connect, migration_head, rows, scalar, server_version, table_row_counts
-from .errors import BackupFailed, ConfigError, ToolFailed, ToolNotFound, ToolVersionMismatch
+from .errors import BackupFailed, ConfigError, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
 from .locks import DatabaseLock
 from .log import get_logger
 from .pgtools import Tool, default_compression, find_tool
 from .progress import Progress, human_size
 from .runner import Process
 
-METHODS = ("pg_dump", "docker")
+METHODS = ("pg_dump", "docker", "snapshot")
+DUMP_METHODS = ("pg_dump", "docker")
 
 
 @dataclass
@@ -129,9 +130,10 @@ def dump_to_file(source: Source, dest: Path, *, pg_bin_dir: Optional[str] = None
     """Dump the source into `dest` (custom format) by the first approach that works; returns an
     unsaved point with size, sha256, counts and the method. Nothing is left behind on failure."""
     log = get_logger()
-    methods = [method] if method else list(METHODS)
+    methods = [method] if method else list(DUMP_METHODS)
     partial = dest.with_name(dest.name + ".partial")
     failures: List[str] = []
+    errors: List[Exception] = []
     started = time.monotonic()
     for name in methods:
         log.info("Backup approach %s ...", name)
@@ -141,6 +143,7 @@ def dump_to_file(source: Source, dest: Path, *, pg_bin_dir: Optional[str] = None
             _remove(partial)
             log.warning("  approach %s failed: %s", name, exc)
             failures.append(f"{name}: {exc}")
+            errors.append(exc)
             if isinstance(exc, BackupFailed):
                 break
             continue
@@ -161,7 +164,9 @@ def dump_to_file(source: Source, dest: Path, *, pg_bin_dir: Optional[str] = None
             file=dest.name, size_bytes=size, sha256=sha, tables=counts,
             migration_head=migration_head(source.conn), duration_seconds=round(time.monotonic() - started, 3),
             folder=dest.parent)
-    raise BackupFailed("every backup approach failed; nothing was written:\n  " + "\n  ".join(failures))
+    error = BackupFailed("every backup approach failed; nothing was written:\n  " + "\n  ".join(failures))
+    error.no_tool = not failures or all(isinstance(e, (ToolNotFound, ToolVersionMismatch)) for e in errors)
+    raise error
 
 
 def _pg_dump(source: Source, partial: Path, pg_bin_dir: Optional[str], compress: Optional[str]):
@@ -260,6 +265,8 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
         with DatabaseLock(info, info.dbname, script) as own:
             return create_point(info, folder, script, description, pg_bin_dir=pg_bin_dir, method=method,
                                 compress=compress, lock=own)
+    if method == "snapshot":
+        return snapshot.create_snapshot(info, folder, script, description, lock=lock)
     catalog.ensure_dir(folder)
     log = get_logger()
     remove_stale_partials(folder, info.dbname)
@@ -270,8 +277,19 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
         point_id = catalog.new_id(folder, info.dbname, description)
         point = dump_to_file(source, folder / f"{point_id}.dump", pg_bin_dir=pg_bin_dir,
                              method=method, compress=compress)
-    finally:
+    except BackupFailed as exc:
         source.close()
+        if method or not getattr(exc, "no_tool", False):
+            raise  # a dump that ran and failed (killed, disk full, lost connection) is reported, not hidden
+        # DESIGN §4, approach 3: no dump tool can do the job, so copy the database on its own server.
+        log.warning("Every dump approach failed; falling back to a server-side snapshot (approach 3).")
+        try:
+            return snapshot.create_snapshot(info, folder, script, description, lock=lock)
+        except RollbackError as snap_exc:
+            raise BackupFailed(f"{exc}\n  snapshot: {snap_exc}") from None
+    finally:
+        if not source.conn.closed:
+            source.close()
     point.description = description
     point.created_at = catalog.utc_now().isoformat(timespec="seconds")
     try:

@@ -85,6 +85,12 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def stamp() -> str:
+    """A local timestamp to the millisecond, for names of databases this toolkit creates."""
+    t = time.time()
+    return time.strftime("%Y%m%d_%H%M%S", time.localtime(t)) + f"_{int(t * 1000) % 1000:03d}"
+
+
 def ensure_dir(folder: Path) -> Path:
     """The backup folder, created 0700: backups hold data."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import List, Optional
 
-from . import catalog
+from . import catalog, snapshot
 from . import database as db
 from .catalog import RollbackPoint
+from .log import get_logger
 from .restore import PREVIOUS_TAG
 
 _STAMP = re.compile(r"(\d{8}_\d{6})(?:_\d{3})?$")
@@ -22,7 +23,8 @@ class CleanupPlan:
     kept: List[RollbackPoint] = field(default_factory=list)
 
     def lines(self) -> List[str]:
-        out = [f"rollback point {p.id} ({p.status}, created {p.created_at}, {p.description or '-'})" for p in self.points]
+        out = [f"rollback point {p.id} ({p.kind}, {p.status}, created {p.created_at}, {p.description or '-'})"
+               for p in self.points]
         out += [f"database {name}" for name in self.databases]
         return out or ["nothing"]
 
@@ -68,8 +70,14 @@ def kept_databases(conn, target: str, older_than_days: Optional[float], now: Opt
 def remove(plan: CleanupPlan, conn=None) -> List[str]:
     done = []
     for point in plan.points:
+        if point.kind == catalog.SNAPSHOT:
+            if conn is None:
+                get_logger().warning("skipping snapshot %s: no connection to its server", point.id)
+                continue
+            snapshot.drop(conn, point)
         catalog.remove_files(point)
-        done.append(f"rollback point {point.id}")
+        done.append(f"rollback point {point.id}" + (f" (database {point.snapshot_database})"
+                                                    if point.snapshot_database else ""))
     for name in plan.databases:
         db.drop_database(conn, name)
         done.append(f"database {name}")

@@ -304,17 +304,17 @@ def log_sessions(found: List[Session]) -> None:
         log.info("  %s", s.describe())
 
 
-def derived_name(target: str, tag: str, stamp: str) -> str:
+def derived_name(target: str, tag: str, stamp: str, sep: str = "__") -> str:
     """`<target>__<tag>_<stamp>`, shortened with a hash of the target when it would pass
     PostgreSQL's 63-byte name limit (the server would silently cut it)."""
-    return name_prefix(target, tag) + stamp
+    return name_prefix(target, tag, sep) + stamp
 
 
-def name_prefix(target: str, tag: str) -> str:
-    prefix = f"{target}__{tag}_"
+def name_prefix(target: str, tag: str, sep: str = "__") -> str:
+    prefix = f"{target}{sep}{tag}_"
     if len((prefix + "20250101_000000_000").encode()) <= 63:
         return prefix
     short = hashlib.sha256(target.encode()).hexdigest()[:8]
-    room = 63 - len(f"_{short}__{tag}_20250101_000000_000")
+    room = 63 - len(f"_{short}{sep}{tag}_20250101_000000_000")
     head = target.encode()[:room].decode("utf-8", "ignore")
-    return f"{head}_{short}__{tag}_"
+    return f"{head}_{short}{sep}{tag}_"

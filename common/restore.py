@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import psycopg2
 from psycopg2 import sql
 
-from . import catalog, testhooks
+from . import catalog, snapshot, testhooks
 from . import database as db
 from .catalog import RollbackPoint
 from .database import ConnInfo
@@ -150,6 +150,13 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
         conn.close()
     if point.kind == catalog.DUMP:
         restore_tool(point, major, pg_bin_dir)  # fail now, not after the confirmation
+    elif point.kind == catalog.SNAPSHOT:
+        if not the_plan.can_create:
+            raise snapshot.SnapshotFailed(f"restoring a snapshot needs the CREATEDB privilege, which role "
+                                          f"{info.user or '(default)'} lacks. Nothing was changed.")
+        if snapshot.exists_checker(info)(point.snapshot_database) is False:
+            raise BackupCorrupt(f"snapshot {point.id} is MISSING: database {point.snapshot_database!r} does "
+                                "not exist. Nothing was changed.")
     return the_plan
 
 
@@ -183,11 +190,6 @@ def execute(the_plan: Plan, *, script: str, folder: Path, pg_bin_dir: Optional[s
         result = _restore_in_place(the_plan, conn, pg_bin_dir)
     result.seconds = time.monotonic() - started
     return result
-
-
-def _stamp() -> str:
-    t = time.time()
-    return time.strftime("%Y%m%d_%H%M%S", time.localtime(t)) + f"_{int(t * 1000) % 1000:03d}"
 
 
 def _inflight_path(folder: Path, target: str) -> Path:
@@ -227,15 +229,26 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
     log = get_logger()
     info, point = the_plan.info, the_plan.point
     target = info.dbname
-    stamp = _stamp()
+    stamp = catalog.stamp()
     fresh = db.derived_name(target, RESTORE_TAG, stamp)
     keep_as = db.derived_name(target, PREVIOUS_TAG, stamp)
     result = Result(target, point, method="restore into a new database, then swap names")
     log.info("Restoring into %s while %s keeps serving ...", fresh, target)
-    _create_like(conn, fresh, target if the_plan.exists else None)
+    like = target if the_plan.exists else None
+    if point.kind == catalog.SNAPSHOT:
+        result.method = "copy of the snapshot into a new database (TEMPLATE), then swap names"
+        try:
+            snapshot.copy_into(conn, point, fresh, like)
+        except psycopg2.Error as exc:
+            _drop_quietly(conn, fresh)
+            raise RestoreFailed(f"copying snapshot {point.snapshot_database} failed: {db.reason(exc)}. "
+                                "Nothing was changed.") from None
+    else:
+        _create_like(conn, fresh, like)
     try:
         testhooks.checkpoint("restore-database-created")
-        fill_database(info.with_db(fresh), point, the_plan.server_major, pg_bin_dir)
+        if point.kind == catalog.DUMP:
+            fill_database(info.with_db(fresh), point, the_plan.server_major, pg_bin_dir)
         testhooks.checkpoint("restore-filled")
         result.tables_checked, result.rows_checked = check_against_point(info.with_db(fresh), point)
         if the_plan.exists:

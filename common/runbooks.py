@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import shutil
-from typing import Optional
+from typing import List, Optional
 
-from . import backup, catalog, restore
+from . import backup, catalog, restore, snapshot
 from . import cleanup as cleaning
 from .catalog import RollbackPoint
 from .cli import Context
-from .database import ConnInfo, app_name
+from .database import ConnInfo, app_name, drop_database
 from .errors import UsageError
 from .locks import DatabaseLock
 
@@ -67,8 +67,47 @@ def show_result(ctx: Context, result: restore.Result) -> None:
             ctx.log.info("%s", line)
 
 
-def newest_point(ctx: Context, database: str) -> Optional[RollbackPoint]:
-    return catalog.newest_ok(catalog.scan(ctx.settings.backup_dir), database)
+def scan_checker(ctx: Context, info: Optional[ConnInfo]):
+    """Whether a snapshot database exists, asked of the server once and only when needed."""
+    if info is None:
+        return None
+    cache: list = []
+
+    def exists(name: str) -> Optional[bool]:
+        if not cache:
+            cache.append(snapshot.exists_checker(info))
+        return cache[0](name)
+    return exists
+
+
+def scan(ctx: Context, info: Optional[ConnInfo]) -> List[RollbackPoint]:
+    """The catalog with full statuses (snapshot databases looked up on the server)."""
+    return catalog.scan(ctx.settings.backup_dir, scan_checker(ctx, info))
+
+
+def newest_point(ctx: Context, info: ConnInfo) -> Optional[RollbackPoint]:
+    return catalog.newest_ok(scan(ctx, info), info.dbname)
+
+
+def delete_point(ctx: Context, point: RollbackPoint, info: Optional[ConnInfo]) -> None:
+    """Remove a rollback point: its files, and for a snapshot its database (under the lock)."""
+    if point.kind == catalog.SNAPSHOT:
+        if info is None:
+            raise UsageError("deleting a snapshot needs STAGING_DATABASE_URL (its database lives there)")
+        with DatabaseLock(info, point.database, ctx.script) as lock:
+            snapshot.drop(lock.conn, point)
+            catalog.remove_files(point)
+    else:
+        catalog.remove_files(point)
+    ctx.log.info("Deleted rollback point %s%s.", point.id,
+                 f" and database {point.snapshot_database}" if point.snapshot_database else "")
+
+
+def drop_orphan(ctx: Context, info: ConnInfo, name: str) -> None:
+    """Drop a snapshot database that no sidecar describes (under the target's lock)."""
+    with DatabaseLock(info, info.dbname, ctx.script) as lock:
+        drop_database(lock.conn, name)
+    ctx.log.info("Dropped orphan snapshot database %s.", name)
 
 
 def cleanup(ctx: Context, info: Optional[ConnInfo], older_than: Optional[float], keep: Optional[int],
@@ -77,8 +116,7 @@ def cleanup(ctx: Context, info: Optional[ConnInfo], older_than: Optional[float],
     OK point of every database is always kept."""
     if older_than is None and keep is None:
         raise UsageError("say what to remove: --older-than DAYS and/or --keep N. Nothing was changed.")
-    folder = ctx.settings.backup_dir
-    the_plan = cleaning.plan_points(catalog.scan(folder), older_than, keep)
+    the_plan = cleaning.plan_points(scan(ctx, info), older_than, keep)
     lock = None
     try:
         if info is not None:

@@ -164,17 +164,29 @@ def test_pg18_server_with_only_pg15_tools_on_path_uses_pg_bin_dir(pg18, embedded
         pf.drop_database(pg18, db)
 
 
-def test_no_usable_pg_dump_and_no_docker_is_a_clear_error(pg18, env_for, tmp_path):
-    db = pf.create_database(pg18, pf.unique_name("v18"), "CREATE TABLE t (id int);")
+def test_no_usable_pg_dump_is_a_clear_error_or_a_snapshot(pg18, env_for, tmp_path):
+    db = pf.create_database(pg18, pf.unique_name("v18"), "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
     try:
         env = env_for(pg18, db)
         del env["PG_BIN_DIR"]  # only Debian's PostgreSQL 15 tools remain: on PATH and in /usr/lib/postgresql
-        result = pf.run_script("create_rollback_point.py", "no tools", env=env)
+        result = pf.run_script("create_rollback_point.py", "no tools", "--method", "pg_dump", env=env)
         assert result.returncode == 1
         err = result.stderr
         assert "pg_dump 18 or newer" in err and "15." in err and "/usr/lib/postgresql" in err
-        assert "docker" in err.lower() and "Traceback" not in err
-        assert not (tmp_path / "backups").exists() or list((tmp_path / "backups").iterdir()) == []
+        assert "Traceback" not in err
+        assert not (tmp_path / "backups").exists() or list((tmp_path / "backups").glob("*.json")) == []
+        docker = pf.run_script("create_rollback_point.py", "no engine", "--method", "docker", env=env)
+        assert docker.returncode == 1 and "Docker engine" in docker.stderr
+
+        # without --method, every dump approach fails and the server-side snapshot steps in, saying so
+        fallback = pf.run_script("create_rollback_point.py", "fallback", env=env)
+        assert fallback.returncode == 0, fallback.stderr
+        assert "falling back to a server-side snapshot" in fallback.stderr
+        [sidecar] = (tmp_path / "backups").glob("*.json")
+        meta = json.loads(sidecar.read_text())
+        assert meta["kind"] == "snapshot" and meta["tables"] == {"public.t": 1}
+        assert pf.database_exists(pg18, meta["snapshot_database"])
+        pf.drop_database(pg18, meta["snapshot_database"])
     finally:
         pf.drop_database(pg18, db)
 

@@ -1,0 +1,129 @@
+"""Server-side snapshots: `CREATE DATABASE <db>_snap_<ts> TEMPLATE <db>` (DESIGN §4, §5).
+
+Needs nothing but psycopg2 and a role that may create databases: no client tools, so no version
+mismatch. A TEMPLATE copy requires that nobody is connected to the source, so staging's
+connections are cut for the copy (and allowed again on every path out)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import psycopg2
+
+from . import catalog
+from . import database as db
+from .catalog import RollbackPoint
+from .database import ConnInfo
+from .errors import RollbackError, UsageError
+from .locks import DatabaseLock
+from .log import get_logger
+
+TAG, SEP = "snap", "_"
+
+
+class SnapshotFailed(RollbackError):
+    pass
+
+
+def require_createdb(conn, info: ConnInfo) -> None:
+    if not db.can_create_databases(conn):
+        raise SnapshotFailed(f"role {info.user or '(default)'} lacks the CREATEDB privilege, which a server-side "
+                             f"snapshot needs (ALTER ROLE ... CREATEDB). Nothing was changed.")
+
+
+def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str = "",
+                    lock: Optional[DatabaseLock] = None) -> RollbackPoint:
+    """Copy the database on its own server; the sidecar records its tables and row counts."""
+    if lock is None:
+        with DatabaseLock(info, info.dbname, script) as own:
+            return create_snapshot(info, folder, script, description, lock=own)
+    log = get_logger()
+    conn = lock.conn
+    require_createdb(conn, info)
+    catalog.ensure_dir(folder)
+    started = time.monotonic()
+    name = db.derived_name(info.dbname, TAG, catalog.stamp(), SEP)
+    major, version = db.server_version(conn)
+    log.info("Creating snapshot %s of %s (PostgreSQL %s) ...", name, info.masked(), version)
+    db.set_allow_connections(conn, info.dbname, False)
+    try:
+        found = db.sessions(conn, info.dbname)
+        if found:
+            log.info("Cutting %d connection(s) to %s for the copy:", len(found), info.dbname)
+            db.log_sessions(found)
+        db.terminate_sessions(conn, info.dbname)
+        try:
+            db.create_database(conn, name, template=info.dbname, like=info.dbname)
+        except psycopg2.Error as exc:
+            raise SnapshotFailed(f"CREATE DATABASE {name} TEMPLATE {info.dbname} failed: {db.reason(exc)}. "
+                                 "Nothing was changed.") from None
+    finally:
+        unavailable = time.monotonic() - started
+        db.set_allow_connections(conn, info.dbname, True)
+    log.info("  %s serves again (unavailable for %.0f ms); counting rows in the snapshot ...",
+             info.dbname, unavailable * 1000)
+    try:
+        snap_conn = db.connect(info.with_db(name))
+        try:
+            tables, head = db.table_row_counts(snap_conn), db.migration_head(snap_conn)
+        finally:
+            snap_conn.close()
+        point = RollbackPoint(
+            id=catalog.new_id(folder, info.dbname, description), kind=catalog.SNAPSHOT, database=info.dbname,
+            description=description, created_at=catalog.utc_now().isoformat(timespec="seconds"),
+            source_url=info.masked().replace(":***", ""), server_version=version, method="snapshot",
+            tool="CREATE DATABASE ... TEMPLATE", tool_version=f"PostgreSQL {version}", compression="-",
+            snapshot_database=name, size_bytes=db.database_size(conn, name), tables=tables, migration_head=head,
+            duration_seconds=round(time.monotonic() - started, 3), folder=folder)
+        catalog.save(point)
+    except BaseException:
+        db.drop_database(conn, name)
+        raise
+    return point
+
+
+def exists_checker(info: ConnInfo):
+    """A function telling whether a snapshot database exists (None when the server cannot be asked)."""
+    try:
+        conn = db.maintenance_db(info)
+    except RollbackError:
+        return lambda name: None
+    names = {r[0] for r in db.rows(conn, "SELECT datname FROM pg_database")}
+    conn.close()
+    return lambda name: name in names
+
+
+def orphans(conn, target: str, points: List[RollbackPoint]) -> List[str]:
+    """Snapshot databases of the target that no sidecar describes."""
+    known = {p.snapshot_database for p in points if p.kind == catalog.SNAPSHOT}
+    return [n for n in db.databases_like(conn, db.name_prefix(target, TAG, SEP)) if n not in known]
+
+
+def resolve(folder: Path, ref: Optional[str], database: str, points: List[RollbackPoint]) -> RollbackPoint:
+    """A snapshot by database name or sidecar id; without a name, the newest OK one of the database."""
+    snapshots = [p for p in points if p.kind == catalog.SNAPSHOT and p.database == database]
+    if ref is None:
+        ok = [p for p in snapshots if p.status == catalog.OK]
+        if not ok:
+            raise UsageError(f"no OK snapshot of {database}. Nothing was changed. Make one with: "
+                             "python3 simple_rollback.py create \"description\"")
+        return ok[0]
+    for p in snapshots:
+        if ref in (p.id, p.snapshot_database):
+            return p
+    raise UsageError(f"no snapshot {ref!r} of {database} (see: python3 simple_rollback.py list). Nothing was changed.")
+
+
+def copy_into(conn, point: RollbackPoint, fresh: str, like: Optional[str]) -> None:
+    """CREATE DATABASE fresh TEMPLATE snapshot: nobody may be connected to the snapshot."""
+    name = point.snapshot_database
+    if not db.database_exists(conn, name):
+        raise RollbackError(f"snapshot database {name!r} does not exist (MISSING). Nothing was changed.")
+    db.terminate_sessions(conn, name)
+    db.create_database(conn, fresh, template=name, like=like)
+
+
+def drop(conn, point: RollbackPoint) -> None:
+    if point.snapshot_database:
+        db.drop_database(conn, point.snapshot_database)

@@ -1,0 +1,190 @@
+"""simple_rollback.py and the snapshot kind, on real servers (DESIGN §4-§6)."""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from common.database import connect, rows
+from tests import pgfixtures as pf
+from tests.test_restore import MIGRATION, _wait_for, drop_all, leftovers
+
+
+def snapshots(server, dbname):
+    conn = connect(server.info)
+    try:
+        return [r[0] for r in rows(conn, "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1",
+                                   (dbname + "\\_snap\\_%",))]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def staging(server):
+    name = pf.create_database(server, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    yield name
+    for snap in snapshots(server, name):
+        pf.drop_database(server, snap)
+    drop_all(server, name)
+
+
+def create(env, description="snap"):
+    result = pf.run_script("simple_rollback.py", "create", description, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_round_trip_and_two_restores_from_one_snapshot(server, staging, env_for):
+    env = env_for(server, staging)
+    before = pf.fingerprint(server, staging)
+    point = create(env, "Before migration test")
+    assert point["kind"] == "snapshot" and point["tables"]["sales.orders"] == 501
+    assert pf.database_exists(server, point["snapshot_database"])
+    for round_ in range(2):
+        pf.execute(server, staging, MIGRATION)
+        result = pf.run_script("simple_rollback.py", "restore", "--yes", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "TEMPLATE" in result.stdout and "verification: OK" in result.stdout
+        assert pf.fingerprint(server, staging) == before, f"restore {round_ + 1}"
+    assert pf.fingerprint(server, point["snapshot_database"]) == before  # the snapshot stays intact
+    listed = pf.run_script("rollback_manager.py", "list", "--json", env=env)
+    kinds = [(p["kind"], p["status"]) for p in json.loads(listed.stdout)["points"]]
+    assert kinds == [("snapshot", "OK")]
+    # quick_rollback takes the snapshot when it is the newest OK point
+    pf.execute(server, staging, MIGRATION)
+    assert pf.run_script("quick_rollback.py", "--yes", env=env).returncode == 0
+    assert pf.fingerprint(server, staging) == before
+
+
+def test_a_connected_client_is_cut_listed_and_connections_come_back(pg15, env_for, tmp_path):
+    name = pf.create_database(pg15, pf.unique_name("staging"), "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
+    try:
+        env = env_for(pg15, name)
+        client = connect(pg15.info, name, app="reporting-app")
+        result = pf.run_script("simple_rollback.py", "create", "cut", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "reporting-app" in result.stdout
+        assert connect(pg15.info, name).closed == 0  # staging accepts connections again
+        client.close()
+    finally:
+        for snap in snapshots(pg15, name):
+            pf.drop_database(pg15, snap)
+        pf.drop_database(pg15, name)
+
+
+def test_a_failed_copy_leaves_staging_accepting_connections(pg15, env_for, tmp_path):
+    role, password = pf.unique_name("creator"), "creator-pw-1"
+    name = pf.unique_name("staging")
+    pf.execute(pg15, "postgres", f"CREATE ROLE {role} LOGIN CREATEDB PASSWORD '{password}'")
+    pf.execute(pg15, "postgres", f"CREATE DATABASE {name} OWNER {role}")
+    try:
+        env = env_for(pg15, name, STAGING_DATABASE_URL=f"postgresql://{role}:{password}@127.0.0.1:{pg15.info.port}/{name}")
+        superuser_session = connect(pg15.info, name)  # a non-superuser may not cut it: the copy fails
+        result = pf.run_script("simple_rollback.py", "create", "fails", env=env)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert snapshots(pg15, name) == []
+        conn = connect(pg15.info)
+        assert rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)) == [(True,)]
+        conn.close()
+        superuser_session.close()
+    finally:
+        pf.drop_database(pg15, name)
+        pf.execute(pg15, "postgres", f"DROP ROLE {role}")
+
+
+def test_a_role_without_createdb_gets_a_clear_error(pg15, env_for):
+    role, password = pf.unique_name("plain"), "plain-pw-1"
+    name = pf.unique_name("staging")
+    pf.execute(pg15, "postgres", f"CREATE ROLE {role} LOGIN NOCREATEDB PASSWORD '{password}'")
+    pf.execute(pg15, "postgres", f"CREATE DATABASE {name} OWNER {role}")
+    try:
+        env = env_for(pg15, name, STAGING_DATABASE_URL=f"postgresql://{role}:{password}@127.0.0.1:{pg15.info.port}/{name}")
+        result = pf.run_script("simple_rollback.py", "create", "x", env=env)
+        assert result.returncode == 1 and "CREATEDB" in result.stderr and "Nothing was changed" in result.stderr
+        assert snapshots(pg15, name) == []
+    finally:
+        pf.drop_database(pg15, name)
+        pf.execute(pg15, "postgres", f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("step", ["restore-database-created", "restore-checked"])
+def test_a_kill_during_the_copy_leaves_staging_whole(pg15, env_for, tmp_path, step):
+    name = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    try:
+        env = env_for(pg15, name)
+        before = pf.fingerprint(pg15, name)
+        create(env)
+        pf.execute(pg15, name, MIGRATION)
+        migrated = pf.fingerprint(pg15, name)
+        flag = tmp_path / "paused"
+        proc = pf.start_script("simple_rollback.py", "restore", "--yes",
+                               env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"{step}:{flag}"))
+        _wait_for(flag, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert pf.fingerprint(pg15, name) == migrated
+        assert leftovers(pg15, name, "restore"), "the kill left a restore database behind"
+        again = pf.run_script("simple_rollback.py", "restore", "--yes", env=env)
+        assert again.returncode == 0, again.stderr
+        assert "left by an interrupted restore" in again.stderr
+        assert leftovers(pg15, name, "restore") == [] and pf.fingerprint(pg15, name) == before
+    finally:
+        for snap in snapshots(pg15, name):
+            pf.drop_database(pg15, snap)
+        drop_all(pg15, name)
+
+
+def test_missing_orphan_drop_and_cleanup(pg15, env_for, tmp_path):
+    name = pf.create_database(pg15, pf.unique_name("staging"), "CREATE TABLE t (id int);")
+    try:
+        env = env_for(pg15, name)
+        gone, kept = create(env, "gone"), create(env, "kept")
+        pf.drop_database(pg15, gone["snapshot_database"])
+        orphan = f"{name}_snap_20200101_000000_000"
+        pf.create_database(pg15, orphan)
+        listed = json.loads(pf.run_script("simple_rollback.py", "list", "--json", env=env).stdout)
+        status = {p["description"]: p["status"] for p in listed["snapshots"]}
+        assert status == {"gone": "MISSING", "kept": "OK"} and listed["orphans"] == [orphan]
+        table = pf.run_script("simple_rollback.py", "list", env=env).stdout
+        assert "MISSING" in table and f"orphan snapshot database (no sidecar): {orphan}" in table
+        missing = pf.run_script("simple_rollback.py", "restore", gone["snapshot_database"], "--yes", env=env)
+        assert missing.returncode == 1 and "MISSING" in missing.stderr
+        assert pf.run_script("simple_rollback.py", "drop", orphan, "--yes", env=env).returncode == 0
+        assert not pf.database_exists(pg15, orphan)
+
+        # cleanup: the old snapshot goes with its database; the newest OK one stays
+        old = create(env, "old")
+        sidecar = Path(env["BACKUP_DIR"]) / f"{old['id']}.json"
+        meta = json.loads(sidecar.read_text())
+        meta["created_at"] = "2020-01-01T00:00:00+00:00"
+        sidecar.write_text(json.dumps(meta))
+        done = pf.run_script("rollback_manager.py", "cleanup", "--older-than", "30", "--yes", env=env)
+        assert done.returncode == 0, done.stderr
+        assert not sidecar.exists() and not pf.database_exists(pg15, old["snapshot_database"])
+        assert pf.database_exists(pg15, kept["snapshot_database"])
+        dropped = pf.run_script("simple_rollback.py", "drop", kept["snapshot_database"], "--yes", env=env)
+        assert dropped.returncode == 0 and not pf.database_exists(pg15, kept["snapshot_database"])
+    finally:
+        for snap in snapshots(pg15, name):
+            pf.drop_database(pg15, snap)
+        drop_all(pg15, name)
+
+
+def test_no_client_tools_snapshot_fallback_then_quick_rollback(pg18, env_for, tmp_path):
+    name = pf.create_database(pg18, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    try:
+        env = env_for(pg18, name, PATH="/nonexistent")
+        del env["PG_BIN_DIR"]
+        before = pf.fingerprint(pg18, name)
+        made = pf.run_script("create_rollback_point.py", "no tools", env=env)
+        assert made.returncode == 0 and "server-side snapshot" in made.stderr
+        pf.execute(pg18, name, MIGRATION)
+        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert result.returncode == 0, result.stderr
+        assert pf.fingerprint(pg18, name) == before
+    finally:
+        for snap in snapshots(pg18, name):
+            pf.drop_database(pg18, snap)
+        drop_all(pg18, name)
