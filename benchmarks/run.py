@@ -139,6 +139,24 @@ def main() -> int:
             drop_database(admin, summary["kept_as"])
             for leftover in (work / "backups").glob("*"):
                 leftover.unlink()
+
+            # snapshots: ours against a raw CREATE DATABASE ... TEMPLATE
+            started = time.monotonic()
+            execute(admin, f'CREATE DATABASE "bench_raw_{run}" TEMPLATE "{staging}"')
+            record("raw CREATE DATABASE ... TEMPLATE", time.monotonic() - started)
+            drop_database(admin, f"bench_raw_{run}")
+            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "create",
+                                             f"bench {run}", "--json"], env)
+            snap = json.loads(out)
+            record("ours: simple_rollback.py create", seconds, peak)
+            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "restore",
+                                             "--yes", "--json"], env)
+            summary = json.loads(out)
+            record("ours: simple_rollback.py restore", seconds, peak, {"unavailable_s": summary["unavailable_seconds"]})
+            drop_database(admin, summary["kept_as"])
+            drop_database(admin, snap["snapshot_database"])
+            for leftover in (work / "backups").glob("*"):
+                leftover.unlink()
         admin.close()
         write_results(Path(args.out), results, server, actual, args)
     finally:
@@ -156,6 +174,8 @@ def write_results(path: Path, results: dict, server, actual: int, args) -> None:
         ("create (dump)", "ours: create_rollback_point.py", "pg_dump -Fc"),
         ("create (dump)", "ours: create_rollback_point.py", "pg_dump -Fc -Z0"),
         ("restore (dump)", "ours: quick_rollback.py", "pg_restore -j 2 (new database)"),
+        ("create (snapshot)", "ours: simple_rollback.py create", "raw CREATE DATABASE ... TEMPLATE"),
+        ("restore (snapshot)", "ours: simple_rollback.py restore", "raw CREATE DATABASE ... TEMPLATE"),
     ]
     lines = [f"# Benchmark results ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "

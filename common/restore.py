@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,8 +137,10 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
     if point.database and point.database != info.dbname and not force:
         raise UsageError(f"rollback point {point.id} is a backup of database {point.database!r}, not "
                          f"{info.dbname!r}. Nothing was changed. Pass --force to restore it anyway.")
-    if check_backup:
-        verify_checksum_with_progress(point)
+    if check_backup and point.kind == catalog.DUMP:
+        catalog.quick_check(point)
+        if point.status != catalog.OK:
+            raise BackupCorrupt(f"rollback point {point.id} is {point.status}: {point.problem}. Nothing was changed.")
     conn = db.maintenance_db(info)
     try:
         major, version = db.server_version(conn)
@@ -150,6 +153,8 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
         conn.close()
     if point.kind == catalog.DUMP:
         restore_tool(point, major, pg_bin_dir)  # fail now, not after the confirmation
+        if check_backup and not the_plan.can_create:
+            verify_checksum_with_progress(point)  # in place touches the target at once: check first
     elif point.kind == catalog.SNAPSHOT:
         if not the_plan.can_create:
             raise snapshot.SnapshotFailed(f"restoring a snapshot needs the CREATEDB privilege, which role "
@@ -248,7 +253,10 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
     try:
         testhooks.checkpoint("restore-database-created")
         if point.kind == catalog.DUMP:
-            fill_database(info.with_db(fresh), point, the_plan.server_major, pg_bin_dir)
+            # The sha256 is checked while pg_restore fills the new database: the target is not
+            # touched until the swap, and the swap waits for the verdict.
+            with ChecksumBeside(point):
+                fill_database(info.with_db(fresh), point, the_plan.server_major, pg_bin_dir)
         testhooks.checkpoint("restore-filled")
         result.tables_checked, result.rows_checked = check_against_point(info.with_db(fresh), point)
         if the_plan.exists:
@@ -288,6 +296,32 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
     marker.unlink()
     log.info("Swapped: %s is now the restored database; the previous one is %s.", target, keep_as)
     return result
+
+
+class ChecksumBeside:
+    """`with ChecksumBeside(point):` hashes the dump in a thread; on exit, a mismatch raises
+    BackupCorrupt, which also explains a pg_restore that failed on the damaged file."""
+
+    def __init__(self, point: RollbackPoint):
+        self.point = point
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            catalog.verify_checksum(self.point)
+        except BaseException as exc:  # reported in the calling thread
+            self.error = exc
+
+    def __enter__(self) -> "ChecksumBeside":
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        get_logger().info("  checksum verified: sha256 matches the sidecar")
 
 
 def _create_like(conn, name: str, like: Optional[str]) -> None:
@@ -337,11 +371,6 @@ def fill_database(target: ConnInfo, point: RollbackPoint, server_major: int, pg_
         raise RestoreFailed(f"{exc}. The target was not touched.") from None
     finally:
         progress.done()
-    conn = db.connect(target)
-    try:
-        db.execute(conn, "ANALYZE")  # a restored database has no planner statistics until analysed
-    finally:
-        conn.close()
 
 
 def conninfo_dbname(name: str) -> str:
@@ -351,12 +380,9 @@ def conninfo_dbname(name: str) -> str:
 
 
 def check_against_point(target: ConnInfo, point: RollbackPoint) -> tuple:
-    """Tables and row counts must equal the sidecar's; returns (tables, rows) checked."""
-    conn = db.connect(target)
-    try:
-        counts = db.table_row_counts(conn)
-    finally:
-        conn.close()
+    """Tables and row counts must equal the sidecar's; returns (tables, rows) checked. (The new
+    database is analysed alongside: pg_restore leaves it without planner statistics.)"""
+    counts = db.count_rows_parallel(target, workers=2, analyze=True)
     problems = diff_counts(point.tables, counts)
     if problems:
         raise RestoreFailed("the restored copy does not match the rollback point (" + "; ".join(problems[:5]) +

@@ -139,3 +139,18 @@ def cleanup(ctx: Context, info: Optional[ConnInfo], older_than: Optional[float],
     finally:
         if lock is not None:
             lock.release()
+
+
+def remove_backup_folders(ctx: Context, doomed: list, dry_run: bool, what: str) -> None:
+    """Cleanup of code and config backups: list, confirm, remove."""
+    lines = [f"{b.path} ({b.metadata.get('created_at', '?')})" for b in doomed]
+    if dry_run or not doomed:
+        ctx.log.info("%s %d %s(s)%s", "Would remove" if dry_run else "Nothing to remove:", len(doomed), what,
+                     ":" if doomed else ".")
+        for line in lines:
+            ctx.log.info("  %s", line)
+        return
+    ctx.confirm(f"Remove {len(doomed)} {what}(s)?", lines)
+    for b in doomed:
+        shutil.rmtree(b.path)
+    ctx.log.info("Removed %d %s(s); the newest backup is always kept.", len(doomed), what)
