@@ -1,0 +1,269 @@
+"""Configuration rollback (DESIGN §9): backups of $CONFIG_DIR and $ENV_FILE with a manifest,
+restores file by file (temporary name, fsync, rename), deep-merge updates that must parse."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+from dotenv.parser import parse_stream
+
+from . import files, testhooks
+from .errors import UsageError
+
+PREFIX, MANIFEST = "config", "manifest.json"
+PARSED = (".yml", ".yaml", ".json")
+SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|token|key|credential)")
+
+
+@dataclass
+class Entry:
+    area: str      # "config" (under CONFIG_DIR) or "env" (the ENV_FILE)
+    path: str      # relative to CONFIG_DIR, or the env file's name
+    sha256: str
+    mode: int
+    size: int
+
+
+def _walk(config_dir: Path) -> List[Path]:
+    found = []
+    if config_dir.is_dir():
+        for root, dirs, names in os.walk(config_dir):
+            dirs.sort()
+            for name in sorted(names):
+                path = Path(root) / name
+                if path.is_file() and not path.is_symlink():
+                    found.append(path)
+    return found
+
+
+def current_entries(config_dir: Path, env_file: Optional[Path]) -> Dict[Tuple[str, str], Tuple[Path, Entry]]:
+    out = {}
+    for path in _walk(config_dir):
+        rel = str(path.relative_to(config_dir))
+        st = path.stat()
+        out[("config", rel)] = (path, Entry("config", rel, files.sha256_of(path), stat.S_IMODE(st.st_mode), st.st_size))
+    if env_file is not None and env_file.is_file():
+        st = env_file.stat()
+        out[("env", env_file.name)] = (env_file, Entry("env", env_file.name, files.sha256_of(env_file),
+                                                       stat.S_IMODE(st.st_mode), st.st_size))
+    return out
+
+
+def backup(config_dir: Path, env_file: Optional[Path], parent: Path, reason: str = "") -> Path:
+    """`<parent>/config_<ts>/` holding copies (0600) under files/ and manifest.json (path, sha256, mode)."""
+    partial = files.new_backup_dir(parent, PREFIX)
+    entries = []
+    for (area, rel), (path, entry) in current_entries(config_dir, env_file).items():
+        target = partial / "files" / area / rel
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = path.read_bytes()
+        files.write_atomic(target, data, 0o600)
+        if files.sha256_of(target) != entry.sha256:  # the file changed while we copied it
+            raise UsageError(f"{path} changed during the backup; run it again. Nothing was changed.")
+        entries.append(entry.__dict__)
+    meta = {"format_version": 1, "kind": "config", "config_dir": str(config_dir),
+            "env_file": str(env_file) if env_file else None, "reason": reason, "files": entries}
+    return files.finish_backup_dir(partial, MANIFEST, meta)
+
+
+def load_backup(path: Path) -> dict:
+    """The manifest, after checking every file of the backup against it (nothing is changed on a mismatch)."""
+    try:
+        meta = json.loads((path / MANIFEST).read_text())
+        entries = [Entry(**e) for e in meta["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{path} is not a configuration backup (no valid {MANIFEST}). Nothing was changed.") from None
+    for e in entries:
+        copy_path = path / "files" / e.area / e.path
+        if not copy_path.is_file() or files.sha256_of(copy_path) != e.sha256:
+            raise UsageError(f"backup {path} does not match its manifest ({e.area}/{e.path} is missing or "
+                             "changed). Nothing was changed.")
+    meta["entries"] = entries
+    return meta
+
+
+@dataclass
+class RestoreResult:
+    written: List[str] = field(default_factory=list)
+    removed: List[str] = field(default_factory=list)
+    unchanged: int = 0
+
+
+def restore(backup_path: Path, meta: dict, config_dir: Path, env_file: Optional[Path]) -> RestoreResult:
+    """Every file back byte for byte with its mode, each by temporary name + fsync + rename; files
+    added since the backup are removed afterwards; checksums verified at the end."""
+    result = RestoreResult()
+    wanted = {(e.area, e.path): e for e in meta["entries"]}
+    now = current_entries(config_dir, env_file)
+    for key, e in wanted.items():
+        target = _target(e, config_dir, env_file)
+        have = now.get(key)
+        if have and have[1].sha256 == e.sha256 and have[1].mode == e.mode:
+            result.unchanged += 1
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(target, (backup_path / "files" / e.area / e.path).read_bytes(), e.mode)
+        result.written.append(f"{e.area}/{e.path}")
+        testhooks.checkpoint("config-restore-file-written")
+    for key, (path, _) in now.items():
+        if key not in wanted:
+            path.unlink()
+            result.removed.append(f"{key[0]}/{key[1]}")
+    for e in wanted.values():
+        path = _target(e, config_dir, env_file)
+        if files.sha256_of(path) != e.sha256:
+            raise UsageError(f"after the restore {path} does not match the backup: check the disk")
+    _remove_empty_dirs(config_dir)
+    return result
+
+
+def _target(e: Entry, config_dir: Path, env_file: Optional[Path]) -> Path:
+    if e.area == "config":
+        return _inside(config_dir, config_dir / e.path)
+    if env_file is None:
+        raise UsageError("the backup holds an env file but ENV_FILE is not set. Nothing was changed.")
+    return env_file
+
+
+def _remove_empty_dirs(config_dir: Path) -> None:
+    for root in sorted((w[0] for w in os.walk(config_dir)), key=len, reverse=True):
+        if Path(root) != config_dir and not os.listdir(root):
+            os.rmdir(root)
+
+
+def _inside(config_dir: Path, path: Path) -> Path:
+    """The real path, refused when it leaves CONFIG_DIR (.., an absolute path, a symlink outside)."""
+    base = config_dir.resolve()
+    real = path.resolve()
+    if real != base and base not in real.parents:
+        raise UsageError(f"{path} is outside CONFIG_DIR ({base}); refused. Nothing was changed.")
+    return real
+
+
+def target_file(config_dir: Path, name: str) -> Path:
+    if os.path.isabs(name):
+        raise UsageError(f"FILE must be relative to CONFIG_DIR ({config_dir}), not absolute: {name}. Nothing was changed.")
+    real = _inside(config_dir, config_dir / name)
+    if real.suffix not in PARSED:
+        raise UsageError(f"{name}: only .yml, .yaml and .json files can be updated. Nothing was changed.")
+    if not real.is_file():
+        raise UsageError(f"{name} does not exist in {config_dir}. Nothing was changed.")
+    return real
+
+
+def parse_file(path: Path) -> Any:
+    """Parse YAML or JSON; errors name the file and line."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: line {exc.lineno}: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        if context is not None and getattr(exc, "context", None):
+            problem += f" ({exc.context} that starts at line {context.line + 1})"
+        raise UsageError(f"{path}: {where}{problem}") from None
+
+
+def env_errors(path: Path) -> List[str]:
+    with open(path, encoding="utf-8") as fh:
+        return [f"{path}: line {b.original.line}: cannot parse {b.original.string.strip()[:40]!r}"
+                for b in parse_stream(fh) if b.error]
+
+
+def deep_merge(base: Any, patch: Dict[str, Any], prefix: str = "") -> Tuple[Any, List[Tuple[str, Any, Any]]]:
+    """Merge patch into base (null deletes a key, lists and scalars are replaced); returns the new
+    value and the (key, old, new) changes."""
+    result = copy.deepcopy(base) if isinstance(base, dict) else {}
+    changes = []
+    for key, value in patch.items():
+        path = f"{prefix}{key}"
+        old = result.get(key, _MISSING)
+        if value is None:
+            if key in result:
+                del result[key]
+                changes.append((path, old, _MISSING))
+        elif isinstance(value, dict) and isinstance(old, dict):
+            result[key], sub = deep_merge(old, value, path + ".")
+            changes += sub
+        elif old != value:
+            result[key] = copy.deepcopy(value)
+            changes.append((path, old, value))
+    return result, changes
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_MISSING = _Missing()
+
+
+def show_value(key: str, value: Any) -> str:
+    if value is _MISSING:
+        return "(absent)"
+    if SECRET_KEY.search(key.split(".")[-1]) and not isinstance(value, dict):
+        return "***"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render(path: Path, data: Any) -> bytes:
+    if path.suffix == ".json":
+        return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False).encode()
+
+
+def parse_patch(patch_text: str) -> Dict[str, Any]:
+    try:
+        patch = json.loads(patch_text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"the JSON argument does not parse (column {exc.colno}: {exc.msg}). Nothing was changed.") from None
+    if not isinstance(patch, dict):
+        raise UsageError("the JSON argument must be an object, like '{\"key\": \"value\"}'. Nothing was changed.")
+    return patch
+
+
+def update(path: Path, patch: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """Deep-merge a JSON object into a YAML/JSON file; the result must parse before it replaces the file."""
+    current = parse_file(path)
+    if current is not None and not isinstance(current, dict):
+        raise UsageError(f"{path} does not hold a mapping at its top level; cannot merge. Nothing was changed.")
+    merged, changes = deep_merge(current or {}, patch)
+    if not changes:
+        return changes
+    data = render(path, merged)
+    check = json.loads(data) if path.suffix == ".json" else yaml.safe_load(data)
+    if check != merged:
+        raise UsageError(f"the merged {path.name} would not read back as written; refused. Nothing was changed.")
+    files.write_atomic(path, data, stat.S_IMODE(path.stat().st_mode))
+    return changes
+
+
+@dataclass
+class Drift:
+    added: List[str] = field(default_factory=list)
+    removed: List[str] = field(default_factory=list)
+    changed: List[str] = field(default_factory=list)
+
+
+def drift(meta: dict, config_dir: Path, env_file: Optional[Path]) -> Drift:
+    wanted = {(e["area"], e["path"]): e for e in meta["files"]}
+    now = current_entries(config_dir, env_file)
+    d = Drift()
+    d.added = sorted(f"{a}/{p}" for (a, p) in now if (a, p) not in wanted)
+    d.removed = sorted(f"{a}/{p}" for (a, p) in wanted if (a, p) not in now)
+    d.changed = sorted(f"{a}/{p}" for (a, p), (_, e) in now.items()
+                       if (a, p) in wanted and (e.sha256, e.mode) != (wanted[(a, p)]["sha256"], wanted[(a, p)]["mode"]))
+    return d

@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Configuration rollback for $CONFIG_DIR and $ENV_FILE.
+
+    python3 config_rollback.py backup
+    python3 config_rollback.py restore /path/to/backup
+    python3 config_rollback.py update config.yml '{"key": "value"}'    # null deletes a key
+    python3 config_rollback.py verify [--json]
+    python3 config_rollback.py cleanup 30 [--dry-run]
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import cli, configfiles, files, runbooks  # noqa: E402
+from common.errors import UsageError, VerifyProblems  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="config_rollback.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser("backup", help="copy CONFIG_DIR and ENV_FILE with a manifest")
+    cli.common_flags(p, destructive=False, database=False, machine=True)
+    p = sub.add_parser("restore", help="put every file back byte for byte (after a backup of now)")
+    p.add_argument("path", help="a config_<ts> backup folder")
+    cli.common_flags(p, database=False)
+    p = sub.add_parser("update", help="deep-merge a JSON object into a YAML or JSON file")
+    p.add_argument("file", help="relative to CONFIG_DIR, e.g. config.yml")
+    p.add_argument("patch", metavar="JSON", help="e.g. '{\"key\": \"value\"}'; null deletes a key")
+    cli.common_flags(p, database=False)
+    p = sub.add_parser("verify", help="every file parses; drift against the newest backup (exit 4 on errors)")
+    cli.common_flags(p, destructive=False, database=False, machine=True)
+    p = sub.add_parser("cleanup", help="remove backups older than DAYS (the newest stays)")
+    p.add_argument("days", type=float)
+    p.add_argument("--dry-run", action="store_true")
+    cli.common_flags(p, database=False)
+    return parser
+
+
+def paths(ctx):
+    env_file = ctx.settings.path("ENV_FILE")
+    return ctx.settings.path("CONFIG_DIR"), env_file, ctx.settings.path("CONFIG_BACKUP_DIR")
+
+
+def cmd_backup(args, ctx):
+    config_dir, env_file, backups = paths(ctx)
+    if not config_dir.is_dir():
+        raise UsageError(f"CONFIG_DIR {config_dir} does not exist. Nothing was changed.")
+    path = configfiles.backup(config_dir, env_file, backups, reason="manual")
+    meta = configfiles.load_backup(path)
+    if ctx.json:
+        ctx.emit_json({"path": str(path), **{k: v for k, v in meta.items() if k != "entries"}})
+    else:
+        ctx.log.info("Configuration backup: %s (%d files)", path, len(meta["files"]))
+
+
+def cmd_restore(args, ctx):
+    config_dir, env_file, backups = paths(ctx)
+    source = Path(args.path).expanduser().resolve()
+    meta = configfiles.load_backup(source)
+    d = configfiles.drift(meta, config_dir, env_file)
+    ctx.confirm(f"Restore {config_dir} and {env_file} from {source}?", [
+        f"{len(meta['files'])} files as of {meta['created_at']}",
+        f"changed since: {len(d.changed)}, added since (will be removed): {len(d.added)}, "
+        f"removed since (will come back): {len(d.removed)}", "the current state is backed up first"])
+    auto = configfiles.backup(config_dir, env_file, backups, reason=f"automatic before restore of {source.name}")
+    ctx.log.info("Automatic backup of the current state: %s", auto)
+    result = configfiles.restore(source, meta, config_dir, env_file)
+    ctx.log.info("Restored %d file(s), removed %d, %d already matched; checksums verified.",
+                 len(result.written), len(result.removed), result.unchanged)
+    for name in result.written:
+        ctx.log.info("  restored %s", name)
+    for name in result.removed:
+        ctx.log.info("  removed  %s (it is in %s)", name, auto.name)
+
+
+def cmd_update(args, ctx):
+    config_dir, env_file, backups = paths(ctx)
+    target = configfiles.target_file(config_dir, args.file)
+    patch = configfiles.parse_patch(args.patch)
+    configfiles.parse_file(target)  # bad input is refused before anything, the backup included
+    auto = configfiles.backup(config_dir, env_file, backups, reason=f"automatic before update of {args.file}")
+    changes = configfiles.update(target, patch)
+    if not changes:
+        ctx.log.info("%s already has these values; nothing changed (backup %s).", args.file, auto.name)
+        return
+    ctx.log.info("Updated %s (backup first: %s):", target, auto)
+    for key, old, new in changes:
+        ctx.log.info("  %s: %s -> %s", key, configfiles.show_value(key, old), configfiles.show_value(key, new))
+
+
+def cmd_verify(args, ctx):
+    config_dir, env_file, backups = paths(ctx)
+    errors = []
+    checked = 0
+    for path in sorted(p for p in config_dir.rglob("*") if p.suffix in configfiles.PARSED and p.is_file()):
+        checked += 1
+        try:
+            configfiles.parse_file(path)
+        except UsageError as exc:
+            errors.append(str(exc))
+    if env_file.is_file():
+        checked += 1
+        errors += configfiles.env_errors(env_file)
+    newest = files.list_backups(backups, configfiles.PREFIX, configfiles.MANIFEST)
+    d = configfiles.drift(newest[0].metadata, config_dir, env_file) if newest else None
+    report = {"config_dir": str(config_dir), "env_file": str(env_file), "files_checked": checked,
+              "parse_errors": errors, "compared_with": str(newest[0].path) if newest else None,
+              "drift": d.__dict__ if d else None, "ok": not errors}
+    if ctx.json:
+        ctx.emit_json(report)
+    else:
+        ctx.log.info("checked %d file(s) in %s and %s", checked, config_dir, env_file)
+        for line in errors:
+            ctx.log.info("  parse error: %s", line)
+        if d is None:
+            ctx.log.info("drift: no backup to compare with")
+        else:
+            ctx.log.info("drift against %s: %d added, %d removed, %d changed", newest[0].path.name,
+                         len(d.added), len(d.removed), len(d.changed))
+            for kind in ("added", "removed", "changed"):
+                for name in getattr(d, kind):
+                    ctx.log.info("  %s %s", kind, name)
+    if errors:
+        raise VerifyProblems(f"{len(errors)} file(s) do not parse")
+
+
+def cmd_cleanup(args, ctx):
+    _, _, backups = paths(ctx)
+    doomed = files.old_backups(files.list_backups(backups, configfiles.PREFIX, configfiles.MANIFEST), args.days)
+    runbooks.remove_backup_folders(ctx, doomed, args.dry_run, "configuration backup")
+
+
+COMMANDS = {"backup": cmd_backup, "restore": cmd_restore, "update": cmd_update, "verify": cmd_verify,
+            "cleanup": cmd_cleanup}
+
+
+def handle(args, ctx: cli.Context):
+    return COMMANDS[args.command](args, ctx)
+
+
+if __name__ == "__main__":
+    cli.main("config_rollback", build_parser(), handle)
