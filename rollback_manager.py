@@ -100,7 +100,7 @@ def cmd_create(args, ctx):
 def cmd_verify(args, ctx):
     point = catalog.resolve(ctx.settings.backup_dir, args.file)
     try:
-        restore.verify_point(point, ctx.settings.get("PG_BIN_DIR"))
+        restore.verify_point(point, ctx.pg_bin_dir, staging_or_none(ctx, args))
     except VerifyProblems:
         raise
     except Exception as exc:

@@ -15,7 +15,7 @@ from . import catalog
 from . import database as db
 from .catalog import RollbackPoint
 from .database import ConnInfo
-from .errors import RollbackError, UsageError
+from .errors import BackupCorrupt, RollbackError, UsageError
 from .locks import DatabaseLock
 from .log import get_logger
 
@@ -69,6 +69,8 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
             tables, head = db.table_row_counts(snap_conn), db.migration_head(snap_conn)
         finally:
             snap_conn.close()
+        # Sealed: with connections disallowed, the snapshot keeps exactly the rows counted here.
+        db.set_allow_connections(conn, name, False)
         point = RollbackPoint(
             id=catalog.new_id(folder, info.dbname, description), kind=catalog.SNAPSHOT, database=info.dbname,
             description=description, created_at=catalog.utc_now().isoformat(timespec="seconds"),
@@ -122,6 +124,40 @@ def copy_into(conn, point: RollbackPoint, fresh: str, like: Optional[str]) -> No
         raise RollbackError(f"snapshot database {name!r} does not exist (MISSING). Nothing was changed.")
     db.terminate_sessions(conn, name)
     db.create_database(conn, fresh, template=name, like=like)
+
+
+def is_sealed(conn, point: RollbackPoint) -> bool:
+    """True while nobody can have connected to the snapshot since it was counted."""
+    return db.allows_connections(conn, point.snapshot_database) is False
+
+
+def check_tables(info: ConnInfo, point: RollbackPoint) -> tuple:
+    """The copy of a sealed snapshot has the recorded tables; returns (tables, rows) as recorded."""
+    conn = db.connect(info)
+    try:
+        found = {f"{s}.{t}" for s, t in db.user_tables(conn)}
+    finally:
+        conn.close()
+    if found != set(point.tables):
+        missing, extra = sorted(set(point.tables) - found), sorted(found - set(point.tables))
+        raise RollbackError(f"the copy of snapshot {point.snapshot_database} does not have the recorded tables "
+                            f"(missing {missing[:5]}, unexpected {extra[:5]}). The target was not touched.")
+    return len(found), point.rows
+
+
+def verify(info: ConnInfo, point: RollbackPoint) -> None:
+    conn = db.maintenance_db(info)
+    try:
+        if not db.database_exists(conn, point.snapshot_database):
+            raise BackupCorrupt(f"snapshot {point.id} is MISSING: database {point.snapshot_database!r} does not exist")
+        if is_sealed(conn, point):
+            return
+    finally:
+        conn.close()
+    counts = db.count_rows_parallel(info.with_db(point.snapshot_database))
+    if counts != point.tables:
+        raise BackupCorrupt(f"snapshot {point.id} was changed since it was made: its tables or row counts "
+                            "differ from the sidecar")
 
 
 def drop(conn, point: RollbackPoint) -> None:

@@ -48,7 +48,8 @@ def test_round_trip_and_two_restores_from_one_snapshot(server, staging, env_for)
         assert result.returncode == 0, result.stderr
         assert "TEMPLATE" in result.stdout and "verification: OK" in result.stdout
         assert pf.fingerprint(server, staging) == before, f"restore {round_ + 1}"
-    assert pf.fingerprint(server, point["snapshot_database"]) == before  # the snapshot stays intact
+    # the snapshot stays intact and sealed (no connections, so nobody can change it)
+    assert pf.run_script("rollback_manager.py", "verify", "--file", point["id"], env=env).returncode == 0
     listed = pf.run_script("rollback_manager.py", "list", "--json", env=env)
     kinds = [(p["kind"], p["status"]) for p in json.loads(listed.stdout)["points"]]
     assert kinds == [("snapshot", "OK")]
@@ -188,3 +189,27 @@ def test_no_client_tools_snapshot_fallback_then_quick_rollback(pg18, env_for, tm
         for snap in snapshots(pg18, name):
             pf.drop_database(pg18, snap)
         drop_all(pg18, name)
+
+
+def test_a_snapshot_changed_behind_our_back_is_caught(pg15, env_for):
+    name = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    try:
+        env = env_for(pg15, name)
+        point = create(env)
+        snap = point["snapshot_database"]
+        conn = connect(pg15.info)
+        assert rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (snap,)) == [(False,)]
+        assert pf.run_script("rollback_manager.py", "verify", "--file", point["id"], env=env).returncode == 0
+        conn.cursor().execute(f'ALTER DATABASE "{snap}" ALLOW_CONNECTIONS true')
+        conn.close()
+        pf.execute(pg15, snap, "DELETE FROM sales.orders WHERE id > 10")
+        bad = pf.run_script("rollback_manager.py", "verify", "--file", point["id"], env=env)
+        assert bad.returncode == 4 and "changed since it was made" in bad.stderr
+        before = pf.fingerprint(pg15, name)
+        refused = pf.run_script("simple_rollback.py", "restore", "--yes", env=env)
+        assert refused.returncode == 1 and "does not match the rollback point" in refused.stderr
+        assert pf.fingerprint(pg15, name) == before and leftovers(pg15, name, "restore") == []
+    finally:
+        for snap in snapshots(pg15, name):
+            pf.drop_database(pg15, snap)
+        drop_all(pg15, name)
