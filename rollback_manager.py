@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--file", help="dump file, sidecar or id")
     which.add_argument("--latest", action="store_true", help="the newest OK rollback point of staging")
+    which.add_argument("--pick", nargs="?", const=0, type=int, metavar="N",
+                       help="choose from the numbered list (asks for the number without N)")
     p.add_argument("--force", action="store_true", help="allow a backup of another database")
     p.add_argument("--drop-previous", action="store_true", help="do not keep the replaced database")
     cli.common_flags(p, machine=True)
@@ -121,9 +123,30 @@ def cmd_restore(args, ctx):
         if point is None:
             raise UsageError(f"no OK rollback point of {staging.dbname} in {ctx.settings.backup_dir}. "
                              "Nothing was changed. Reset from V2 with: python3 rollback_manager.py reset")
+    elif args.pick is not None:
+        point = pick(ctx, runbooks.scan(ctx, staging), args.pick)
     else:
         point = catalog.resolve(ctx.settings.backup_dir, args.file)
     runbooks.restore_point(ctx, staging, point, force=args.force, drop_previous=args.drop_previous)
+
+
+def pick(ctx, points, number: int):
+    """The menu's advanced rollback: the points numbered as `list` shows them, one chosen."""
+    print(report.points_table(points))
+    if not points:
+        raise UsageError(f"no rollback points in {ctx.settings.backup_dir}. Nothing was changed.")
+    if not number:
+        if not sys.stdin.isatty():
+            raise UsageError("no terminal to ask on: give the number, e.g. restore --pick 2. Nothing was changed.")
+        answer = input(f"Number of the rollback point to restore (1-{len(points)}): ").strip()
+        number = int(answer) if answer.isdigit() else -1
+    if not 1 <= number <= len(points):
+        raise UsageError(f"no rollback point number {number} (1-{len(points)}). Nothing was changed.")
+    chosen = points[number - 1]
+    if chosen.status != catalog.OK:
+        raise UsageError(f"rollback point {chosen.id} is {chosen.status} ({chosen.problem}); choose an OK one. "
+                         "Nothing was changed.")
+    return chosen
 
 
 def cmd_reset(args, ctx):

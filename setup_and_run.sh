@@ -47,11 +47,98 @@ run_test() {
 
 run_demo() {
   ensure_deps dev
-  "$PY" "$HERE/common/demo.py" "$@"
+  "$PY" -m common.demo "$@"
+}
+
+py() { "$PY" "$@"; }
+
+MENU='
+PostgreSQL migration rollback toolkit
+  1) Install dependencies            5) Create rollback point
+  2) Check configuration             6) List rollback points
+  3) Migration status                7) Quick rollback
+  4) Verify database, code, config   8) Advanced rollback (choose a backup file)
+                                     9) Emergency: reset staging from V2
+ 10) Back up code and configuration 11) Code rollback to a commit
+ 12) Restore configuration backup   13) Clean up old rollback points
+  0) Exit'
+
+# run_choice N [ARGS...]: one menu entry; ARGS are passed on to the script it runs.
+run_choice() {
+  local choice="$1"; shift
+  case "$choice" in
+    1) "$PY" -m pip install --disable-pip-version-check -q -r requirements.txt && echo "Dependencies installed." ;;
+    2) ensure_deps && py -m common.doctor "$@" ;;
+    3) ensure_deps && py database_rollback.py status "$@" ;;
+    4) ensure_deps
+       local status=0
+       echo "--- database"; py database_rollback.py verify "$@" || status=$?
+       if [ -d "$(repo_path)/.git" ]; then echo "--- code"; py code_rollback.py verify || status=$?; fi
+       echo "--- configuration"; py config_rollback.py verify || status=$?
+       return $status ;;
+    5) ensure_deps
+       if [ $# -eq 0 ] && [ -t 0 ]; then
+         local description; read -r -p "Description (e.g. Before migration test): " description || return 3
+         set -- "$description"
+       fi
+       py create_rollback_point.py "$@" ;;
+    6) ensure_deps && py rollback_manager.py list "$@" ;;
+    7) ensure_deps && py quick_rollback.py "$@" ;;
+    8) ensure_deps
+       if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then local n="$1"; shift; py rollback_manager.py restore --pick "$n" "$@"
+       else py rollback_manager.py restore --pick "$@"; fi ;;
+    9) ensure_deps && py reset_staging.py "$@" ;;
+    10) ensure_deps && py code_rollback.py backup && py config_rollback.py backup ;;
+    11) ensure_deps
+        if [ $# -eq 0 ] && [ -t 0 ]; then
+          local commit; read -r -p "Commit to roll back to (hash, tag, HEAD~1): " commit || return 3
+          set -- "$commit"
+        fi
+        [ $# -gt 0 ] || { echo "error: give the commit, e.g. ./setup_and_run.sh 11 HEAD~1" >&2; return 2; }
+        py code_rollback.py rollback "$@" ;;
+    12) ensure_deps
+        if [ $# -eq 0 ] && [ -t 0 ]; then
+          py config_rollback.py verify >/dev/null 2>&1
+          echo "Configuration backups (newest first):"; ls -1dt "$(config_backup_dir)"/config_* 2>/dev/null | grep -v '\.partial$' || echo "  none"
+          local path; read -r -p "Backup folder to restore: " path || return 3
+          set -- "$path"
+        fi
+        [ $# -gt 0 ] || { echo "error: give the backup folder, e.g. ./setup_and_run.sh 12 config_backups/config_..." >&2; return 2; }
+        py config_rollback.py restore "$@" ;;
+    13) ensure_deps && py rollback_manager.py cleanup --older-than 30 "$@" ;;
+    0) return 0 ;;
+    *) echo "Invalid choice: $choice (0-13)" >&2; return 2 ;;
+  esac
+}
+
+setting() {  # the value a script would see: environment, else .env, else the default
+  "$PY" -c 'import sys; from common.env import load_settings; print(load_settings().path(sys.argv[1]))' "$1" 2>/dev/null
+}
+repo_path() { setting REPO_PATH; }
+config_backup_dir() { setting CONFIG_BACKUP_DIR; }
+
+menu() {
+  local choice status
+  while true; do
+    echo "$MENU"
+    if ! read -r -p "Choice: " choice; then echo; echo "Bye."; return 0; fi   # Ctrl-D
+    choice="${choice//[[:space:]]/}"
+    case "$choice" in
+      0) echo "Bye."; return 0 ;;
+      ''|*[!0-9]*) echo "Invalid choice: '$choice'. Type a number from the menu."; continue ;;
+    esac
+    if [ "$choice" -gt 13 ]; then echo "Invalid choice: $choice. Type a number from the menu."; continue; fi
+    run_choice "$choice"
+    status=$?
+    echo "--> choice $choice finished with exit status $status"
+  done
 }
 
 find_python
 case "${1:-menu}" in
   test) shift; run_test "$@"; exit $? ;;
   demo) shift; run_demo "$@"; exit $? ;;
+  menu) ensure_deps; menu; exit $? ;;
+  -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; echo "$MENU"; exit 0 ;;
+  *) run_choice "$@"; exit $? ;;
 esac

@@ -55,7 +55,7 @@ def point_details(p: RollbackPoint) -> List[str]:
 def created_lines(p: RollbackPoint) -> List[str]:
     return [
         f"Rollback point created: {p.id}",
-        f"  file:     {p.path or p.snapshot_database}",
+        f"  file:     {p.path}" if p.path else f"  database: {p.snapshot_database} (server-side snapshot)",
         f"  size:     {human_size(p.size_bytes)}",
         f"  method:   {p.method} ({p.tool_version}), compression {p.compression or '-'}",
         f"  tables:   {len(p.tables)} ({p.rows} rows), migration head {p.migration_head or '-'}",

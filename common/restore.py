@@ -91,7 +91,8 @@ class Plan:
             lines += [f"rollback point: {p.id} ({p.kind}, {p.description or 'no description'}, created {p.created_at})",
                       f"                {len(p.tables)} tables, {p.rows} rows, migration head {p.migration_head or '-'}"]
         if self.can_create:
-            lines.append(f"method:         restore into a new database, check it, then swap names; the current "
+            fill = "copy the snapshot (TEMPLATE)" if p.kind == catalog.SNAPSHOT else "restore"
+            lines.append(f"method:         {fill} into a new database, check it, then swap names; the current "
                          f"{self.info.dbname} is kept as {self.info.dbname}__{PREVIOUS_TAG}_<timestamp>")
         else:
             lines.append("method:         in place, in one transaction (this role may not create databases)")
@@ -116,6 +117,7 @@ class Result:
     rows_checked: int = 0
     notes: List[str] = field(default_factory=list)
     headline: Optional[str] = None
+    reference: str = "the rollback point"
 
     def summary_lines(self) -> List[str]:
         p = self.point
@@ -123,7 +125,7 @@ class Result:
                  f"  method:       {self.method}",
                  f"  took:         {self.seconds:.1f} s; {self.target} was unavailable for "
                  f"{self.unavailable_seconds * 1000:.0f} ms",
-                 f"  verification: OK, {self.tables_checked} tables and {self.rows_checked} rows match the rollback point",
+                 f"  verification: OK, {self.tables_checked} tables and {self.rows_checked} rows match {self.reference}",
                  f"  connections cut: {self.sessions_cut}"]
         if self.kept_as:
             lines.append(f"  previous state kept as database {self.kept_as!r} "

@@ -55,6 +55,7 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
             point.path.unlink()
     shutil.rmtree(scratch, ignore_errors=True)
     result.headline = f"Reset {staging.dbname} from V2 {v2.masked()}: it is now a fresh copy of V2."
+    result.reference = "V2 as dumped"
     show_result(ctx, result)
     return result
 

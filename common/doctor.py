@@ -1,0 +1,117 @@
+"""Menu choice 2, Check configuration: every variable, both connections, the client tools and
+whether each matches its server, free space for a backup of staging.
+
+    python3 -m common.doctor [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from typing import List, Optional
+
+from . import cli
+from .database import ConnInfo, connect, database_size, server_version
+from .env import DEFAULTS
+from .errors import RollbackError, VerifyProblems
+from .log import mask
+from .pgtools import candidates, choose
+from .progress import human_size
+
+VARIABLES = ["V2_DATABASE_URL", "STAGING_DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD",
+             "BACKUP_DIR", "LOG_DIR", "MIGRATIONS_DIR", "REPO_PATH", "CODE_BACKUP_DIR", "DEPLOYMENT_DIR",
+             "CONFIG_DIR", "CONFIG_BACKUP_DIR", "ENV_FILE", "PG_BIN_DIR"]
+REQUIRED = ("V2_DATABASE_URL", "STAGING_DATABASE_URL")
+
+
+def check(ctx: cli.Context) -> dict:
+    s = ctx.settings
+    report: dict = {"env_file": str(s.env_file), "env_file_found": s.env_file_found, "variables": {},
+                    "servers": {}, "tools": {}, "problems": []}
+    for name in VARIABLES:
+        value = s.get(name)
+        shown = None if value is None else ("***" if "PASSWORD" in name else mask(value))
+        origin = "default" if value is not None and not s.values.get(name) and name in DEFAULTS else "set"
+        report["variables"][name] = {"value": shown, "origin": origin if value is not None else "missing"}
+        if value is None and name in REQUIRED:
+            report["problems"].append(f"{name} is not set (add {name}=postgresql://... to {s.env_file})")
+    staging_size: Optional[int] = None
+    for name in REQUIRED:
+        if not s.get(name):
+            continue
+        entry: dict = {}
+        try:
+            info = ConnInfo.parse(s.get(name), what=name)
+            conn = connect(info)
+            try:
+                major, version = server_version(conn)
+                entry.update(url=info.masked(), version=version, size_bytes=database_size(conn, info.dbname))
+            finally:
+                conn.close()
+            if name == "STAGING_DATABASE_URL":
+                staging_size = entry["size_bytes"]
+            for tool in ("pg_dump", "pg_restore"):
+                found = candidates(tool, s.get("PG_BIN_DIR"))
+                chosen = choose(found, major, major if tool == "pg_dump" else 0)
+                entry[tool] = chosen.describe() if chosen else None
+                if chosen is None:
+                    report["problems"].append(f"no {tool} for the PostgreSQL {major} server of {name} (found: "
+                                              f"{', '.join(t.version for t in found) or 'none'}); set PG_BIN_DIR")
+                elif chosen.major != major:
+                    entry[tool] += f" (newer than the server's {major})"
+        except RollbackError as exc:
+            entry["error"] = str(exc)
+            report["problems"].append(f"{name}: {exc}")
+        report["servers"][name] = entry
+    for tool in ("pg_dump", "pg_restore", "psql"):
+        report["tools"][tool] = [t.describe() for t in candidates(tool, s.get("PG_BIN_DIR"))]
+    folder = s.backup_dir
+    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), folder)
+    free = shutil.disk_usage(probe).free
+    report["backup_dir"] = {"path": str(folder), "free_bytes": free, "staging_bytes": staging_size}
+    if staging_size is not None and free < staging_size:
+        report["problems"].append(f"{folder} has {human_size(free)} free, staging is {human_size(staging_size)}")
+    return report
+
+
+def show(ctx: cli.Context, report: dict) -> None:
+    log = ctx.log
+    log.info("Environment file: %s (%s)", report["env_file"], "found" if report["env_file_found"] else "not found")
+    for name, v in report["variables"].items():
+        log.info("  %-22s %s", name, v["value"] if v["value"] is not None else "(missing)")
+    for name, entry in report["servers"].items():
+        if "error" in entry:
+            log.info("%s: cannot connect: %s", name, entry["error"])
+            continue
+        log.info("%s: %s, PostgreSQL %s, %s", name, entry["url"], entry["version"], human_size(entry["size_bytes"]))
+        for tool in ("pg_dump", "pg_restore"):
+            log.info("  %-10s %s", tool, entry.get(tool) or "NONE that matches")
+    for tool, found in report["tools"].items():
+        log.info("%s found: %s", tool, "; ".join(found) or "none")
+    b = report["backup_dir"]
+    log.info("Backup folder %s: %s free%s", b["path"], human_size(b["free_bytes"]),
+             f", staging is {human_size(b['staging_bytes'])}" if b["staging_bytes"] is not None else "")
+    log.info("Problems: %s", "none" if not report["problems"] else len(report["problems"]))
+    for line in report["problems"]:
+        log.info("  %s", line)
+
+
+def handle(args, ctx: cli.Context) -> int:
+    report = check(ctx)
+    if ctx.json:
+        ctx.emit_json(report)
+    else:
+        show(ctx, report)
+    if report["problems"]:
+        raise VerifyProblems(f"{len(report['problems'])} configuration problem(s)")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="setup_and_run.sh 2", description=__doc__)
+    cli.common_flags(parser, destructive=False, machine=True)
+    return cli.execute("check_configuration", parser, handle, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
