@@ -145,6 +145,10 @@ def main() -> int:
             execute(admin, f'CREATE DATABASE "bench_raw_{run}" TEMPLATE "{staging}"')
             record("raw CREATE DATABASE ... TEMPLATE", time.monotonic() - started)
             drop_database(admin, f"bench_raw_{run}")
+            started = time.monotonic()
+            execute(admin, f'CREATE DATABASE "bench_raw_{run}" TEMPLATE "{staging}" STRATEGY FILE_COPY')
+            record("raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY", time.monotonic() - started)
+            drop_database(admin, f"bench_raw_{run}")
             seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "create",
                                              f"bench {run}", "--json"], env)
             snap = json.loads(out)
@@ -176,6 +180,8 @@ def write_results(path: Path, results: dict, server, actual: int, args) -> None:
         ("restore (dump)", "ours: quick_rollback.py", "pg_restore -j 2 (new database)"),
         ("create (snapshot)", "ours: simple_rollback.py create", "raw CREATE DATABASE ... TEMPLATE"),
         ("restore (snapshot)", "ours: simple_rollback.py restore", "raw CREATE DATABASE ... TEMPLATE"),
+        ("create (snapshot)", "ours: simple_rollback.py create", "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY"),
+        ("restore (snapshot)", "ours: simple_rollback.py restore", "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY"),
     ]
     lines = [f"# Benchmark results ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
