@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import cli, coderepo, files, runbooks  # noqa: E402
+from common import cli, coderepo, runbooks  # noqa: E402
 from common.errors import VerifyProblems  # noqa: E402
 
 
@@ -26,19 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     p = sub.add_parser("backup", help="bundle every ref plus the uncommitted state")
-    cli.common_flags(p, destructive=False, database=False, machine=True)
+    cli.common_flags(p, destructive=False, area="code", machine=True)
     p = sub.add_parser("restore", help="put the repository back exactly as in a backup")
     p.add_argument("path", help="a code_<ts> backup folder")
-    cli.common_flags(p, database=False)
+    cli.common_flags(p, area="code")
     p = sub.add_parser("rollback", help="reset the current branch to a commit (stash, keep the old head)")
     p.add_argument("commit", help="hash, tag, HEAD~2, ...")
-    cli.common_flags(p, database=False)
+    cli.common_flags(p, area="code")
     p = sub.add_parser("verify", help="integrity, HEAD, dirty files, deployment (exit 4 on a problem)")
-    cli.common_flags(p, destructive=False, database=False, machine=True)
+    cli.common_flags(p, destructive=False, area="code", machine=True)
     p = sub.add_parser("cleanup", help="remove backups older than DAYS (the newest stays)")
     p.add_argument("days", type=float)
     p.add_argument("--dry-run", action="store_true")
-    cli.common_flags(p, database=False)
+    cli.common_flags(p, area="code")
     return parser
 
 
@@ -142,17 +142,13 @@ def cmd_verify(args, ctx):
 
 def cmd_cleanup(args, ctx):
     _, backups, _ = settings_paths(ctx)
-    doomed = files.old_backups(files.list_backups(backups, coderepo.PREFIX, coderepo.METADATA), args.days)
-    runbooks.remove_backup_folders(ctx, doomed, args.dry_run, "code backup")
+    runbooks.cleanup_backup_folders(ctx, backups, coderepo.PREFIX, coderepo.METADATA, args.days, args.dry_run,
+                                    "code backup")
 
 
 COMMANDS = {"backup": cmd_backup, "restore": cmd_restore, "rollback": cmd_rollback, "verify": cmd_verify,
             "cleanup": cmd_cleanup}
 
 
-def handle(args, ctx: cli.Context):
-    return COMMANDS[args.command](args, ctx)
-
-
 if __name__ == "__main__":
-    cli.main("code_rollback", build_parser(), handle)
+    cli.main("code_rollback", build_parser(), COMMANDS)

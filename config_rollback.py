@@ -24,20 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     p = sub.add_parser("backup", help="copy CONFIG_DIR and ENV_FILE with a manifest")
-    cli.common_flags(p, destructive=False, database=False, machine=True)
+    cli.common_flags(p, destructive=False, area="config", machine=True)
     p = sub.add_parser("restore", help="put every file back byte for byte (after a backup of now)")
     p.add_argument("path", help="a config_<ts> backup folder")
-    cli.common_flags(p, database=False)
+    cli.common_flags(p, area="config")
     p = sub.add_parser("update", help="deep-merge a JSON object into a YAML or JSON file")
     p.add_argument("file", help="relative to CONFIG_DIR, e.g. config.yml")
     p.add_argument("patch", metavar="JSON", help="e.g. '{\"key\": \"value\"}'; null deletes a key")
-    cli.common_flags(p, database=False)
+    cli.common_flags(p, area="config")
     p = sub.add_parser("verify", help="every file parses; drift against the newest backup (exit 4 on errors)")
-    cli.common_flags(p, destructive=False, database=False, machine=True)
+    cli.common_flags(p, destructive=False, area="config", machine=True)
     p = sub.add_parser("cleanup", help="remove backups older than DAYS (the newest stays)")
     p.add_argument("days", type=float)
     p.add_argument("--dry-run", action="store_true")
-    cli.common_flags(p, database=False)
+    cli.common_flags(p, area="config")
     return parser
 
 
@@ -131,17 +131,13 @@ def cmd_verify(args, ctx):
 
 def cmd_cleanup(args, ctx):
     _, _, backups = paths(ctx)
-    doomed = files.old_backups(files.list_backups(backups, configfiles.PREFIX, configfiles.MANIFEST), args.days)
-    runbooks.remove_backup_folders(ctx, doomed, args.dry_run, "configuration backup")
+    runbooks.cleanup_backup_folders(ctx, backups, configfiles.PREFIX, configfiles.MANIFEST, args.days, args.dry_run,
+                                    "configuration backup")
 
 
 COMMANDS = {"backup": cmd_backup, "restore": cmd_restore, "update": cmd_update, "verify": cmd_verify,
             "cleanup": cmd_cleanup}
 
 
-def handle(args, ctx: cli.Context):
-    return COMMANDS[args.command](args, ctx)
-
-
 if __name__ == "__main__":
-    cli.main("config_rollback", build_parser(), handle)
+    cli.main("config_rollback", build_parser(), COMMANDS)

@@ -19,13 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=backup.METHODS, help="force one backup approach")
     parser.add_argument("--compress", metavar="SPEC",
                         help="pg_dump --compress value (default: lz4 where pg_dump has it, else 0)")
-    parser.add_argument("--url", help="staging URL (default: $STAGING_DATABASE_URL)")
     cli.common_flags(parser, destructive=False, machine=True)
     return parser
 
 
 def handle(args, ctx: cli.Context) -> int:
-    staging = ctx.conninfo("STAGING_DATABASE_URL", args.url)
+    staging = ctx.conninfo("STAGING_DATABASE_URL")
     ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress))
 

@@ -169,9 +169,5 @@ COMMANDS = {"backup": cmd_backup, "restore": cmd_restore, "verify": cmd_verify, 
             "migrate": cmd_migrate, "status": cmd_status, "rollback": cmd_rollback}
 
 
-def handle(args, ctx: cli.Context):
-    return COMMANDS[args.command](args, ctx)
-
-
 if __name__ == "__main__":
-    cli.main("database_rollback", build_parser(), handle)
+    cli.main("database_rollback", build_parser(), COMMANDS)

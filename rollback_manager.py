@@ -70,8 +70,8 @@ def split_urls(argv):
 
 
 def staging_or_none(ctx, args):
-    if args.staging_url or ctx.settings.get("STAGING_DATABASE_URL"):
-        return ctx.conninfo("STAGING_DATABASE_URL", args.staging_url)
+    if ctx.settings.get("STAGING_DATABASE_URL"):
+        return ctx.conninfo("STAGING_DATABASE_URL")
     return None
 
 
@@ -94,7 +94,7 @@ def cmd_info(args, ctx):
 
 
 def cmd_create(args, ctx):
-    staging = ctx.conninfo("STAGING_DATABASE_URL", args.staging_url)
+    staging = ctx.conninfo("STAGING_DATABASE_URL")
     ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress))
 
@@ -117,7 +117,7 @@ def cmd_verify(args, ctx):
 
 
 def cmd_restore(args, ctx):
-    staging = ctx.conninfo("STAGING_DATABASE_URL", args.staging_url)
+    staging = ctx.conninfo("STAGING_DATABASE_URL")
     if args.latest:
         point = runbooks.newest_point(ctx, staging)
         if point is None:
@@ -150,8 +150,8 @@ def pick(ctx, points, number: int):
 
 
 def cmd_reset(args, ctx):
-    runbooks.reset_from_v2(ctx, ctx.conninfo("V2_DATABASE_URL", args.v2_url),
-                           ctx.conninfo("STAGING_DATABASE_URL", args.staging_url), drop_previous=args.drop_previous)
+    runbooks.reset_from_v2(ctx, ctx.conninfo("V2_DATABASE_URL"),
+                           ctx.conninfo("STAGING_DATABASE_URL"), drop_previous=args.drop_previous)
 
 
 def cmd_cleanup(args, ctx):
@@ -176,11 +176,9 @@ def main(argv=None) -> int:
     if len(urls) not in (0, 2):
         parser.error("give both URLs (V2, then staging) before the command, or neither")
 
-    def handle(args, ctx: cli.Context):
-        args.v2_url, args.staging_url = urls or (None, None)
-        return COMMANDS[args.command](args, ctx)
-
-    return cli.execute("rollback_manager", parser, handle, rest)
+    if urls and rest:  # the documents' positional form is the same as the two flags
+        rest += ["--v2-url", urls[0], "--staging-url", urls[1]]
+    return cli.execute("rollback_manager", parser, cli.dispatch(COMMANDS), rest)
 
 
 if __name__ == "__main__":

@@ -88,9 +88,5 @@ def cmd_drop(args, ctx):
 COMMANDS = {"create": cmd_create, "list": cmd_list, "restore": cmd_restore, "drop": cmd_drop}
 
 
-def handle(args, ctx: cli.Context):
-    return COMMANDS[args.command](args, ctx)
-
-
 if __name__ == "__main__":
-    cli.main("simple_rollback", build_parser(), handle)
+    cli.main("simple_rollback", build_parser(), COMMANDS)

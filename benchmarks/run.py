@@ -84,12 +84,69 @@ def rusage_run(argv, env) -> tuple:
     return seconds, usage.ru_maxrss / 1024, b"".join(out_chunks).decode()
 
 
+def make_repo(path: Path, files_count: int = 10_000, commits: int = 1_000) -> None:
+    """A repository of `files_count` files and `commits` commits, built with git fast-import."""
+    path.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+    lines = []
+    for n in range(commits):
+        lines.append("commit refs/heads/main")
+        lines.append(f"committer Bench <bench@example.com> {1700000000 + n} +0000")
+        message = f"commit {n}"
+        lines.append(f"data {len(message)}\n{message}")
+        changed = range(files_count) if n == 0 else [(n * 7 + k) % files_count for k in range(5)]
+        for f in changed:
+            body = f"file {f} revision {n}\n" + "x" * (f % 200) + "\n"
+            lines.append(f"M 644 inline src/{f // 100:03d}/file_{f:05d}.txt")
+            lines.append(f"data {len(body.encode())}\n{body}")
+    stream = ("\n".join(lines) + "\n").encode()
+    subprocess.run(["git", "fast-import", "--quiet"], cwd=path, input=stream, check=True)
+    subprocess.run(["git", "checkout", "-q", "-f", "main"], cwd=path, check=True)
+
+
+def bench_files(work: Path, args, record) -> None:
+    """Code rollback on a 10,000-file, 1,000-commit repository; configuration rollback on 1,000 files."""
+    repo = work / "repo"
+    print(f"  building a {args.repo_files}-file, {args.repo_commits}-commit repository ...")
+    make_repo(repo, args.repo_files, args.repo_commits)
+    config = work / "config"
+    for n in range(args.config_files):
+        target = config / f"service_{n // 50:02d}" / (f"conf_{n:04d}.yml" if n % 2 else f"conf_{n:04d}.json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({"service": n, "pool": n % 17, "url": f"https://svc{n}.example"}) + "\n")
+    env = dict(os.environ, REPO_PATH=str(repo), CODE_BACKUP_DIR=str(work / "code_backups"), CONFIG_DIR=str(config),
+               CONFIG_BACKUP_DIR=str(work / "config_backups"), ENV_FILE=str(work / "app.env"), LOG_DIR=str(work / "logs"),
+               GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@x", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@x")
+    script = lambda name: [sys.executable, str(ROOT / name)]  # noqa: E731
+    for _ in range(args.runs):
+        seconds, peak, _ = rusage_run(script("code_rollback.py") + ["backup"], env)
+        record("ours: code_rollback.py backup", seconds, peak)
+        seconds, peak, _ = rusage_run(script("code_rollback.py") + ["rollback", "HEAD~1", "--yes"], env)
+        record("ours: code_rollback.py rollback (with its automatic backup)", seconds, peak)
+        newest = sorted((work / "code_backups").glob("code_*"))[0]
+        seconds, peak, _ = rusage_run(script("code_rollback.py") + ["restore", str(newest), "--yes"], env)
+        record("ours: code_rollback.py restore (with its automatic backup)", seconds, peak)
+        subprocess.run(["rm", "-rf", str(work / "code_backups")])
+        seconds, peak, _ = rusage_run(script("config_rollback.py") + ["backup"], env)
+        record("ours: config_rollback.py backup", seconds, peak)
+        for path in list(config.rglob("*.json"))[:100]:
+            path.write_text("{}\n")
+        [backup] = list((work / "config_backups").glob("config_*"))
+        seconds, peak, _ = rusage_run(script("config_rollback.py") + ["restore", str(backup), "--yes"], env)
+        record("ours: config_rollback.py restore (with its automatic backup)", seconds, peak)
+        subprocess.run(["rm", "-rf", str(work / "config_backups")])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="1GB")
     parser.add_argument("--major", type=int, default=15)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--skip-files", action="store_true", help="leave out the code and configuration timings")
+    parser.add_argument("--repo-files", type=int, default=10_000)
+    parser.add_argument("--repo-commits", type=int, default=1_000)
+    parser.add_argument("--config-files", type=int, default=1_000)
     args = parser.parse_args()
     size = parse_size(args.size)
 
@@ -106,21 +163,27 @@ def main() -> int:
                    ENV_FILE=str(work / "none.env"))
         plain_env = dict(os.environ, **info.libpq_env(staging), PGPASSWORD=info.password or "")
         results: dict = {}
+        admin = connect(info)
+
+        def quiet() -> None:
+            """Flush dirty buffers first, so no operation pays for the writes of the one before."""
+            execute(admin, "CHECKPOINT")
 
         def record(name, seconds, peak=None, extra=None):
             results.setdefault(name, []).append({"seconds": seconds, "peak_mb": peak, **(extra or {})})
             print(f"  {name}: {seconds:.2f} s" + (f", peak {peak:.0f} MB" if peak else "")
                   + (f", {extra}" if extra else ""))
 
-        admin = connect(info)
         for run in range(args.runs):
             print(f"round {run + 1}/{args.runs}")
             for z, name in ((None, "pg_dump -Fc"), ("0", "pg_dump -Fc -Z0")):
                 target = work / "plain.dump"
                 argv = [f"{bindir}/pg_dump", "-Fc", "-f", str(target)] + ([f"-Z{z}"] if z else [])
+                quiet()
                 seconds, _, _ = rusage_run(argv, plain_env)
                 record(name, seconds, extra={"bytes": target.stat().st_size})
                 target.unlink()
+            quiet()
             seconds, peak, out = rusage_run([sys.executable, str(ROOT / "create_rollback_point.py"),
                                              f"bench {run}", "--json"], env)
             point = json.loads(out)
@@ -129,10 +192,12 @@ def main() -> int:
             plain_db = f"bench_plain_{run}"
             execute(admin, f'CREATE DATABASE "{plain_db}"')
             argv = [f"{bindir}/pg_restore", "-j", "2", "-d", plain_db, point["path"]]
+            quiet()
             seconds, _, _ = rusage_run(argv, dict(plain_env, PGDATABASE=plain_db))
             record("pg_restore -j 2 (new database)", seconds)
             drop_database(admin, plain_db)
 
+            quiet()
             seconds, peak, out = rusage_run([sys.executable, str(ROOT / "quick_rollback.py"), "--yes", "--json"], env)
             summary = json.loads(out)
             record("ours: quick_rollback.py", seconds, peak, {"unavailable_s": summary["unavailable_seconds"]})
@@ -141,18 +206,22 @@ def main() -> int:
                 leftover.unlink()
 
             # snapshots: ours against a raw CREATE DATABASE ... TEMPLATE
+            quiet()
             started = time.monotonic()
             execute(admin, f'CREATE DATABASE "bench_raw_{run}" TEMPLATE "{staging}"')
             record("raw CREATE DATABASE ... TEMPLATE", time.monotonic() - started)
             drop_database(admin, f"bench_raw_{run}")
+            quiet()
             started = time.monotonic()
             execute(admin, f'CREATE DATABASE "bench_raw_{run}" TEMPLATE "{staging}" STRATEGY FILE_COPY')
             record("raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY", time.monotonic() - started)
             drop_database(admin, f"bench_raw_{run}")
+            quiet()
             seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "create",
                                              f"bench {run}", "--json"], env)
             snap = json.loads(out)
             record("ours: simple_rollback.py create", seconds, peak)
+            quiet()
             seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "restore",
                                              "--yes", "--json"], env)
             summary = json.loads(out)
@@ -162,6 +231,8 @@ def main() -> int:
             for leftover in (work / "backups").glob("*"):
                 leftover.unlink()
         admin.close()
+        if not args.skip_files:
+            bench_files(work, args, record)
         write_results(Path(args.out), results, server, actual, args)
     finally:
         server.stop()

@@ -34,11 +34,9 @@ class Context:
         url = override or self.settings.require(variable)
         return ConnInfo.parse(url, what=variable)
 
-    def db_target(self, override_url: Optional[str] = None) -> ConnInfo:
+    def db_target(self) -> ConnInfo:
         """database_rollback.py's target: the DB_* variables, or STAGING_DATABASE_URL without DB_NAME."""
         s = self.settings
-        if override_url:
-            return ConnInfo.parse(override_url, what="--url")
         if not s.get("DB_NAME"):
             if s.get("STAGING_DATABASE_URL"):
                 return self.conninfo("STAGING_DATABASE_URL")
@@ -89,21 +87,37 @@ class Context:
 
 # Command-line options that override a variable of the environment (DESIGN §2).
 OVERRIDES = {"backup_dir": "BACKUP_DIR", "log_dir": "LOG_DIR", "pg_bin_dir": "PG_BIN_DIR",
-             "migrations_dir": "MIGRATIONS_DIR"}
+             "migrations_dir": "MIGRATIONS_DIR", "staging_url": "STAGING_DATABASE_URL", "v2_url": "V2_DATABASE_URL",
+             "db_host": "DB_HOST", "db_port": "DB_PORT", "db_name": "DB_NAME", "db_user": "DB_USER",
+             "repo_path": "REPO_PATH", "code_backup_dir": "CODE_BACKUP_DIR", "deployment_dir": "DEPLOYMENT_DIR",
+             "config_dir": "CONFIG_DIR", "config_backup_dir": "CONFIG_BACKUP_DIR", "env_file": "ENV_FILE"}
+_AREAS = {
+    "database": [("--staging-url", "URL", "staging (default: $STAGING_DATABASE_URL; a password here shows in ps)"),
+                 ("--v2-url", "URL", "V2 (default: $V2_DATABASE_URL; a password here shows in ps)"),
+                 ("--db-host", "HOST", "database_rollback.py target host (default: $DB_HOST)"),
+                 ("--db-port", "PORT", "(default: $DB_PORT)"), ("--db-name", "NAME", "(default: $DB_NAME)"),
+                 ("--db-user", "USER", "(default: $DB_USER; the password only from $DB_PASSWORD)"),
+                 ("--backup-dir", "DIR", "rollback points folder (default: $BACKUP_DIR)"),
+                 ("--pg-bin-dir", "DIR", "folder searched first for pg_dump/pg_restore (default: $PG_BIN_DIR)")],
+    "code": [("--repo-path", "DIR", "the repository (default: $REPO_PATH)"),
+             ("--code-backup-dir", "DIR", "(default: $CODE_BACKUP_DIR)"),
+             ("--deployment-dir", "DIR", "releases and the current symlink (default: $DEPLOYMENT_DIR)")],
+    "config": [("--config-dir", "DIR", "(default: $CONFIG_DIR)"), ("--config-backup-dir", "DIR", "(default: $CONFIG_BACKUP_DIR)"),
+               ("--env-file", "FILE", "the .env file to back up and restore (default: $ENV_FILE)")],
+}
 
 
 def common_flags(parser: argparse.ArgumentParser, destructive: bool = True, machine: bool = False,
-                 database: bool = True) -> None:
-    if database:
-        parser.add_argument("--backup-dir", metavar="DIR", help="rollback points folder (default: $BACKUP_DIR)")
-        parser.add_argument("--pg-bin-dir", metavar="DIR", help="folder searched first for pg_dump/pg_restore "
-                            "(default: $PG_BIN_DIR)")
-    parser.add_argument("--log-dir", metavar="DIR", help="run logs folder (default: $LOG_DIR)")
+                 area: str = "database") -> None:
+    """The flags every script shares (--yes, --json, --verbose) and the variable overrides of its area."""
     if destructive:
         parser.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     if machine:
         parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     parser.add_argument("-v", "--verbose", action="store_true", help="show DEBUG lines on the console too")
+    parser.add_argument("--log-dir", metavar="DIR", help="run logs folder (default: $LOG_DIR)")
+    for flag, metavar, text in _AREAS.get(area, []):
+        parser.add_argument(flag, metavar=metavar, help=text)
 
 
 def execute(script: str, parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace, Context], Optional[int]],
@@ -142,5 +156,11 @@ def _ensure_console() -> None:
         console_only()
 
 
+def dispatch(commands: dict) -> Callable[[argparse.Namespace, Context], Optional[int]]:
+    """A handler that runs the subcommand's function: commands[args.command](args, ctx)."""
+    return lambda args, ctx: commands[args.command](args, ctx)
+
+
 def main(script: str, parser: argparse.ArgumentParser, handler) -> None:
-    sys.exit(execute(script, parser, handler))
+    """Run a script: a handler function, or a dict of subcommand functions."""
+    sys.exit(execute(script, parser, dispatch(handler) if isinstance(handler, dict) else handler))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 from .log import get_logger
@@ -53,3 +54,13 @@ class Progress:
             sys.stdout.write("\r" + " " * 100 + "\r")
             sys.stdout.flush()
         return time.monotonic() - self.started
+
+
+@contextmanager
+def timed(step: str):
+    """Log a step's duration at DEBUG: the run log shows where the time went."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        get_logger().debug("step %s: %.3f s", step, time.monotonic() - started)

@@ -26,7 +26,7 @@ from .errors import BackupCorrupt, RestoreFailed, ToolFailed, UsageError
 from .locks import DatabaseLock
 from .log import get_logger
 from .pgtools import Tool, archive_tool_major, find_tool, list_archive
-from .progress import Progress, human_size
+from .progress import Progress, human_size, timed
 from .runner import Process, run
 
 RESTORE_TAG, PREVIOUS_TAG = "restore", "pre_rollback"
@@ -255,27 +255,30 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
         result.method = "copy of the snapshot into a new database (TEMPLATE), then swap names"
         sealed = snapshot.is_sealed(conn, point)
         try:
-            snapshot.copy_into(conn, point, fresh, like)
+            with timed("copy of the snapshot"):
+                snapshot.copy_into(conn, point, fresh, like)
         except psycopg2.Error as exc:
             _drop_quietly(conn, fresh)
             raise RestoreFailed(f"copying snapshot {point.snapshot_database} failed: {db.reason(exc)}. "
                                 "Nothing was changed.") from None
     else:
-        _create_like(conn, fresh, like)
+        with timed("create the new database"):
+            _create_like(conn, fresh, like)
     try:
         testhooks.checkpoint("restore-database-created")
         if point.kind == catalog.DUMP:
             # The sha256 is checked while pg_restore fills the new database: the target is not
             # touched until the swap, and the swap waits for the verdict.
-            with ChecksumBeside(point):
+            with timed("pg_restore and sha256"), ChecksumBeside(point):
                 fill_database(info.with_db(fresh), point, the_plan.server_major, pg_bin_dir)
         testhooks.checkpoint("restore-filled")
-        if sealed:
-            # Nobody could connect to the snapshot since its rows were counted, and a TEMPLATE copy
-            # is block for block (planner statistics included): the table list is what to check.
-            result.tables_checked, result.rows_checked = snapshot.check_tables(info.with_db(fresh), point)
-        else:
-            result.tables_checked, result.rows_checked = check_against_point(info.with_db(fresh), point)
+        with timed("check against the rollback point"):
+            if sealed:
+                # Nobody could connect to the snapshot since its rows were counted, and a TEMPLATE
+                # copy is block for block (planner statistics included): the table list is the check.
+                result.tables_checked, result.rows_checked = snapshot.check_tables(info.with_db(fresh), point)
+            else:
+                result.tables_checked, result.rows_checked = check_against_point(info.with_db(fresh), point)
         if the_plan.exists:
             db.copy_database_settings(conn, target, fresh)
         testhooks.checkpoint("restore-checked")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 from typing import List, Optional
 
-from . import backup, catalog, restore, snapshot
+from . import backup, catalog, files, restore, snapshot
 from . import cleanup as cleaning
 from .catalog import RollbackPoint
 from .cli import Context
@@ -142,8 +142,10 @@ def cleanup(ctx: Context, info: Optional[ConnInfo], older_than: Optional[float],
             lock.release()
 
 
-def remove_backup_folders(ctx: Context, doomed: list, dry_run: bool, what: str) -> None:
-    """Cleanup of code and config backups: list, confirm, remove."""
+def cleanup_backup_folders(ctx: Context, parent, prefix: str, metadata: str, days: float, dry_run: bool,
+                           what: str) -> None:
+    """Cleanup of code and config backups older than `days` (never the newest): list, confirm, remove."""
+    doomed = files.old_backups(files.list_backups(parent, prefix, metadata), days)
     lines = [f"{b.path} ({b.metadata.get('created_at', '?')})" for b in doomed]
     if dry_run or not doomed:
         ctx.log.info("%s %d %s(s)%s", "Would remove" if dry_run else "Nothing to remove:", len(doomed), what,

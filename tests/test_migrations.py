@@ -9,17 +9,11 @@ from pathlib import Path
 import pytest
 
 from common.database import connect, rows
+from common.demo import SAMPLE_DATA
 from tests import pgfixtures as pf
 
 ROOT = Path(__file__).resolve().parent.parent
-SEED = """
-INSERT INTO customers (full_name, email, created_at) VALUES
-  ('Ada Lovelace', 'ada@example.com', '2023-01-05'), ('Grace Hopper', 'grace@example.com', '2023-03-09'),
-  ('Zoë Ångström', 'zoe@example.com', '2024-02-01');
-INSERT INTO orders (customer_id, total_cents, placed_at)
-  SELECT 1 + i % 3, i * 137 % 100000, timestamptz '2023-06-01' + i * interval '1 day'
-  FROM generate_series(1, 400) AS i;
-"""
+SEED = SAMPLE_DATA  # the demo's sample rows: customers, and orders from 2023 on
 
 
 def state(server, dbname):

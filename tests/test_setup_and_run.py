@@ -92,20 +92,14 @@ def test_the_menu_runs_every_choice(world):  # noqa: F811
     term.send("4\n")
     seen = term.expect("Choice:")
     assert "--- database" in seen and "--- code" in seen and "--- configuration" in seen and "exit status 0" in seen
-    pf.execute(server, "staging", "DELETE FROM orders WHERE id > 100")
-    term.send("7\n")
-    term.expect("Type 'yes' to continue")
-    term.send("yes\n")
-    assert "exit status 0" in term.expect("Choice:")
-    assert pf.fingerprint(server, "staging") == before
-    pf.execute(server, "staging", "DELETE FROM orders WHERE id > 100")
-    term.send("8\n")
-    term.expect("Number of the rollback point")
-    term.send("1\n")
-    term.expect("Type 'yes' to continue")
-    term.send("yes\n")
-    assert "exit status 0" in term.expect("Choice:")
-    assert pf.fingerprint(server, "staging") == before
+    for choice, prompts in (("7", []), ("8", [("Number of the rollback point", "1")])):
+        pf.execute(server, "staging", "DELETE FROM orders WHERE id > 100")
+        term.send(choice + "\n")
+        for prompt, answer in prompts + [("Type 'yes' to continue", "yes")]:
+            term.expect(prompt)
+            term.send(answer + "\n")
+        assert "exit status 0" in term.expect("Choice:")
+        assert pf.fingerprint(server, "staging") == before, f"choice {choice}"
     pf.execute(server, "staging", "CREATE TABLE scratch (id int)")
     term.send("9\n")
     term.expect("Type 'yes' to continue")
