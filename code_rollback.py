@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import cli, coderepo, runbooks  # noqa: E402
+from common import cli, coderepo, files, runbooks  # noqa: E402
 from common.errors import VerifyProblems  # noqa: E402
 
 
@@ -80,8 +80,9 @@ def cmd_restore(args, ctx):
         f"commit {(meta['commit'] or '(none)')[:12]} on {meta['branch'] or 'detached HEAD'}, "
         f"{len(meta['dirty_files'])} uncommitted file(s), backed up {meta['created_at']}",
         "the current state is backed up first; ignored files are kept"])
-    auto_backup(ctx, repo_path, backups, f"automatic before restore of {source.name}")
-    coderepo.restore(repo_path, source, meta)
+    with files.FolderLock(backups, ctx.script):
+        auto_backup(ctx, repo_path, backups, f"automatic before restore of {source.name}")
+        coderepo.restore(repo_path, source, meta)
     ctx.log.info("Restored %s to %s on %s (%d uncommitted file(s)).", repo_path, (meta["commit"] or "-")[:12],
                  meta["branch"] or "detached HEAD", len(meta["dirty_files"]))
     if deploy:
@@ -100,8 +101,9 @@ def cmd_rollback(args, ctx):
     ctx.confirm(f"Reset branch {repo.head.ref.name} from {head[:12]} to {commit[:12]}?", [
         f"target: {commit[:12]} {repo.commit(commit).summary}",
         "local changes are stashed; the old head is kept under refs/rollback/<ts>"])
-    auto_backup(ctx, repo_path, backups, f"automatic before rollback to {commit[:12]}")
-    result = coderepo.rollback(repo, commit)
+    with files.FolderLock(backups, ctx.script):
+        auto_backup(ctx, repo_path, backups, f"automatic before rollback to {commit[:12]}")
+        result = coderepo.rollback(repo, commit)
     ctx.log.info("Rolled %s back from %s to %s.", result.branch, result.old_head[:12], result.new_head[:12])
     ctx.log.info("  old head kept as %s (git checkout -B %s %s to undo)", result.kept_ref, result.branch, result.kept_ref)
     ctx.log.info("  local changes: %s", f"stashed as {result.stash} (git stash pop to recover)"

@@ -67,9 +67,10 @@ def cmd_restore(args, ctx):
         f"{len(meta['files'])} files as of {meta['created_at']}",
         f"changed since: {len(d.changed)}, added since (will be removed): {len(d.added)}, "
         f"removed since (will come back): {len(d.removed)}", "the current state is backed up first"])
-    auto = configfiles.backup(config_dir, env_file, backups, reason=f"automatic before restore of {source.name}")
-    ctx.log.info("Automatic backup of the current state: %s", auto)
-    result = configfiles.restore(source, meta, config_dir, env_file)
+    with files.FolderLock(backups, ctx.script):
+        auto = configfiles.backup(config_dir, env_file, backups, reason=f"automatic before restore of {source.name}")
+        ctx.log.info("Automatic backup of the current state: %s", auto)
+        result = configfiles.restore(source, meta, config_dir, env_file)
     ctx.log.info("Restored %d file(s), removed %d, %d already matched; checksums verified.",
                  len(result.written), len(result.removed), result.unchanged)
     for name in result.written:
@@ -82,12 +83,16 @@ def cmd_update(args, ctx):
     config_dir, env_file, backups = paths(ctx)
     target = configfiles.target_file(config_dir, args.file)
     patch = configfiles.parse_patch(args.patch)
-    configfiles.parse_file(target)  # bad input is refused before anything, the backup included
-    auto = configfiles.backup(config_dir, env_file, backups, reason=f"automatic before update of {args.file}")
-    changes = configfiles.update(target, patch)
-    if not changes:
-        ctx.log.info("%s already has these values; nothing changed (backup %s).", args.file, auto.name)
+    current = configfiles.parse_file(target)  # bad input is refused before anything, the backup included
+    _, planned = configfiles.deep_merge(current if isinstance(current, dict) else {}, patch)
+    if not planned:
+        ctx.log.info("%s already has these values; nothing to change.", args.file)
         return
+    ctx.confirm(f"Update {target}?", [f"{key}: {configfiles.show_value(key, old)} -> {configfiles.show_value(key, new)}"
+                                      for key, old, new in planned] + ["the current configuration is backed up first"])
+    with files.FolderLock(backups, ctx.script):
+        auto = configfiles.backup(config_dir, env_file, backups, reason=f"automatic before update of {args.file}")
+        changes = configfiles.update(target, patch)
     ctx.log.info("Updated %s (backup first: %s):", target, auto)
     for key, old, new in changes:
         ctx.log.info("  %s: %s -> %s", key, configfiles.show_value(key, old), configfiles.show_value(key, new))

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -149,6 +150,7 @@ def main() -> int:
     parser.add_argument("--config-files", type=int, default=1_000)
     args = parser.parse_args()
     size = parse_size(args.size)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
 
     server = ThrowawayServer(args.major, durable=True).start()
     work = Path(tempfile.mkdtemp(prefix="rollback-bench-"))
@@ -166,8 +168,10 @@ def main() -> int:
         admin = connect(info)
 
         def quiet() -> None:
-            """Flush dirty buffers first, so no operation pays for the writes of the one before."""
+            """Flush dirty buffers and the OS page cache first, so no operation pays for the writes of
+            the one before (a FILE_COPY copy starts with a checkpoint and ends with fsyncs)."""
             execute(admin, "CHECKPOINT")
+            os.sync()
 
         def record(name, seconds, peak=None, extra=None):
             results.setdefault(name, []).append({"seconds": seconds, "peak_mb": peak, **(extra or {})})

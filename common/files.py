@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .catalog import fsync_dir, stamp, utc_now, write_json_atomic
-from .errors import UsageError
+from .errors import LockHeld, UsageError
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -142,3 +142,35 @@ def remove_leftover_partials(parent: Path, prefix: str, quiet_seconds: int = 600
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+class FolderLock:
+    """One code or configuration operation at a time: an flock on `<folder>/.lock`, released by the
+    kernel when the process dies, however it dies. A second holder is refused at once, by name."""
+
+    def __init__(self, folder: Path, script: str):
+        self.path = folder / ".lock"
+        self.script = script
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "FolderLock":
+        import fcntl
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise LockHeld(f"another operation on {self.path.parent} is running ({holder}). Nothing was changed. "
+                           "Wait for it to finish, then run this again.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{self.script} pid={os.getpid()} since {utc_now().isoformat(timespec='seconds')}".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None

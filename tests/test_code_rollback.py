@@ -239,3 +239,20 @@ def test_cleanup_keeps_the_newest(repo, env):
     assert dry.returncode == 0 and "Would remove 2" in dry.stdout and len(backups(env)) == 3
     assert run(env, "cleanup", "30", "--yes").returncode == 0
     assert len(backups(env)) == 1
+
+
+def test_a_second_operation_on_the_repository_is_refused_naming_the_first(repo, env, tmp_path):
+    assert run(env, "backup").returncode == 0
+    flag = tmp_path / "paused"
+    first = pf.start_script("code_rollback.py", "restore", str(backups(env)[0]), "--yes",
+                            env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"code-restore-built:{flag}"))
+    deadline = time.monotonic() + 60
+    while not flag.exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    before = state(repo)
+    second = run(env, "rollback", "HEAD~1", "--yes")
+    first.kill()
+    first.communicate()
+    assert second.returncode == 1 and "code_rollback pid=" in second.stderr and "Nothing was changed" in second.stderr
+    assert state(repo) == before

@@ -90,7 +90,9 @@ def test_update_then_restore(setup):
     out = result.stdout
     assert "db.pool: 5 -> 10" in out and "app.debug: true -> (absent)" in out and "db.password: *** -> ***" in out
     assert "hunter2" not in out and "n3w" not in out
-    json_update = run(env, "update", "services/payments/gateway.json", '{"retries": 5}')
+    declined = run(env, "update", "services/payments/gateway.json", '{"retries": 5}')
+    assert declined.returncode == 3 and "retries: 3 -> 5" in declined.stdout
+    json_update = run(env, "update", "services/payments/gateway.json", '{"retries": 5}', "--yes")
     assert json_update.returncode == 0
     assert json.loads((config / "services/payments/gateway.json").read_text()) == {"url": "https://pay", "retries": 5}
     first = backups(env)[0]  # the automatic backup taken before the first update
