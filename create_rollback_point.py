@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def handle(args, ctx: cli.Context) -> int:
-    staging = ctx.conninfo("STAGING_DATABASE_URL")
+    staging = ctx.staging()
     ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress))
 

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def handle(args, ctx: cli.Context) -> int:
-    staging = ctx.conninfo("STAGING_DATABASE_URL")
+    staging = ctx.staging()
     if args.from_v2:
         runbooks.reset_from_v2(ctx, ctx.conninfo("V2_DATABASE_URL"), staging, drop_previous=args.drop_previous)
         return 0

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def handle(args, ctx: cli.Context) -> int:
-    runbooks.reset_from_v2(ctx, ctx.conninfo("V2_DATABASE_URL"), ctx.conninfo("STAGING_DATABASE_URL"),
+    runbooks.reset_from_v2(ctx, ctx.conninfo("V2_DATABASE_URL"), ctx.staging(),
                            drop_previous=args.drop_previous)
     return 0
 

@@ -71,7 +71,7 @@ def split_urls(argv):
 
 def staging_or_none(ctx, args):
     if ctx.settings.get("STAGING_DATABASE_URL"):
-        return ctx.conninfo("STAGING_DATABASE_URL")
+        return ctx.staging()
     return None
 
 
@@ -94,7 +94,7 @@ def cmd_info(args, ctx):
 
 
 def cmd_create(args, ctx):
-    staging = ctx.conninfo("STAGING_DATABASE_URL")
+    staging = ctx.staging()
     ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress))
 
@@ -117,7 +117,7 @@ def cmd_verify(args, ctx):
 
 
 def cmd_restore(args, ctx):
-    staging = ctx.conninfo("STAGING_DATABASE_URL")
+    staging = ctx.staging()
     if args.latest:
         point = runbooks.newest_point(ctx, staging)
         if point is None:
@@ -151,7 +151,7 @@ def pick(ctx, points, number: int):
 
 def cmd_reset(args, ctx):
     runbooks.reset_from_v2(ctx, ctx.conninfo("V2_DATABASE_URL"),
-                           ctx.conninfo("STAGING_DATABASE_URL"), drop_previous=args.drop_previous)
+                           ctx.staging(), drop_previous=args.drop_previous)
 
 
 def cmd_cleanup(args, ctx):

@@ -40,12 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_create(args, ctx):
-    staging = ctx.conninfo("STAGING_DATABASE_URL")
+    staging = ctx.staging()
     ctx.show_point(snapshot.create_snapshot(staging, ctx.settings.backup_dir, ctx.script, args.description))
 
 
 def cmd_list(args, ctx):
-    staging = ctx.conninfo("STAGING_DATABASE_URL")
+    staging = ctx.staging()
     points = [p for p in runbooks.scan(ctx, staging) if p.kind == catalog.SNAPSHOT]
     conn = maintenance_db(staging)
     try:
@@ -62,13 +62,13 @@ def cmd_list(args, ctx):
 
 
 def cmd_restore(args, ctx):
-    staging = ctx.conninfo("STAGING_DATABASE_URL")
+    staging = ctx.staging()
     point = snapshot.resolve(ctx.settings.backup_dir, args.name, staging.dbname, runbooks.scan(ctx, staging))
     runbooks.restore_point(ctx, staging, point, drop_previous=args.drop_previous)
 
 
 def cmd_drop(args, ctx):
-    staging = ctx.conninfo("STAGING_DATABASE_URL")
+    staging = ctx.staging()
     points = runbooks.scan(ctx, staging)
     match = [p for p in points if p.kind == catalog.SNAPSHOT and args.name in (p.id, p.snapshot_database)]
     if match:

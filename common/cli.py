@@ -34,6 +34,17 @@ class Context:
         url = override or self.settings.require(variable)
         return ConnInfo.parse(url, what=variable)
 
+    def staging(self) -> ConnInfo:
+        """STAGING_DATABASE_URL, refused when it names the V2 database: V2 is production, and nothing
+        here may replace it, cut its connections or copy it with TEMPLATE (DESIGN §5)."""
+        staging = self.conninfo("STAGING_DATABASE_URL")
+        v2_url = self.settings.get("V2_DATABASE_URL")
+        if v2_url and same_database(ConnInfo.parse(v2_url, what="V2_DATABASE_URL"), staging):
+            raise ConfigError("STAGING_DATABASE_URL and V2_DATABASE_URL name the same database: refusing to touch "
+                              "what may be production. Nothing was changed. Fix the URLs in "
+                              f"{self.settings.env_file} or the environment.")
+        return staging
+
     def db_target(self) -> ConnInfo:
         """database_rollback.py's target: the DB_* variables, or STAGING_DATABASE_URL without DB_NAME."""
         s = self.settings
@@ -105,6 +116,14 @@ _AREAS = {
     "config": [("--config-dir", "DIR", "(default: $CONFIG_DIR)"), ("--config-backup-dir", "DIR", "(default: $CONFIG_BACKUP_DIR)"),
                ("--env-file", "FILE", "the .env file to back up and restore (default: $ENV_FILE)")],
 }
+
+
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+def same_database(a: ConnInfo, b: ConnInfo) -> bool:
+    host = lambda h: "localhost" if h.lower() in _LOOPBACK else h.lower()  # noqa: E731
+    return (host(a.host), a.port, a.dbname) == (host(b.host), b.port, b.dbname)
 
 
 def common_flags(parser: argparse.ArgumentParser, destructive: bool = True, machine: bool = False,

@@ -7,7 +7,7 @@ from typing import List, Optional
 from . import backup, catalog, files, restore, snapshot
 from . import cleanup as cleaning
 from .catalog import RollbackPoint
-from .cli import Context
+from .cli import Context, same_database
 from .database import ConnInfo, app_name, drop_database
 from .errors import UsageError
 from .locks import DatabaseLock
@@ -27,7 +27,7 @@ def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: 
 def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previous: bool = False) -> restore.Result:
     """staging := a fresh copy of V2. V2 is only read, by pg_dump in one snapshot; staging is
     replaced by the never-half-done path, so a failure at any step leaves it as it was."""
-    if (v2.host, v2.port, v2.dbname) == (staging.host, staging.port, staging.dbname):
+    if same_database(v2, staging):
         raise UsageError("V2_DATABASE_URL and STAGING_DATABASE_URL name the same database; refusing to "
                          "reset it from itself. Nothing was changed.")
     placeholder = RollbackPoint(id=f"fresh copy of V2 ({v2.dbname})", database=staging.dbname,

@@ -318,3 +318,19 @@ def test_database_rollback_restore_verify_and_cleanup(pg15, staging15, env_for, 
     keep = pf.run_script("rollback_manager.py", "cleanup", "--keep", "1", "--yes", env=env)
     assert keep.returncode == 0, keep.stderr
     assert len(list(Path(env["BACKUP_DIR"]).glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("script,args", [("quick_rollback.py", ["--yes"]), ("simple_rollback.py", ["create", "x"]),
+                                         ("reset_staging.py", ["--yes"]), ("rollback_manager.py", ["reset", "--yes"])])
+def test_nothing_touches_v2_even_when_staging_is_misconfigured_as_v2(pg15, staging15, env_for, script, args):
+    env = env_for(pg15, staging15)
+    make_point(env)
+    watcher = connect(pg15.info, staging15, app="production-client")
+    before = pf.fingerprint(pg15, staging15)
+    # the same database as V2, spelled with localhost instead of 127.0.0.1
+    env["V2_DATABASE_URL"] = pf.url(pg15, staging15).replace("127.0.0.1", "localhost")
+    result = pf.run_script(script, *args, env=env)
+    assert result.returncode == 2 and "same database" in result.stderr
+    assert rows(watcher, "SELECT 1") == [(1,)]  # its connection was not cut
+    watcher.close()
+    assert pf.fingerprint(pg15, staging15) == before
