@@ -65,6 +65,21 @@ def generate(server: ThrowawayServer, dbname: str, size: int) -> int:
     return final
 
 
+DROP_CACHE = True
+
+
+def cold_cache() -> None:
+    """sync, then drop the OS page cache when we may (root) and were not told to keep it."""
+    os.sync()
+    if not DROP_CACHE:
+        return
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+    except OSError:
+        pass
+
+
 def rusage_run(argv, env) -> tuple:
     """(seconds, peak RSS in MB of that process alone, stdout)"""
     started = time.monotonic()
@@ -119,21 +134,26 @@ def bench_files(work: Path, args, record) -> None:
                CONFIG_BACKUP_DIR=str(work / "config_backups"), ENV_FILE=str(work / "app.env"), LOG_DIR=str(work / "logs"),
                GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@x", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@x")
     script = lambda name: [sys.executable, str(ROOT / name)]  # noqa: E731
+
+    def timed_run(argv):
+        cold_cache()
+        return rusage_run(argv, env)
+
     for _ in range(args.runs):
-        seconds, peak, _ = rusage_run(script("code_rollback.py") + ["backup"], env)
+        seconds, peak, _ = timed_run(script("code_rollback.py") + ["backup"])
         record("ours: code_rollback.py backup", seconds, peak)
-        seconds, peak, _ = rusage_run(script("code_rollback.py") + ["rollback", "HEAD~1", "--yes"], env)
+        seconds, peak, _ = timed_run(script("code_rollback.py") + ["rollback", "HEAD~1", "--yes"])
         record("ours: code_rollback.py rollback (with its automatic backup)", seconds, peak)
         newest = sorted((work / "code_backups").glob("code_*"))[0]
-        seconds, peak, _ = rusage_run(script("code_rollback.py") + ["restore", str(newest), "--yes"], env)
+        seconds, peak, _ = timed_run(script("code_rollback.py") + ["restore", str(newest), "--yes"])
         record("ours: code_rollback.py restore (with its automatic backup)", seconds, peak)
         subprocess.run(["rm", "-rf", str(work / "code_backups")])
-        seconds, peak, _ = rusage_run(script("config_rollback.py") + ["backup"], env)
+        seconds, peak, _ = timed_run(script("config_rollback.py") + ["backup"])
         record("ours: config_rollback.py backup", seconds, peak)
         for path in list(config.rglob("*.json"))[:100]:
             path.write_text("{}\n")
         [backup] = list((work / "config_backups").glob("config_*"))
-        seconds, peak, _ = rusage_run(script("config_rollback.py") + ["restore", str(backup), "--yes"], env)
+        seconds, peak, _ = timed_run(script("config_rollback.py") + ["restore", str(backup), "--yes"])
         record("ours: config_rollback.py restore (with its automatic backup)", seconds, peak)
         subprocess.run(["rm", "-rf", str(work / "config_backups")])
 
@@ -145,11 +165,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--skip-files", action="store_true", help="leave out the code and configuration timings")
+    parser.add_argument("--keep-cache", action="store_true", help="do not drop the OS page cache between steps")
     parser.add_argument("--repo-files", type=int, default=10_000)
     parser.add_argument("--repo-commits", type=int, default=1_000)
     parser.add_argument("--config-files", type=int, default=1_000)
     args = parser.parse_args()
     size = parse_size(args.size)
+    global DROP_CACHE
+    DROP_CACHE = not args.keep_cache
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
 
     server = ThrowawayServer(args.major, durable=True).start()
@@ -168,10 +191,11 @@ def main() -> int:
         admin = connect(info)
 
         def quiet() -> None:
-            """Flush dirty buffers and the OS page cache first, so no operation pays for the writes of
-            the one before (a FILE_COPY copy starts with a checkpoint and ends with fsyncs)."""
+            """Every timed step starts alike: dirty buffers flushed (a FILE_COPY copy starts with a
+            checkpoint: it must not pay for the step before) and, where allowed, the OS cache dropped,
+            so that each reads its data from disk, as a rollback at 3 a.m. would."""
             execute(admin, "CHECKPOINT")
-            os.sync()
+            cold_cache()
 
         def record(name, seconds, peak=None, extra=None):
             results.setdefault(name, []).append({"seconds": seconds, "peak_mb": peak, **(extra or {})})
@@ -209,22 +233,27 @@ def main() -> int:
             for leftover in (work / "backups").glob("*"):
                 leftover.unlink()
 
-            # snapshots: ours against a raw CREATE DATABASE ... TEMPLATE
-            quiet()
-            started = time.monotonic()
-            execute(admin, f'CREATE DATABASE "bench_raw_{run}" TEMPLATE "{staging}"')
-            record("raw CREATE DATABASE ... TEMPLATE", time.monotonic() - started)
-            drop_database(admin, f"bench_raw_{run}")
-            quiet()
-            started = time.monotonic()
-            execute(admin, f'CREATE DATABASE "bench_raw_{run}" TEMPLATE "{staging}" STRATEGY FILE_COPY')
-            record("raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY", time.monotonic() - started)
-            drop_database(admin, f"bench_raw_{run}")
+            # snapshots: creation against a raw copy of staging; restore against a raw copy of the
+            # same snapshot (its files are as cold for the peer as for us)
+            for strategy, label in (("", "raw CREATE DATABASE ... TEMPLATE"),
+                                    (" STRATEGY FILE_COPY", "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY")):
+                quiet()
+                started = time.monotonic()
+                execute(admin, f'CREATE DATABASE "bench_raw_{run}" TEMPLATE "{staging}"{strategy}')
+                record(f"{label} (create)", time.monotonic() - started)
+                drop_database(admin, f"bench_raw_{run}")
             quiet()
             seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "create",
                                              f"bench {run}", "--json"], env)
             snap = json.loads(out)
             record("ours: simple_rollback.py create", seconds, peak)
+            for strategy, label in (("", "raw CREATE DATABASE ... TEMPLATE"),
+                                    (" STRATEGY FILE_COPY", "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY")):
+                quiet()
+                started = time.monotonic()
+                execute(admin, f'CREATE DATABASE "bench_raw_{run}" TEMPLATE "{snap["snapshot_database"]}"{strategy}')
+                record(f"{label} (restore)", time.monotonic() - started)
+                drop_database(admin, f"bench_raw_{run}")
             quiet()
             seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "restore",
                                              "--yes", "--json"], env)
@@ -253,10 +282,12 @@ def write_results(path: Path, results: dict, server, actual: int, args) -> None:
         ("create (dump)", "ours: create_rollback_point.py", "pg_dump -Fc"),
         ("create (dump)", "ours: create_rollback_point.py", "pg_dump -Fc -Z0"),
         ("restore (dump)", "ours: quick_rollback.py", "pg_restore -j 2 (new database)"),
-        ("create (snapshot)", "ours: simple_rollback.py create", "raw CREATE DATABASE ... TEMPLATE"),
-        ("restore (snapshot)", "ours: simple_rollback.py restore", "raw CREATE DATABASE ... TEMPLATE"),
-        ("create (snapshot)", "ours: simple_rollback.py create", "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY"),
-        ("restore (snapshot)", "ours: simple_rollback.py restore", "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY"),
+        ("create (snapshot)", "ours: simple_rollback.py create", "raw CREATE DATABASE ... TEMPLATE (create)"),
+        ("create (snapshot)", "ours: simple_rollback.py create",
+         "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY (create)"),
+        ("restore (snapshot)", "ours: simple_rollback.py restore", "raw CREATE DATABASE ... TEMPLATE (restore)"),
+        ("restore (snapshot)", "ours: simple_rollback.py restore",
+         "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY (restore)"),
     ]
     lines = [f"# Benchmark results ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "

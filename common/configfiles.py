@@ -3,6 +3,7 @@ restores file by file (temporary name, fsync, rename), deep-merge updates that m
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -31,16 +32,33 @@ class Entry:
     size: int
 
 
-def _walk(config_dir: Path) -> List[Path]:
+_OUR_TEMP = re.compile(r"^\..+\.tmp-\d+$")  # files.replace_many's temporary names
+
+
+def _walk(config_dir: Path, temps: Optional[List[Path]] = None) -> List[Path]:
+    """Regular files under config_dir; temporary files of an interrupted restore go to `temps`."""
     found = []
     if config_dir.is_dir():
         for root, dirs, names in os.walk(config_dir):
             dirs.sort()
             for name in sorted(names):
                 path = Path(root) / name
-                if path.is_file() and not path.is_symlink():
+                if _OUR_TEMP.match(name):
+                    if temps is not None:
+                        temps.append(path)
+                elif path.is_file() and not path.is_symlink():
                     found.append(path)
     return found
+
+
+def remove_leftover_temps(config_dir: Path, env_file: Optional[Path]) -> List[Path]:
+    temps: List[Path] = []
+    _walk(config_dir, temps)
+    if env_file is not None:
+        temps += [p for p in env_file.parent.glob(f".{env_file.name}.tmp-*") if _OUR_TEMP.match(p.name)]
+    for path in temps:
+        path.unlink()
+    return temps
 
 
 def current_entries(config_dir: Path, env_file: Optional[Path]) -> Dict[Tuple[str, str], Tuple[Path, Entry]]:
@@ -59,15 +77,21 @@ def current_entries(config_dir: Path, env_file: Optional[Path]) -> Dict[Tuple[st
 def backup(config_dir: Path, env_file: Optional[Path], parent: Path, reason: str = "") -> Path:
     """`<parent>/config_<ts>/` holding copies (0600) under files/ and manifest.json (path, sha256, mode)."""
     partial = files.new_backup_dir(parent, PREFIX)
+    sources = [("config", str(p.relative_to(config_dir)), p) for p in _walk(config_dir)]
+    if env_file is not None and env_file.is_file():
+        sources.append(("env", env_file.name, env_file))
     entries = []
-    for (area, rel), (path, entry) in current_entries(config_dir, env_file).items():
+    for area, rel, path in sources:
+        data = path.read_bytes()  # read once: the checksum is of exactly what was copied
         target = partial / "files" / area / rel
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = path.read_bytes()
-        files.write_atomic(target, data, 0o600)
-        if files.sha256_of(target) != entry.sha256:  # the file changed while we copied it
-            raise UsageError(f"{path} changed during the backup; run it again. Nothing was changed.")
-        entries.append(entry.__dict__)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        entries.append(Entry(area, rel, hashlib.sha256(data).hexdigest(), stat.S_IMODE(path.stat().st_mode),
+                             len(data)).__dict__)
+    # The folder is *.partial until finish_backup_dir renames it: one flush for all the copies.
+    files.sync_filesystem(partial)
     meta = {"format_version": 1, "kind": "config", "config_dir": str(config_dir),
             "env_file": str(env_file) if env_file else None, "reason": reason, "files": entries}
     return files.finish_backup_dir(partial, MANIFEST, meta)
@@ -100,8 +124,10 @@ def restore(backup_path: Path, meta: dict, config_dir: Path, env_file: Optional[
     """Every file back byte for byte with its mode, each by temporary name + fsync + rename; files
     added since the backup are removed afterwards; checksums verified at the end."""
     result = RestoreResult()
+    result.removed += [f"leftover {p}" for p in remove_leftover_temps(config_dir, env_file)]
     wanted = {(e.area, e.path): e for e in meta["entries"]}
     now = current_entries(config_dir, env_file)
+    todo = []
     for key, e in wanted.items():
         target = _target(e, config_dir, env_file)
         have = now.get(key)
@@ -109,17 +135,16 @@ def restore(backup_path: Path, meta: dict, config_dir: Path, env_file: Optional[
             result.unchanged += 1
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(target, (backup_path / "files" / e.area / e.path).read_bytes(), e.mode)
+        todo.append((target, (backup_path / "files" / e.area / e.path).read_bytes(), e.mode))
         result.written.append(f"{e.area}/{e.path}")
-        testhooks.checkpoint("config-restore-file-written")
+    files.replace_many(todo, on_each=lambda _: testhooks.checkpoint("config-restore-file-written"))
     for key, (path, _) in now.items():
         if key not in wanted:
             path.unlink()
             result.removed.append(f"{key[0]}/{key[1]}")
-    for e in wanted.values():
-        path = _target(e, config_dir, env_file)
-        if files.sha256_of(path) != e.sha256:
-            raise UsageError(f"after the restore {path} does not match the backup: check the disk")
+    for target, data, _ in todo:
+        if files.sha256_of(target) != hashlib.sha256(data).hexdigest():
+            raise UsageError(f"after the restore {target} does not match the backup: check the disk")
     _remove_empty_dirs(config_dir)
     return result
 
