@@ -185,6 +185,8 @@ def scan(folder: Path, snapshot_exists: Optional[Callable[[str], Optional[bool]]
     points: List[RollbackPoint] = []
     claimed = set()
     for sidecar in folder.glob("*.json"):
+        if sidecar.name.startswith("."):  # the toolkit's own markers (an in-flight restore), not points
+            continue
         try:
             point = load_sidecar(sidecar)
         except (ValueError, TypeError, OSError) as exc:
@@ -195,7 +197,7 @@ def scan(folder: Path, snapshot_exists: Optional[Callable[[str], Optional[bool]]
             claimed.add(point.file)
         points.append(quick_check(point, snapshot_exists))
     for leftover in list(folder.glob("*.dump")) + list(folder.glob("*.partial")):
-        if leftover.name in claimed or leftover.name.endswith(".json.partial"):
+        if leftover.name in claimed or leftover.name.endswith(".json.partial") or leftover.name.startswith("."):
             continue
         reason = "interrupted backup (partial file)" if leftover.suffix == ".partial" else "no sidecar"
         points.append(_incomplete(leftover, reason))
