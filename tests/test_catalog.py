@@ -14,8 +14,8 @@ def make(folder: Path, point_id: str, content: bytes = b"PGDMP data", **extra) -
     dump = folder / f"{point_id}.dump"
     dump.write_bytes(content)
     created = extra.pop("created_at", "2026-01-01T00:00:00+00:00")
-    point = catalog.RollbackPoint(id=point_id, database="staging", created_at=created, file=dump.name, size_bytes=len(content), sha256=catalog.sha256_file(dump),
-                                  folder=folder, **extra)
+    point = catalog.RollbackPoint(id=point_id, database="staging", created_at=created, file=dump.name,
+                                  size_bytes=len(content), sha256=catalog.sha256_file(dump), folder=folder, **extra)
     catalog.save(point)
     return dump
 
