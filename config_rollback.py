@@ -8,6 +8,7 @@
     python3 config_rollback.py cleanup 30 [--dry-run]
 """
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -51,9 +52,9 @@ def cmd_backup(args, ctx):
     if not config_dir.is_dir():
         raise UsageError(f"CONFIG_DIR {config_dir} does not exist. Nothing was changed.")
     path = configfiles.backup(config_dir, env_file, backups, reason="manual")
-    meta = configfiles.load_backup(path)
+    meta = json.loads((path / configfiles.MANIFEST).read_text())
     if ctx.json:
-        ctx.emit_json({"path": str(path), **{k: v for k, v in meta.items() if k != "entries"}})
+        ctx.emit_json({"path": str(path), **meta})
     else:
         ctx.log.info("Configuration backup: %s (%d files)", path, len(meta["files"]))
 

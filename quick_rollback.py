@@ -28,7 +28,13 @@ def handle(args, ctx: cli.Context) -> int:
     if args.from_v2:
         runbooks.reset_from_v2(ctx, ctx.conninfo("V2_DATABASE_URL"), staging, drop_previous=args.drop_previous)
         return 0
-    point = runbooks.newest_point(ctx, staging)
+    points = runbooks.scan(ctx, staging)
+    for skipped in points:  # newer points that cannot be used are named, not silently passed over
+        if skipped.database == staging.dbname and skipped.status == "OK":
+            break
+        if skipped.database == staging.dbname:
+            ctx.log.warning("Skipping rollback point %s: %s (%s)", skipped.id, skipped.status, skipped.problem)
+    point = next((p for p in points if p.status == "OK" and p.database == staging.dbname), None)
     if point is None:
         ctx.log.info("No OK rollback point of %s in %s.", staging.dbname, ctx.settings.backup_dir)
         ctx.log.info("The fallback is a reset of staging from V2 (a fresh copy of production).")

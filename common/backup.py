@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import catalog, snapshot
+from . import catalog, snapshot, testhooks
 from .catalog import RollbackPoint
 from .database import ConnInfo, connect, migration_head, rows, scalar, server_version, table_row_counts
 from .errors import BackupFailed, ConfigError, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
@@ -188,6 +189,7 @@ def _pg_dump(source: Source, partial: Path, pg_bin_dir: Optional[str], compress:
     log.info("  %s, compression %s, into %s", tool.describe(), compression, partial.parent)
     proc = Process(argv, password=source.info.password, env=source.info.libpq_env(), on_stderr_line=on_line)
     try:
+        testhooks.checkpoint("backup-dump-started")
         source.count_beside(proc, what=f"pg_dump {tool.version}")
     except ToolFailed as exc:
         raise _explain(exc, tool, source) from None
@@ -203,8 +205,9 @@ def _explain(exc: ToolFailed, tool: Tool, source: Source) -> ToolFailed:
         return ToolVersionMismatch(f"pg_dump {tool.version} cannot dump a PostgreSQL {source.version} server "
                                    f"(server version mismatch); it needs pg_dump {source.major} or newer",
                                    exc.returncode, text)
-    if "No space left on device" in text or "File too large" in text:
-        return ToolFailed(f"the disk is full (pg_dump: {exc}); the partial file was removed", exc.returncode, text)
+    if "No space left on device" in text or "File too large" in text or exc.returncode == -signal.SIGXFSZ:
+        return ToolFailed(f"the disk is full, or a file size limit was reached (pg_dump: {exc}); the partial file "
+                          "was removed", exc.returncode, text)
     return exc
 
 

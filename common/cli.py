@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import psycopg2
+
 from . import report
 from .database import ConnInfo
 from .env import Settings, load_settings
@@ -159,6 +161,15 @@ def execute(script: str, parser: argparse.ArgumentParser, handler: Callable[[arg
         log.error("error: %s", exc)
         log.error("log: %s", log_path)
         return exc.exit_code
+    except psycopg2.OperationalError as exc:  # the server went away in the middle of the work
+        _ensure_console()
+        log.debug("%s", traceback.format_exc())
+        log.error("error: lost the connection to the database server (%s). Every step here is either done "
+                  "whole or not at all: run the same command again once the server is back; it finishes "
+                  "or cleans up what this run began.", mask(str(exc).strip().splitlines()[0] if str(exc).strip() else
+                                                            type(exc).__name__))
+        log.error("log: %s", log_path)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         _ensure_console()
         log.error("interrupted. See the log for what had been done: %s", log_path)

@@ -6,8 +6,6 @@ kept as `<db>__pre_rollback_<ts>`. A kill at any moment leaves the target as it 
 restored; the next run removes leftovers and re-allows connections an interrupted run had cut."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 import time
@@ -18,7 +16,7 @@ from typing import Dict, List, Optional
 import psycopg2
 from psycopg2 import sql
 
-from . import catalog, snapshot, testhooks
+from . import catalog, connections, snapshot, testhooks
 from . import database as db
 from .catalog import RollbackPoint
 from .database import ConnInfo
@@ -207,37 +205,13 @@ def execute(the_plan: Plan, *, script: str, folder: Path, pg_bin_dir: Optional[s
     return result
 
 
-def _inflight_path(folder: Path, target: str) -> Path:
-    digest = hashlib.sha256(target.encode()).hexdigest()[:8]
-    return folder / f".inflight_{catalog.slug(target)}_{digest}.json"
-
-
 def recover_interrupted(conn, target: str, folder: Path) -> None:
     """Undo what a killed run left: connections it had cut, `__restore_` databases it had begun.
     Only called under the target's lock, so no other run is using them."""
-    log = get_logger()
-    marker = _inflight_path(folder, target)
-    if marker.exists():
-        try:
-            names = json.loads(marker.read_text()).get("databases", [])
-        except (OSError, ValueError):
-            names = [target]
-        for name in names:
-            if db.allows_connections(conn, name) is False:
-                db.set_allow_connections(conn, name, True)
-                log.warning("Connections to %s had been left cut by an interrupted run: allowed again.", name)
-        marker.unlink()
+    connections.recover(conn, folder, target)
     for leftover in db.databases_like(conn, db.name_prefix(target, RESTORE_TAG)):
-        log.warning("Removing %s, left by an interrupted restore.", leftover)
+        get_logger().warning("Removing %s, left by an interrupted restore.", leftover)
         db.drop_database(conn, leftover)
-
-
-def _write_marker(folder: Path, target: str, names: List[str]) -> Path:
-    marker = _inflight_path(folder, target)
-    catalog.ensure_dir(folder)
-    catalog.write_json_atomic(marker, {"target": target, "databases": names, "pid": os.getpid(),
-                                       "started": catalog.utc_now().isoformat(timespec="seconds")})
-    return marker
 
 
 def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[str], script: str) -> Result:
@@ -290,30 +264,23 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
         result.method = "restore into a new database, then rename (the target did not exist)"
         return result
 
-    marker = _write_marker(folder, target, [target, keep_as])
     cut_at = time.monotonic()
+    cut = connections.Cut()
     try:
-        db.set_allow_connections(conn, target, False)
-        found = db.sessions(conn, target)
-        if found:
-            log.info("Cutting %d connection(s) to %s:", len(found), target)
-            db.log_sessions(found)
-        result.sessions_cut = db.terminate_sessions(conn, target)
-        testhooks.checkpoint("restore-connections-cut")
-        db.swap_names(conn, target, fresh, keep_as)
-        result.unavailable_seconds = time.monotonic() - cut_at
-        result.kept_as = keep_as
-        testhooks.checkpoint("restore-swapped")
+        with connections.cut(conn, folder, target, also=[keep_as], state=cut):
+            testhooks.checkpoint("restore-connections-cut")
+            db.swap_names(conn, target, fresh, keep_as)
+            result.unavailable_seconds = time.monotonic() - cut_at
+            result.sessions_cut, result.kept_as = cut.sessions_cut, keep_as
+            testhooks.checkpoint("restore-swapped")
     except BaseException as exc:
-        _allow_again(conn, target)
-        _drop_quietly(conn, fresh)
-        marker.unlink()
+        if result.kept_as is None:
+            _drop_quietly(conn, fresh)
         if isinstance(exc, psycopg2.Error):
-            raise RestoreFailed(f"the swap failed ({db.reason(exc)}); {target} is unchanged and accepts "
-                                "connections again") from None
+            state = ("accepts connections again" if cut.allowed else
+                     "still refuses connections: run this command again, which allows them first")
+            raise RestoreFailed(f"the swap failed ({db.reason(exc)}); {target} is unchanged and {state}") from None
         raise
-    _allow_again(conn, keep_as)
-    marker.unlink()
     log.info("Swapped: %s is now the restored database; the previous one is %s.", target, keep_as)
     return result
 
@@ -353,15 +320,6 @@ def _create_like(conn, name: str, like: Optional[str]) -> None:
         db.create_database(conn, name)
     except psycopg2.Error as exc:
         raise RestoreFailed(f"cannot create {name}: {db.reason(exc)}. Nothing was changed.") from None
-
-
-def _allow_again(conn, name: str) -> None:
-    try:
-        if db.allows_connections(conn, name) is False:
-            db.set_allow_connections(conn, name, True)
-    except psycopg2.Error as exc:
-        get_logger().error("could not allow connections to %s again (%s): run "
-                           "ALTER DATABASE ... WITH ALLOW_CONNECTIONS true", name, db.reason(exc))
 
 
 def _drop_quietly(conn, name: str) -> None:

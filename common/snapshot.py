@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import psycopg2
 
-from . import catalog
+from . import catalog, connections
 from . import database as db
 from .catalog import RollbackPoint
 from .database import ConnInfo
@@ -46,21 +46,17 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
     name = db.derived_name(info.dbname, TAG, catalog.stamp(), SEP)
     major, version = db.server_version(conn)
     log.info("Creating snapshot %s of %s (PostgreSQL %s) ...", name, info.masked(), version)
-    db.set_allow_connections(conn, info.dbname, False)
-    try:
-        found = db.sessions(conn, info.dbname)
-        if found:
-            log.info("Cutting %d connection(s) to %s for the copy:", len(found), info.dbname)
-            db.log_sessions(found)
-        db.terminate_sessions(conn, info.dbname)
+    connections.recover(conn, folder, info.dbname)
+    with connections.cut(conn, folder, info.dbname) as cut:
         try:
             db.create_database(conn, name, template=info.dbname, like=info.dbname)
         except psycopg2.Error as exc:
             raise SnapshotFailed(f"CREATE DATABASE {name} TEMPLATE {info.dbname} failed: {db.reason(exc)}. "
                                  "Nothing was changed.") from None
-    finally:
-        unavailable = time.monotonic() - started
-        db.set_allow_connections(conn, info.dbname, True)
+    unavailable = time.monotonic() - started
+    if not cut.allowed:
+        raise SnapshotFailed(f"snapshot {name} was made, but connections to {info.dbname} could not be allowed "
+                             "again: run this command again, which allows them first")
     log.info("  %s serves again (unavailable for %.0f ms); counting rows in the snapshot ...",
              info.dbname, unavailable * 1000)
     try:

@@ -1,7 +1,8 @@
-"""A test-only pause at named steps, so tests can kill a run at an exact point.
+"""A test-only pause at named steps, so tests can kill a run, or stop its server, at an exact point.
 
 With ROLLBACK_TEST_PAUSE_AT="<step>:<file>" a run that reaches <step> writes its pid to <file>
-and waits (up to 5 minutes) to be killed. Unset, checkpoint() does nothing."""
+and waits (up to 5 minutes) until the test removes the file, then goes on. Unset, checkpoint()
+does nothing."""
 from __future__ import annotations
 
 import os
@@ -19,4 +20,6 @@ def checkpoint(step: str) -> None:
         return
     with open(path, "w") as fh:
         fh.write(str(os.getpid()))
-    time.sleep(300)
+    deadline = time.monotonic() + 300
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -1,0 +1,142 @@
+"""Kill it, starve it, stop its server: staging is as it was or exactly the rollback point, no
+backup is silently wrong, and every failure is one clear line (issue: reliability)."""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.testserver import ThrowawayServer
+from tests import pgfixtures as pf
+from tests.test_restore import MIGRATION, drop_all, leftovers, make_point
+
+
+@pytest.fixture
+def own_server():
+    """A server of this test's own, which the test may stop and start."""
+    server = ThrowawayServer(15).start()
+    yield server
+    server.stop()
+
+
+def without_sequence_positions(fingerprint):
+    """Crash recovery moves sequences up to 32 values ahead (PostgreSQL pre-logs them), so after an
+    immediate stop sequence positions are not part of "as it was"; schema and rows are."""
+    schema, tables = fingerprint
+    return schema, {k: v for k, v in tables.items() if not isinstance(v[1], bool)}
+
+
+def _release_when_paused(flag: Path, proc, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not flag.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never reached the step"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+@pytest.mark.parametrize("step", ["restore-filled", "restore-connections-cut"])
+def test_a_server_stop_in_the_middle_of_a_restore(own_server, env_for, tmp_path, mode, step):
+    server = own_server
+    name = pf.create_database(server, "staging", pf.RICH_SCHEMA)
+    env = env_for(server, name)
+    before = pf.fingerprint(server, name)
+    make_point(env)
+    pf.execute(server, name, MIGRATION)
+    migrated = pf.fingerprint(server, name)
+    flag = tmp_path / "paused"
+    proc = pf.start_script("quick_rollback.py", "--yes", env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"{step}:{flag}"))
+    _release_when_paused(flag, proc)
+    server.pg_ctl("-m", mode, "stop")
+    server.pg_ctl("start")
+    flag.unlink()  # the run goes on, against a server that dropped all its sessions
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out + err
+    assert "Traceback" not in err
+    if step == "restore-filled":
+        assert "lost the connection to the database server" in err
+    else:  # the swap itself met the dead session: staging unchanged, connections still cut until the next run
+        assert "the swap failed" in err and "run this command again" in err
+    server._wait_ready(30)
+    if step == "restore-filled":  # before the swap: staging is exactly as it was
+        assert without_sequence_positions(pf.fingerprint(server, name)) == without_sequence_positions(migrated)
+    again = pf.run_script("quick_rollback.py", "--yes", env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert pf.fingerprint(server, name) == before
+    assert leftovers(server, name, "restore") == []
+    conn = pf.connect(server.info)
+    assert all(ok for _, ok in pf.rows(conn, "SELECT datname, datallowconn FROM pg_database WHERE datname LIKE 'staging%'"))
+    conn.close()
+    drop_all(server, name)
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_a_server_stop_in_the_middle_of_a_backup(own_server, env_for, tmp_path, mode):
+    server = own_server
+    name = pf.create_database(server, "staging", pf.RICH_SCHEMA)
+    env = env_for(server, name)
+    flag = tmp_path / "paused"
+    proc = pf.start_script("create_rollback_point.py", "doomed",
+                           env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"backup-dump-started:{flag}"))
+    _release_when_paused(flag, proc)
+    server.pg_ctl("-m", mode, "stop")
+    server.pg_ctl("start")
+    flag.unlink()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, out + err
+    backups = Path(env["BACKUP_DIR"])
+    assert not list(backups.glob("*.json")) and not list(backups.glob("*.dump")) and not list(backups.glob("*.partial"))
+    server._wait_ready(30)
+    assert pf.run_script("create_rollback_point.py", "after the restart", env=env).returncode == 0
+    points = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
+    assert [(p["description"], p["status"]) for p in points] == [("after the restart", "OK")]
+
+
+def test_a_backup_that_hits_a_file_size_limit_leaves_nothing(pg15, env_for, tmp_path):
+    name = pf.create_database(pg15, pf.unique_name("big"), "CREATE TABLE blob AS SELECT i, md5(i::text) || md5((i * 7)::text) "
+                              "AS v FROM generate_series(1, 100000) i;")
+    try:
+        env = env_for(pg15, name)
+        limit = 512 * 1024  # the dump is about 7 MB uncompressed
+
+        def starve():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        result = subprocess.run([sys.executable, str(pf.ROOT / "create_rollback_point.py"), "starved"], env=env,
+                                capture_output=True, text=True, preexec_fn=starve, timeout=120, cwd="/")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "disk is full" in result.stderr and "Traceback" not in result.stderr
+        backups = Path(env["BACKUP_DIR"])
+        assert sorted(p.name for p in backups.iterdir() if not p.name.startswith(".")) == []
+        listed = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)
+        assert listed["points"] == []
+    finally:
+        pf.drop_database(pg15, name)
+
+
+def test_a_dump_of_another_database_under_this_name_is_caught(pg15, env_for, tmp_path):
+    staging = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    other = pf.create_database(pg15, pf.unique_name("other"), "CREATE TABLE x (id int); INSERT INTO x VALUES (1);")
+    try:
+        env = env_for(pg15, staging)
+        meta, sidecar = make_point(env)
+        other_env = dict(env, STAGING_DATABASE_URL=pf.url(pg15, other), BACKUP_DIR=str(tmp_path / "other"))
+        _, other_sidecar = make_point(other_env, "other db")
+        sidecar.with_suffix(".dump").write_bytes(other_sidecar.with_suffix(".dump").read_bytes())  # swapped file
+        pf.execute(pg15, staging, MIGRATION)
+        migrated = pf.fingerprint(pg15, staging)
+        direct = pf.run_script("rollback_manager.py", "restore", "--file", meta["id"], "--yes", env=env)
+        assert direct.returncode == 1 and "CORRUPT" in direct.stderr and "Nothing was changed" in direct.stderr
+        quick = pf.run_script("quick_rollback.py", "--yes", env=env)  # no OK point left, and no V2 configured
+        assert quick.returncode == 2 and "Skipping rollback point" in quick.stderr and "CORRUPT" in quick.stderr
+        assert pf.fingerprint(pg15, staging) == migrated and leftovers(pg15, staging, "restore") == []
+        verify = pf.run_script("rollback_manager.py", "verify", "--file", meta["id"], env=env)
+        assert verify.returncode == 4 and ("size" in verify.stderr or "sha256" in verify.stderr)
+    finally:
+        drop_all(pg15, staging)
+        pf.drop_database(pg15, other)
