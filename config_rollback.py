@@ -71,7 +71,8 @@ def cmd_restore(args, ctx):
     with files.FolderLock(backups, ctx.script):
         auto = configfiles.backup(config_dir, env_file, backups, reason=f"automatic before restore of {source.name}")
         ctx.log.info("Automatic backup of the current state: %s", auto)
-        result = configfiles.restore(source, meta, config_dir, env_file)
+        result = configfiles.restore(source, meta, config_dir, env_file,
+                                     present=json.loads((auto / configfiles.MANIFEST).read_text()))
     ctx.log.info("Restored %d file(s), removed %d, %d already matched; checksums verified.",
                  len(result.written), len(result.removed), result.unchanged)
     for name in result.written:

@@ -197,6 +197,16 @@ def main() -> int:
             execute(admin, "CHECKPOINT")
             cold_cache()
 
+        def raw_copies(source: str, what: str) -> None:
+            """The peers of a snapshot: a bare TEMPLATE copy of the same source, both strategies."""
+            for strategy, label in (("", "raw CREATE DATABASE ... TEMPLATE"),
+                                    (" STRATEGY FILE_COPY", "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY")):
+                quiet()
+                started = time.monotonic()
+                execute(admin, f'CREATE DATABASE "bench_raw" TEMPLATE "{source}"{strategy}')
+                record(f"{label} ({what})", time.monotonic() - started)
+                drop_database(admin, "bench_raw")
+
         def record(name, seconds, peak=None, extra=None):
             results.setdefault(name, []).append({"seconds": seconds, "peak_mb": peak, **(extra or {})})
             print(f"  {name}: {seconds:.2f} s" + (f", peak {peak:.0f} MB" if peak else "")
@@ -246,25 +256,13 @@ def main() -> int:
 
             # snapshots: creation against a raw copy of staging; restore against a raw copy of the
             # same snapshot (its files are as cold for the peer as for us)
-            for strategy, label in (("", "raw CREATE DATABASE ... TEMPLATE"),
-                                    (" STRATEGY FILE_COPY", "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY")):
-                quiet()
-                started = time.monotonic()
-                execute(admin, f'CREATE DATABASE "bench_raw_{run}" TEMPLATE "{staging}"{strategy}')
-                record(f"{label} (create)", time.monotonic() - started)
-                drop_database(admin, f"bench_raw_{run}")
+            raw_copies(staging, "create")
             quiet()
             seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "create",
                                              f"bench {run}", "--json"], env)
             snap = json.loads(out)
             record("ours: simple_rollback.py create", seconds, peak)
-            for strategy, label in (("", "raw CREATE DATABASE ... TEMPLATE"),
-                                    (" STRATEGY FILE_COPY", "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY")):
-                quiet()
-                started = time.monotonic()
-                execute(admin, f'CREATE DATABASE "bench_raw_{run}" TEMPLATE "{snap["snapshot_database"]}"{strategy}')
-                record(f"{label} (restore)", time.monotonic() - started)
-                drop_database(admin, f"bench_raw_{run}")
+            raw_copies(snap["snapshot_database"], "restore")
             quiet()
             seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "restore",
                                              "--yes", "--json"], env)

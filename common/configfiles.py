@@ -120,13 +120,19 @@ class RestoreResult:
     unchanged: int = 0
 
 
-def restore(backup_path: Path, meta: dict, config_dir: Path, env_file: Optional[Path]) -> RestoreResult:
+def restore(backup_path: Path, meta: dict, config_dir: Path, env_file: Optional[Path],
+            present: Optional[dict] = None) -> RestoreResult:
     """Every file back byte for byte with its mode, each by temporary name + fsync + rename; files
-    added since the backup are removed afterwards; checksums verified at the end."""
+    added since the backup are removed afterwards; checksums verified at the end. `present` is the
+    manifest of the backup just taken of the current state (it saves hashing every file again)."""
     result = RestoreResult()
     result.removed += [f"leftover {p}" for p in remove_leftover_temps(config_dir, env_file)]
     wanted = {(e.area, e.path): e for e in meta["entries"]}
-    now = current_entries(config_dir, env_file)
+    if present is None:
+        now = current_entries(config_dir, env_file)
+    else:
+        now = {(e["area"], e["path"]): (config_dir / e["path"] if e["area"] == "config" else env_file, Entry(**e))
+               for e in present["files"]}
     todo = []
     for key, e in wanted.items():
         target = _target(e, config_dir, env_file)

@@ -175,3 +175,18 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def start_paused(script: str, *args: str, env: Dict[str, str], step: str, folder: Path,
+                 seconds: float = 120) -> tuple:
+    """Start a script that pauses at `step` (common.testhooks); return (process, flag) once it is
+    there. The test may then kill it, or remove the flag to let it go on."""
+    import time
+    flag = folder / f"paused-at-{step}"
+    proc = start_script(script, *args, env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"{step}:{flag}"))
+    deadline = time.monotonic() + seconds
+    while not flag.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{script} never reached the step {step}"
+        time.sleep(0.02)
+    return proc, flag

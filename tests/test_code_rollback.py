@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -186,13 +185,8 @@ def test_a_kill_during_restore_leaves_old_or_restored_and_the_next_run_succeeds(
     (repo / "later.txt").write_text("later\n")
     commit_all(repo, "later")
     current = state(repo)
-    flag = tmp_path / "paused"
-    proc = pf.start_script("code_rollback.py", "restore", str(backups(env)[0]), "--yes",
-                           env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"{step}:{flag}"))
-    deadline = time.monotonic() + 60
-    while not flag.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    proc, _ = pf.start_paused("code_rollback.py", "restore", str(backups(env)[0]), "--yes", env=env, step=step,
+                              folder=tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     got = state(repo)
@@ -243,13 +237,8 @@ def test_cleanup_keeps_the_newest(repo, env):
 
 def test_a_second_operation_on_the_repository_is_refused_naming_the_first(repo, env, tmp_path):
     assert run(env, "backup").returncode == 0
-    flag = tmp_path / "paused"
-    first = pf.start_script("code_rollback.py", "restore", str(backups(env)[0]), "--yes",
-                            env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"code-restore-built:{flag}"))
-    deadline = time.monotonic() + 60
-    while not flag.exists():
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.05)
+    first, _ = pf.start_paused("code_rollback.py", "restore", str(backups(env)[0]), "--yes", env=env,
+                               step="code-restore-built", folder=tmp_path)
     before = state(repo)
     second = run(env, "rollback", "HEAD~1", "--yes")
     first.kill()

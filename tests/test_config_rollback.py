@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -145,13 +144,8 @@ def test_a_kill_during_restore_leaves_whole_files_and_the_next_run_succeeds(setu
     for n in range(20):
         (config / f"extra_{n:02d}.json").write_text(json.dumps({"n": -n}))
     changed = snapshot_tree(config, env_file)
-    flag = tmp_path / "paused"
-    proc = pf.start_script("config_rollback.py", "restore", str(folder), "--yes",
-                           env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"config-restore-file-written:{flag}"))
-    deadline = time.monotonic() + 60
-    while not flag.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.02)
+    proc, _ = pf.start_paused("config_rollback.py", "restore", str(folder), "--yes", env=env,
+                              step="config-restore-file-written", folder=tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     now = {k: v for k, v in snapshot_tree(config, env_file).items() if ".tmp-" not in k}

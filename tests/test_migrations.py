@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -172,13 +171,8 @@ def test_migrate_during_a_rollback_is_refused(pg15, target, tmp_path):
     migrate(env, "001")
     pf.execute(pg15, name, SEED)
     migrate(env)
-    flag = tmp_path / "paused"
-    first = pf.start_script("database_rollback.py", "rollback", "001", "--yes",
-                            env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"rollback-point-taken:{flag}"))
-    deadline = time.monotonic() + 60
-    while not flag.exists():
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.05)
+    first, _ = pf.start_paused("database_rollback.py", "rollback", "001", "--yes", env=env,
+                               step="rollback-point-taken", folder=tmp_path)
     second = pf.run_script("database_rollback.py", "migrate", env=env)
     first.kill()
     first.communicate()

@@ -6,7 +6,6 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,14 +30,6 @@ def without_sequence_positions(fingerprint):
     return schema, {k: v for k, v in tables.items() if not isinstance(v[1], bool)}
 
 
-def _release_when_paused(flag: Path, proc, seconds=120):
-    deadline = time.monotonic() + seconds
-    while not flag.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the run never reached the step"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 @pytest.mark.parametrize("step", ["restore-filled", "restore-connections-cut"])
 def test_a_server_stop_in_the_middle_of_a_restore(own_server, env_for, tmp_path, mode, step):
@@ -49,9 +40,7 @@ def test_a_server_stop_in_the_middle_of_a_restore(own_server, env_for, tmp_path,
     make_point(env)
     pf.execute(server, name, MIGRATION)
     migrated = pf.fingerprint(server, name)
-    flag = tmp_path / "paused"
-    proc = pf.start_script("quick_rollback.py", "--yes", env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"{step}:{flag}"))
-    _release_when_paused(flag, proc)
+    proc, flag = pf.start_paused("quick_rollback.py", "--yes", env=env, step=step, folder=tmp_path)
     server.pg_ctl("-m", mode, "stop")
     server.pg_ctl("start")
     flag.unlink()  # the run goes on, against a server that dropped all its sessions
@@ -80,10 +69,8 @@ def test_a_server_stop_in_the_middle_of_a_backup(own_server, env_for, tmp_path, 
     server = own_server
     name = pf.create_database(server, "staging", pf.RICH_SCHEMA)
     env = env_for(server, name)
-    flag = tmp_path / "paused"
-    proc = pf.start_script("create_rollback_point.py", "doomed",
-                           env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"backup-dump-started:{flag}"))
-    _release_when_paused(flag, proc)
+    proc, flag = pf.start_paused("create_rollback_point.py", "doomed", env=env, step="backup-dump-started",
+                                 folder=tmp_path)
     server.pg_ctl("-m", mode, "stop")
     server.pg_ctl("start")
     flag.unlink()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import psycopg2
@@ -156,20 +155,6 @@ def test_a_session_with_an_open_transaction_and_a_lock_is_listed_and_cut(pg15, s
     assert pf.fingerprint(pg15, staging15) == before
 
 
-def _pause_at(step, tmp_path, env):
-    flag = tmp_path / f"paused-{step}"
-    env = dict(env, ROLLBACK_TEST_PAUSE_AT=f"{step}:{flag}")
-    return flag, env
-
-
-def _wait_for(flag: Path, proc, seconds=120):
-    deadline = time.monotonic() + seconds
-    while not flag.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the run never reached the step"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("step", ["restore-database-created", "restore-filled", "restore-checked",
                                   "restore-connections-cut", "restore-swapped"])
 def test_a_kill_at_any_step_leaves_staging_old_or_new_and_the_next_run_completes(pg15, staging15, env_for, tmp_path, step):
@@ -178,9 +163,7 @@ def test_a_kill_at_any_step_leaves_staging_old_or_new_and_the_next_run_completes
     make_point(env)
     pf.execute(pg15, staging15, MIGRATION)
     migrated = pf.fingerprint(pg15, staging15)
-    flag, paused_env = _pause_at(step, tmp_path, env)
-    proc = pf.start_script("quick_rollback.py", "--yes", env=paused_env)
-    _wait_for(flag, proc)
+    proc, _ = pf.start_paused("quick_rollback.py", "--yes", env=env, step=step, folder=tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     state = pf.fingerprint(pg15, staging15) if step != "restore-connections-cut" else None
@@ -214,10 +197,7 @@ def test_two_restores_at_once_exactly_one_runs(pg15, staging15, env_for, tmp_pat
     before = pf.fingerprint(pg15, staging15)
     make_point(env)
     pf.execute(pg15, staging15, MIGRATION)
-    flag = tmp_path / "first-paused"
-    first = pf.start_script("quick_rollback.py", "--yes",
-                            env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"restore-filled:{flag}"))
-    _wait_for(flag, first)
+    first, _ = pf.start_paused("quick_rollback.py", "--yes", env=env, step="restore-filled", folder=tmp_path)
     second = pf.run_script("quick_rollback.py", "--yes", env=env)
     assert second.returncode == 1 and "held by" in second.stderr and "quick_rollback" in second.stderr
     first.kill()

@@ -9,7 +9,7 @@ import pytest
 
 from common.database import connect, rows
 from tests import pgfixtures as pf
-from tests.test_restore import MIGRATION, _wait_for, drop_all, leftovers
+from tests.test_restore import MIGRATION, drop_all, leftovers
 
 
 def snapshots(server, dbname):
@@ -119,10 +119,7 @@ def test_a_kill_during_the_copy_leaves_staging_whole(pg15, env_for, tmp_path, st
         create(env)
         pf.execute(pg15, name, MIGRATION)
         migrated = pf.fingerprint(pg15, name)
-        flag = tmp_path / "paused"
-        proc = pf.start_script("simple_rollback.py", "restore", "--yes",
-                               env=dict(env, ROLLBACK_TEST_PAUSE_AT=f"{step}:{flag}"))
-        _wait_for(flag, proc)
+        proc, _ = pf.start_paused("simple_rollback.py", "restore", "--yes", env=env, step=step, folder=tmp_path)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         assert pf.fingerprint(pg15, name) == migrated
