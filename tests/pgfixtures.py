@@ -190,3 +190,29 @@ def start_paused(script: str, *args: str, env: Dict[str, str], step: str, folder
         assert time.monotonic() < deadline, f"{script} never reached the step {step}"
         time.sleep(0.02)
     return proc, flag
+
+
+class OwnedDatabase:
+    """`with OwnedDatabase(server, createdb=False) as (name, url):` a database owned by a fresh
+    login role with a password (not a superuser); both are dropped afterwards."""
+
+    def __init__(self, server: ThrowawayServer, createdb: bool = False, password: str = "owner-pw-1"):
+        self.server, self.createdb, self.password = server, createdb, password
+        self.role, self.name = unique_name("role"), unique_name("staging")
+
+    def __enter__(self) -> tuple:
+        flag = "CREATEDB" if self.createdb else "NOCREATEDB"
+        execute(self.server, "postgres", f"CREATE ROLE {self.role} LOGIN {flag} PASSWORD '{self.password}'")
+        execute(self.server, "postgres", f"CREATE DATABASE {self.name} OWNER {self.role}")
+        from urllib.parse import quote
+        url = f"postgresql://{self.role}:{quote(self.password, safe='')}@127.0.0.1:{self.server.info.port}/{self.name}"
+        return self.name, url
+
+    def __exit__(self, *exc) -> None:
+        conn = connect(self.server.info)
+        try:
+            for (name,) in rows(conn, "SELECT datname FROM pg_database WHERE datname LIKE %s", (self.name + "%",)):
+                drop_database(self.server, name)
+        finally:
+            conn.close()
+        execute(self.server, "postgres", f"DROP ROLE {self.role}")

@@ -27,19 +27,24 @@ class Terminal:
         self.output = ""
         self.mark = 0
 
+    def _pump(self) -> bool:
+        """Read what the terminal shows (waiting at most 0.2 s); False once it has closed."""
+        ready, _, _ = select.select([self.fd], [], [], 0.2)
+        if not ready:
+            return True
+        try:
+            chunk = os.read(self.fd, 65536)
+        except OSError:
+            chunk = b""
+        self.output += chunk.decode("utf-8", "replace")
+        return bool(chunk)
+
     def expect(self, text: str, timeout: float = 120) -> str:
         deadline = time.monotonic() + timeout
         while text not in self.output[self.mark:]:
             assert time.monotonic() < deadline, f"never saw {text!r}; got:\n{self.output[self.mark:][-2000:]}"
-            ready, _, _ = select.select([self.fd], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(self.fd, 65536)
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    assert text in self.output[self.mark:], f"ended before {text!r}:\n{self.output[self.mark:][-2000:]}"
-                self.output += chunk.decode("utf-8", "replace")
+            open_ = self._pump()
+            assert open_ or text in self.output[self.mark:], f"ended before {text!r}:\n{self.output[self.mark:][-2000:]}"
         seen = self.output[self.mark:]
         self.mark = self.output.index(text, self.mark) + len(text)
         return seen
@@ -49,13 +54,7 @@ class Terminal:
 
     def wait(self) -> int:
         while True:
-            ready, _, _ = select.select([self.fd], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(self.fd, 65536)
-                except OSError:
-                    chunk = b""
-                self.output += chunk.decode("utf-8", "replace")
+            self._pump()
             done, status = os.waitpid(self.pid, os.WNOHANG)
             if done:
                 return os.waitstatus_to_exitcode(status)

@@ -76,12 +76,8 @@ def test_a_connected_client_is_cut_listed_and_connections_come_back(pg15, env_fo
 
 
 def test_a_failed_copy_leaves_staging_accepting_connections(pg15, env_for, tmp_path):
-    role, password = pf.unique_name("creator"), "creator-pw-1"
-    name = pf.unique_name("staging")
-    pf.execute(pg15, "postgres", f"CREATE ROLE {role} LOGIN CREATEDB PASSWORD '{password}'")
-    pf.execute(pg15, "postgres", f"CREATE DATABASE {name} OWNER {role}")
-    try:
-        env = env_for(pg15, name, STAGING_DATABASE_URL=f"postgresql://{role}:{password}@127.0.0.1:{pg15.info.port}/{name}")
+    with pf.OwnedDatabase(pg15, createdb=True) as (name, url):
+        env = env_for(pg15, name, STAGING_DATABASE_URL=url)
         superuser_session = connect(pg15.info, name)  # a non-superuser may not cut it: the copy fails
         result = pf.run_script("simple_rollback.py", "create", "fails", env=env)
         assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -90,24 +86,14 @@ def test_a_failed_copy_leaves_staging_accepting_connections(pg15, env_for, tmp_p
         assert rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)) == [(True,)]
         conn.close()
         superuser_session.close()
-    finally:
-        pf.drop_database(pg15, name)
-        pf.execute(pg15, "postgres", f"DROP ROLE {role}")
 
 
 def test_a_role_without_createdb_gets_a_clear_error(pg15, env_for):
-    role, password = pf.unique_name("plain"), "plain-pw-1"
-    name = pf.unique_name("staging")
-    pf.execute(pg15, "postgres", f"CREATE ROLE {role} LOGIN NOCREATEDB PASSWORD '{password}'")
-    pf.execute(pg15, "postgres", f"CREATE DATABASE {name} OWNER {role}")
-    try:
-        env = env_for(pg15, name, STAGING_DATABASE_URL=f"postgresql://{role}:{password}@127.0.0.1:{pg15.info.port}/{name}")
+    with pf.OwnedDatabase(pg15, createdb=False) as (name, url):
+        env = env_for(pg15, name, STAGING_DATABASE_URL=url)
         result = pf.run_script("simple_rollback.py", "create", "x", env=env)
         assert result.returncode == 1 and "CREATEDB" in result.stderr and "Nothing was changed" in result.stderr
         assert snapshots(pg15, name) == []
-    finally:
-        pf.drop_database(pg15, name)
-        pf.execute(pg15, "postgres", f"DROP ROLE {role}")
 
 
 @pytest.mark.parametrize("step", ["restore-database-created", "restore-checked"])
