@@ -6,6 +6,7 @@ import json
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,122 @@ def test_a_dump_of_another_database_under_this_name_is_caught(pg15, env_for, tmp
     finally:
         drop_all(pg15, staging)
         pf.drop_database(pg15, other)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount_small(megabytes) -> a folder on a tmpfs of that size (root only; unmounted after)."""
+    mounts = []
+
+    def mount_small(megabytes: float) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(megabytes * 1024)}k,mode=0700", "tmpfs", str(folder)],
+                       check=True, capture_output=True)
+        mounts.append(folder)
+        return folder
+
+    yield mount_small
+    for folder in mounts:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def _big_database(server) -> str:
+    return pf.create_database(server, pf.unique_name("big"), "CREATE TABLE blob AS SELECT i, md5(i::text) || "
+                              "md5((i * 7)::text) AS v FROM generate_series(1, 100000) i; ANALYZE blob;")
+
+
+@pytest.mark.parametrize("megabytes,says", [(1, "not enough disk space"), (6, "disk is full")])
+def test_a_small_disk_is_refused_early_or_fails_cleanly(pg15, env_for, small_disk, megabytes, says):
+    """About 9 MB of table data: on 1 MB the backup refuses before writing; on 6 MB (more than half
+    the estimate, so it starts) pg_dump runs out of space; either way nothing is left behind."""
+    name = _big_database(pg15)
+    try:
+        backups = small_disk(megabytes)
+        env = env_for(pg15, name, BACKUP_DIR=str(backups))
+        result = pf.run_script("create_rollback_point.py", "too big", env=env)
+        assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr
+        assert [p.name for p in backups.iterdir()] == []
+        assert json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"] == []
+    finally:
+        pf.drop_database(pg15, name)
+
+
+@pytest.mark.parametrize("step", ["restore-filled", "restore-connections-cut", "restore-swapped"])
+@pytest.mark.parametrize("command", ["reset_staging", "database_rollback_restore"])
+def test_a_kill_at_any_step_of_a_reset_or_a_database_restore(pg15, env_for, tmp_path, command, step):
+    staging = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    v2 = pf.create_database(pg15, pf.unique_name("v2"), pf.RICH_SCHEMA + MIGRATION)
+    try:
+        env = env_for(pg15, staging, V2_DATABASE_URL=pf.url(pg15, v2))
+        if command == "reset_staging":
+            argv, old, new = ["reset_staging.py", "--yes"], pf.fingerprint(pg15, staging), pf.fingerprint(pg15, v2)
+        else:
+            meta, _ = make_point(env)
+            new = pf.fingerprint(pg15, staging)
+            pf.execute(pg15, staging, MIGRATION)
+            old = pf.fingerprint(pg15, staging)
+            argv = ["database_rollback.py", "restore", str(Path(env["BACKUP_DIR"]) / meta["file"]), "--yes"]
+        proc, _ = pf.start_paused(*argv, env=env, step=step, folder=tmp_path)
+        proc.kill()
+        proc.communicate(timeout=30)
+        if step != "restore-connections-cut":  # with connections cut, staging is unreachable until the next run
+            assert pf.fingerprint(pg15, staging) in (old, new)
+        again = pf.run_script(*argv, env=env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert pf.fingerprint(pg15, staging) == new
+        assert leftovers(pg15, staging, "restore") == []
+        assert not list(Path(env["BACKUP_DIR"]).glob(".tmp/*.dump")), "the reset's V2 dump does not linger"
+    finally:
+        drop_all(pg15, staging)
+        pf.drop_database(pg15, v2)
+
+
+def test_a_backup_during_a_restore_is_refused(pg15, env_for, tmp_path):
+    staging = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    try:
+        env = env_for(pg15, staging)
+        make_point(env)
+        restore, flag = pf.start_paused("quick_rollback.py", "--yes", env=env, step="restore-filled", folder=tmp_path)
+        backup = pf.run_script("create_rollback_point.py", "during the restore", env=env)
+        snap = pf.run_script("simple_rollback.py", "create", "during the restore", env=env)
+        flag.unlink()
+        out, err = restore.communicate(timeout=120)
+        assert restore.returncode == 0, out + err
+        for refused in (backup, snap):
+            assert refused.returncode == 1 and "held by" in refused.stderr and "quick_rollback" in refused.stderr
+        points = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
+        assert [p["description"] for p in points] == ["before migration"]
+    finally:
+        drop_all(pg15, staging)
+
+
+def test_a_kill_in_the_middle_of_pg_restore(pg15, env_for, tmp_path):
+    """The script is killed while its pg_restore child works: the child dies with it (no orphan
+    writing on), staging is untouched, and the next run removes the half-filled database."""
+    staging = _big_database(pg15)
+    try:
+        env = env_for(pg15, staging)
+        before = pf.fingerprint(pg15, staging)
+        make_point(env, "big point")
+        pf.execute(pg15, staging, "DELETE FROM blob WHERE i > 10")
+        changed = pf.fingerprint(pg15, staging)
+        proc = pf.start_script("quick_rollback.py", "--yes", env=env)
+        deadline, child = time.monotonic() + 60, None
+        while child is None and time.monotonic() < deadline:
+            child = next((c for c in pf.children(proc.pid) if "pg_restore" in pf.cmdline(c)
+                          and "--version" not in pf.cmdline(c) and "--list" not in pf.cmdline(c)), None)
+            time.sleep(0.01)
+        assert child, "pg_restore never started"
+        proc.kill()
+        proc.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while "pg_restore" in pf.cmdline(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "pg_restore" not in pf.cmdline(child), "pg_restore outlived the killed script"
+        assert pf.fingerprint(pg15, staging) == changed
+        again = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert again.returncode == 0 and "left by an interrupted restore" in again.stderr, again.stderr
+        assert pf.fingerprint(pg15, staging) == before and leftovers(pg15, staging, "restore") == []
+    finally:
+        drop_all(pg15, staging)
