@@ -117,6 +117,8 @@ def cleanup(ctx: Context, info: Optional[ConnInfo], older_than: Optional[float],
     OK point of every database is always kept."""
     if older_than is None and keep is None:
         raise UsageError("say what to remove: --older-than DAYS and/or --keep N. Nothing was changed.")
+    if (older_than is not None and older_than < 0) or (keep is not None and keep < 1):
+        raise UsageError("DAYS must be 0 or more and --keep at least 1. Nothing was changed.")
     the_plan = cleaning.plan_points(scan(ctx, info), older_than, keep)
     lock = None
     try:
