@@ -295,6 +295,7 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
             source.close()
     point.description = description
     point.created_at = catalog.utc_now().isoformat(timespec="seconds")
+    testhooks.checkpoint("backup-dump-written")
     try:
         catalog.save(point)
     except BaseException:

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import psycopg2
 
-from . import catalog, connections
+from . import catalog, connections, testhooks
 from . import database as db
 from .catalog import RollbackPoint
 from .database import ConnInfo
@@ -50,6 +50,7 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
     with connections.cut(conn, folder, info.dbname) as cut:
         try:
             db.create_database(conn, name, template=info.dbname, like=info.dbname)
+            testhooks.checkpoint("snapshot-copied")
         except psycopg2.Error as exc:
             raise SnapshotFailed(f"CREATE DATABASE {name} TEMPLATE {info.dbname} failed: {db.reason(exc)}. "
                                  "Nothing was changed.") from None

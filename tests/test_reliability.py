@@ -247,3 +247,44 @@ def test_a_kill_in_the_middle_of_pg_restore(pg15, env_for, tmp_path):
         assert pf.fingerprint(pg15, staging) == before and leftovers(pg15, staging, "restore") == []
     finally:
         drop_all(pg15, staging)
+
+
+def test_a_kill_between_the_dump_and_its_sidecar_leaves_no_ok_point(pg15, env_for, tmp_path):
+    staging = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    try:
+        env = env_for(pg15, staging)
+        proc, _ = pf.start_paused("create_rollback_point.py", "killed", env=env, step="backup-dump-written",
+                                  folder=tmp_path)
+        proc.kill()
+        proc.communicate(timeout=30)
+        points = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
+        assert [p["status"] for p in points] == ["INCOMPLETE"]  # a dump without sidecar is never offered
+        assert pf.run_script("create_rollback_point.py", "next", env=env).returncode == 0
+        quick = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert quick.returncode == 0 and "next" in quick.stdout
+    finally:
+        drop_all(pg15, staging)
+
+
+def test_a_kill_during_a_snapshot_copy_is_recovered_by_the_next_run(pg15, env_for, tmp_path):
+    staging = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    try:
+        env = env_for(pg15, staging)
+        proc, _ = pf.start_paused("simple_rollback.py", "create", "killed", env=env, step="snapshot-copied",
+                                  folder=tmp_path)
+        proc.kill()
+        proc.communicate(timeout=30)
+        conn = pf.connect(pg15.info)
+        assert pf.rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (staging,)) == [(False,)]
+        conn.close()
+        made = pf.run_script("simple_rollback.py", "create", "next", env=env)
+        assert made.returncode == 0 and "allowed again" in made.stderr, made.stderr
+        listed = json.loads(pf.run_script("simple_rollback.py", "list", "--json", env=env).stdout)
+        assert [p["description"] for p in listed["snapshots"]] == ["next"] and len(listed["orphans"]) == 1
+        assert pf.run_script("simple_rollback.py", "drop", listed["orphans"][0], "--yes", env=env).returncode == 0
+    finally:
+        conn = pf.connect(pg15.info)
+        for (name,) in pf.rows(conn, "SELECT datname FROM pg_database WHERE datname LIKE %s", (staging + "_snap%",)):
+            pf.drop_database(pg15, name)
+        conn.close()
+        drop_all(pg15, staging)
