@@ -80,6 +80,61 @@ def cold_cache() -> None:
         pass
 
 
+class Probe:
+    """Connects to a database and runs SELECT 1 every 50 ms in a thread; `longest` is the longest
+    stretch during which it could not (the time staging was unavailable, seen from outside)."""
+
+    def __init__(self, info, dbname: str):
+        import threading
+        self.info, self.dbname = info, dbname
+        self.stop_event = threading.Event()
+        self.longest = 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psycopg2
+        down_since = None
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            try:
+                conn = psycopg2.connect(host=self.info.host, port=self.info.port, user=self.info.user,
+                                        password=self.info.password, dbname=self.dbname, connect_timeout=2)
+                conn.cursor().execute("SELECT 1")
+                conn.close()
+                if down_since is not None:
+                    self.longest = max(self.longest, now - down_since)
+                    down_since = None
+            except psycopg2.Error:
+                if down_since is None:
+                    down_since = now
+            time.sleep(0.05)
+        if down_since is not None:
+            self.longest = max(self.longest, time.monotonic() - down_since)
+
+    def __enter__(self) -> "Probe":
+        self.thread.start()
+        time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.1)
+        self.stop_event.set()
+        self.thread.join()
+
+
+def aux_environment(work: Path) -> tuple:
+    """A virtual environment of the benchmark's own, for DSLR (the peer) and matplotlib (the plot),
+    so neither becomes a dependency of the toolkit. Returns (dslr path or None, python or None, why)."""
+    venv = work / "aux-venv"
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "dslr", "psycopg2-binary",
+                        "matplotlib"], check=True, capture_output=True, timeout=600)
+    except (subprocess.SubprocessError, OSError) as exc:
+        return None, None, f"could not install dslr/matplotlib: {exc}"
+    return str(venv / "bin" / "dslr"), str(venv / "bin" / "python"), ""
+
+
 def rusage_run(argv, env) -> tuple:
     """(seconds, peak RSS in MB of that process alone, stdout)"""
     started = time.monotonic()
@@ -160,17 +215,18 @@ def bench_files(work: Path, args, record) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1GB")
+    parser.add_argument("--size", default="1GB", help="database size (the tables of RESULTS.md are for it)")
+    parser.add_argument("--sizes", default="", help="also these sizes, for the plot: e.g. 100MB,300MB")
     parser.add_argument("--major", type=int, default=15)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--skip-files", action="store_true", help="leave out the code and configuration timings")
     parser.add_argument("--keep-cache", action="store_true", help="do not drop the OS page cache between steps")
+    parser.add_argument("--no-peers-install", action="store_true", help="do not install DSLR and matplotlib")
     parser.add_argument("--repo-files", type=int, default=10_000)
     parser.add_argument("--repo-commits", type=int, default=1_000)
     parser.add_argument("--config-files", type=int, default=1_000)
     args = parser.parse_args()
-    size = parse_size(args.size)
     global DROP_CACHE
     DROP_CACHE = not args.keep_cache
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
@@ -178,109 +234,172 @@ def main() -> int:
     server = ThrowawayServer(args.major, durable=True).start()
     work = Path(tempfile.mkdtemp(prefix="rollback-bench-"))
     try:
-        info = server.info
-        bindir = server.bindir
-        staging = "bench_staging"
-        print(f"PostgreSQL {server.major} at {info.masked()}, work folder {work}")
-        actual = generate(server, staging, size)
-        env = dict(os.environ, STAGING_DATABASE_URL=f"{server.url.rsplit('/', 1)[0]}/{staging}",
-                   BACKUP_DIR=str(work / "backups"), LOG_DIR=str(work / "logs"), PG_BIN_DIR=bindir,
-                   ENV_FILE=str(work / "none.env"))
-        plain_env = dict(os.environ, **info.libpq_env(staging), PGPASSWORD=info.password or "")
-        results: dict = {}
-        admin = connect(info)
-
-        def quiet() -> None:
-            """Every timed step starts alike: dirty buffers flushed (a FILE_COPY copy starts with a
-            checkpoint: it must not pay for the step before) and, where allowed, the OS cache dropped,
-            so that each reads its data from disk, as a rollback at 3 a.m. would."""
-            execute(admin, "CHECKPOINT")
-            cold_cache()
-
-        def raw_copies(source: str, what: str) -> None:
-            """The peers of a snapshot: a bare TEMPLATE copy of the same source, both strategies."""
-            for strategy, label in (("", "raw CREATE DATABASE ... TEMPLATE"),
-                                    (" STRATEGY FILE_COPY", "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY")):
-                quiet()
-                started = time.monotonic()
-                execute(admin, f'CREATE DATABASE "bench_raw" TEMPLATE "{source}"{strategy}')
-                record(f"{label} ({what})", time.monotonic() - started)
-                drop_database(admin, "bench_raw")
-
-        def record(name, seconds, peak=None, extra=None):
-            results.setdefault(name, []).append({"seconds": seconds, "peak_mb": peak, **(extra or {})})
-            print(f"  {name}: {seconds:.2f} s" + (f", peak {peak:.0f} MB" if peak else "")
-                  + (f", {extra}" if extra else ""))
-
-        for run in range(args.runs):
-            print(f"round {run + 1}/{args.runs}")
-            for z, name in ((None, "pg_dump -Fc"), ("0", "pg_dump -Fc -Z0")):
-                target = work / "plain.dump"
-                argv = [f"{bindir}/pg_dump", "-Fc", "-f", str(target)] + ([f"-Z{z}"] if z else [])
-                quiet()
-                seconds, _, _ = rusage_run(argv, plain_env)
-                record(name, seconds, extra={"bytes": target.stat().st_size})
-                target.unlink()
-            quiet()
-            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "create_rollback_point.py"),
-                                             f"bench {run}", "--json"], env)
-            point = json.loads(out)
-            record("ours: create_rollback_point.py", seconds, peak, {"bytes": point["size_bytes"]})
-
-            plain_db = f"bench_plain_{run}"
-            execute(admin, f'CREATE DATABASE "{plain_db}"')
-            argv = [f"{bindir}/pg_restore", "-j", "2", "-d", plain_db, point["path"]]
-            quiet()
-            seconds, _, _ = rusage_run(argv, dict(plain_env, PGDATABASE=plain_db))
-            record("pg_restore -j 2 (new database)", seconds)
-            drop_database(admin, plain_db)
-
-            quiet()
-            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "quick_rollback.py"), "--yes", "--json"], env)
-            summary = json.loads(out)
-            record("ours: quick_rollback.py", seconds, peak, {"unavailable_s": summary["unavailable_seconds"]})
-            drop_database(admin, summary["kept_as"])
-            for leftover in (work / "backups").glob("*"):
-                leftover.unlink()
-
-            # the emergency reset: staging (another database here) := a fresh copy of V2 (the generated one)
-            reset_env = dict(env, V2_DATABASE_URL=env["STAGING_DATABASE_URL"],
-                             STAGING_DATABASE_URL=f"{server.url.rsplit('/', 1)[0]}/bench_reset_target")
-            quiet()
-            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "reset_staging.py"), "--yes", "--json"],
-                                            reset_env)
-            summary = json.loads(out)
-            record("ours: reset_staging.py", seconds, peak, {"unavailable_s": summary["unavailable_seconds"]})
-            if summary["kept_as"]:
-                drop_database(admin, summary["kept_as"])
-
-            # snapshots: creation against a raw copy of staging; restore against a raw copy of the
-            # same snapshot (its files are as cold for the peer as for us)
-            raw_copies(staging, "create")
-            quiet()
-            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "create",
-                                             f"bench {run}", "--json"], env)
-            snap = json.loads(out)
-            record("ours: simple_rollback.py create", seconds, peak)
-            raw_copies(snap["snapshot_database"], "restore")
-            quiet()
-            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "restore",
-                                             "--yes", "--json"], env)
-            summary = json.loads(out)
-            record("ours: simple_rollback.py restore", seconds, peak, {"unavailable_s": summary["unavailable_seconds"]})
-            drop_database(admin, summary["kept_as"])
-            drop_database(admin, snap["snapshot_database"])
-            for leftover in (work / "backups").glob("*"):
-                leftover.unlink()
-        drop_database(admin, "bench_reset_target")
-        admin.close()
+        print(f"PostgreSQL {server.major} at {server.info.masked()}, work folder {work}")
+        dslr, aux_python, why = (None, None, "--no-peers-install") if args.no_peers_install else aux_environment(work)
+        if not dslr:
+            print(f"  DSLR and the plot left out: {why}")
+        by_size = {}
+        for text in [t for t in args.sizes.split(",") if t.strip()] + [args.size]:
+            print(f"== {text}")
+            actual, results = measure(server, work, parse_size(text), args, dslr)
+            by_size[actual] = results
+        results = by_size[actual]
         if not args.skip_files:
-            bench_files(work, args, record)
+            bench_files(work, args, recorder(results))
         write_results(Path(args.out), results, server, actual, args)
+        if aux_python and len(by_size) > 1:
+            plot(by_size, Path(args.out).with_name("size_plot.png"), aux_python, work)
     finally:
         server.stop()
         subprocess.run(["rm", "-rf", str(work)])
     return 0
+
+
+def recorder(results: dict):
+    def record(name, seconds, peak=None, extra=None):
+        results.setdefault(name, []).append({"seconds": seconds, "peak_mb": peak, **(extra or {})})
+        print(f"  {name}: {seconds:.2f} s" + (f", peak {peak:.0f} MB" if peak else "")
+              + (f", {extra}" if extra else ""))
+    return record
+
+
+def measure(server, work: Path, size: int, args, dslr) -> tuple:
+    """Every database operation, ours and the peers', alternating, `args.runs` times."""
+    info = server.info
+    bindir = server.bindir
+    staging = "bench_staging"
+    admin = connect(info)
+    drop_database(admin, staging)
+    actual = generate(server, staging, size)
+    env = dict(os.environ, STAGING_DATABASE_URL=f"{server.url.rsplit('/', 1)[0]}/{staging}",
+               BACKUP_DIR=str(work / "backups"), LOG_DIR=str(work / "logs"), PG_BIN_DIR=bindir,
+               ENV_FILE=str(work / "none.env"))
+    plain_env = dict(os.environ, **info.libpq_env(staging), PGPASSWORD=info.password or "")
+    results: dict = {}
+    record = recorder(results)
+
+    def quiet() -> None:
+        """Every timed step starts alike: dirty buffers flushed (a FILE_COPY copy starts with a
+        checkpoint: it must not pay for the step before) and, where allowed, the OS cache dropped,
+        so that each reads its data from disk, as a rollback at 3 a.m. would."""
+        execute(admin, "CHECKPOINT")
+        cold_cache()
+
+    def raw_copies(source: str, what: str) -> None:
+        """The peers of a snapshot: a bare TEMPLATE copy of the same source, both strategies."""
+        for strategy, label in (("", "raw CREATE DATABASE ... TEMPLATE"),
+                                (" STRATEGY FILE_COPY", "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY")):
+            quiet()
+            started = time.monotonic()
+            execute(admin, f'CREATE DATABASE "bench_raw" TEMPLATE "{source}"{strategy}')
+            record(f"{label} ({what})", time.monotonic() - started)
+            drop_database(admin, "bench_raw")
+
+    for run in range(args.runs):
+        print(f"round {run + 1}/{args.runs}")
+        for z, name in ((None, "pg_dump -Fc"), ("0", "pg_dump -Fc -Z0")):
+            target = work / "plain.dump"
+            argv = [f"{bindir}/pg_dump", "-Fc", "-f", str(target)] + ([f"-Z{z}"] if z else [])
+            quiet()
+            seconds, _, _ = rusage_run(argv, plain_env)
+            record(name, seconds, extra={"bytes": target.stat().st_size})
+            target.unlink()
+        quiet()
+        seconds, peak, out = rusage_run([sys.executable, str(ROOT / "create_rollback_point.py"),
+                                         f"bench {run}", "--json"], env)
+        point = json.loads(out)
+        record("ours: create_rollback_point.py", seconds, peak, {"bytes": point["size_bytes"]})
+
+        for jobs in ("1", "2"):
+            plain_db = f"bench_plain_{run}"
+            execute(admin, f'CREATE DATABASE "{plain_db}"')
+            argv = [f"{bindir}/pg_restore", "-j", jobs, "-d", plain_db, point["path"]]
+            quiet()
+            seconds, _, _ = rusage_run(argv, dict(plain_env, PGDATABASE=plain_db))
+            record("pg_restore (new database)" if jobs == "1" else "pg_restore -j 2 (new database)", seconds)
+            drop_database(admin, plain_db)
+
+        quiet()
+        with Probe(info, staging) as probe:
+            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "quick_rollback.py"), "--yes", "--json"],
+                                            env)
+        summary = json.loads(out)
+        record("ours: quick_rollback.py", seconds, peak, {"unavailable_s": summary["unavailable_seconds"],
+                                                          "probe_unavailable_s": probe.longest})
+        drop_database(admin, summary["kept_as"])
+        for leftover in (work / "backups").glob("*"):
+            leftover.unlink()
+
+        # the emergency reset: staging (another database here) := a fresh copy of V2 (the generated one)
+        reset_env = dict(env, V2_DATABASE_URL=env["STAGING_DATABASE_URL"],
+                         STAGING_DATABASE_URL=f"{server.url.rsplit('/', 1)[0]}/bench_reset_target")
+        quiet()
+        seconds, peak, out = rusage_run([sys.executable, str(ROOT / "reset_staging.py"), "--yes", "--json"],
+                                        reset_env)
+        summary = json.loads(out)
+        record("ours: reset_staging.py", seconds, peak, {"unavailable_s": summary["unavailable_seconds"]})
+        if summary["kept_as"]:
+            drop_database(admin, summary["kept_as"])
+
+        # snapshots: creation against a raw copy of staging; restore against a raw copy of the
+        # same snapshot (its files are as cold for the peer as for us)
+        raw_copies(staging, "create")
+        quiet()
+        seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "create",
+                                         f"bench {run}", "--json"], env)
+        snap = json.loads(out)
+        record("ours: simple_rollback.py create", seconds, peak)
+        raw_copies(snap["snapshot_database"], "restore")
+        quiet()
+        with Probe(info, staging) as probe:
+            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "simple_rollback.py"), "restore",
+                                             "--yes", "--json"], env)
+        summary = json.loads(out)
+        record("ours: simple_rollback.py restore", seconds, peak, {"unavailable_s": summary["unavailable_seconds"],
+                                                                   "probe_unavailable_s": probe.longest})
+        drop_database(admin, summary["kept_as"])
+        drop_database(admin, snap["snapshot_database"])
+        if dslr:
+            dslr_argv = [dslr, "--url", env["STAGING_DATABASE_URL"]]
+            quiet()
+            seconds, _, _ = rusage_run(dslr_argv + ["snapshot", f"bench{run}", "--yes"], env)
+            record("DSLR snapshot", seconds)
+            quiet()
+            with Probe(info, staging) as probe:
+                seconds, _, _ = rusage_run(dslr_argv + ["restore", f"bench{run}"], env)
+            record("DSLR restore", seconds, extra={"probe_unavailable_s": probe.longest})
+            rusage_run(dslr_argv + ["delete", f"bench{run}"], env)
+        for leftover in (work / "backups").glob("*"):
+            leftover.unlink()
+    drop_database(admin, "bench_reset_target")
+    admin.close()
+    return actual, results
+
+
+def plot(by_size: dict, target: Path, python: str, work: Path) -> None:
+    """Time against database size for ours and the peers (matplotlib, in the benchmark's own venv)."""
+    series = ["ours: create_rollback_point.py", "pg_dump -Fc", "ours: quick_rollback.py",
+              "pg_restore -j 2 (new database)", "ours: simple_rollback.py restore", "DSLR restore",
+              "raw CREATE DATABASE ... TEMPLATE (restore)"]
+    data = {name: [(size / 1e6, statistics.median(r["seconds"] for r in results[name]))
+                   for size, results in sorted(by_size.items()) if name in results] for name in series}
+    (work / "plot.json").write_text(json.dumps(data))
+    code = f"""
+import json, matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+data = json.load(open({str(work / "plot.json")!r}))
+fig, ax = plt.subplots(figsize=(8, 5))
+for name, points in data.items():
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
+                linestyle="-" if name.startswith("ours") else "--")
+ax.set_xlabel("database size (MB)"); ax.set_ylabel("seconds (median)"); ax.set_title("Rollback toolkit against the plain tools")
+ax.grid(True, alpha=0.3); ax.legend(fontsize=8)
+fig.tight_layout(); fig.savefig({str(target)!r}, dpi=100)
+"""
+    subprocess.run([python, "-c", code], check=True)
+    print(f"  plot written to {target}")
 
 
 NOTES = """
@@ -320,6 +439,9 @@ def write_results(path: Path, results: dict, server, actual: int, args) -> None:
         ("create (dump)", "ours: create_rollback_point.py", "pg_dump -Fc"),
         ("create (dump)", "ours: create_rollback_point.py", "pg_dump -Fc -Z0"),
         ("restore (dump)", "ours: quick_rollback.py", "pg_restore -j 2 (new database)"),
+        ("restore (dump)", "ours: quick_rollback.py", "pg_restore (new database)"),
+        ("create (snapshot)", "ours: simple_rollback.py create", "DSLR snapshot"),
+        ("restore (snapshot)", "ours: simple_rollback.py restore", "DSLR restore"),
         ("create (snapshot)", "ours: simple_rollback.py create", "raw CREATE DATABASE ... TEMPLATE (create)"),
         ("create (snapshot)", "ours: simple_rollback.py create",
          "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY (create)"),
@@ -334,6 +456,8 @@ def write_results(path: Path, results: dict, server, actual: int, args) -> None:
              f"--major {args.major} --runs {args.runs}`.", "",
              "| operation | ours (s) | peer | peer (s) | ours / peer |", "| --- | --- | --- | --- | --- |"]
     for op, ours, peer in rows:
+        if peer not in results:
+            continue
         a, b = median(ours), median(peer)
         lines.append(f"| {op} | {a:.2f} | {peer} | {b:.2f} | {a / b:.2f} |")
     lines += ["", "| measurement | median |", "| --- | --- |"]
@@ -345,6 +469,9 @@ def write_results(path: Path, results: dict, server, actual: int, args) -> None:
             lines.append(f"| {name}: peak memory of our process | {median(name, 'peak_mb'):.0f} MB |")
         if median(name, "unavailable_s") is not None:
             lines.append(f"| {name}: staging unavailable | {median(name, 'unavailable_s') * 1000:.0f} ms |")
+        if median(name, "probe_unavailable_s") is not None:
+            lines.append(f"| {name}: staging unavailable, seen by a probe every 50 ms | "
+                         f"{median(name, 'probe_unavailable_s') * 1000:.0f} ms |")
     path.write_text("\n".join(lines) + "\n" + NOTES)
     print("\n".join(lines))
 
