@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_benchmark_smoke_run(tmp_path):
     out = tmp_path / "RESULTS.md"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--size", "5MB", "--runs", "1",
-                             "--repo-files", "200", "--repo-commits", "20", "--config-files", "50", "--keep-cache", "--no-peers-install",
-                             "--out", str(out)],
+                             "--repo-files", "200", "--repo-commits", "20", "--config-files", "50", "--keep-cache",
+                             "--no-peers-install", "--out", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     text = out.read_text()
