@@ -420,7 +420,7 @@ NOTES = """
   leaves the database without planner statistics), and the swap. On this 2-core machine the
   hashing competes with pg_restore for a core, and the figures of both sides vary by +/-2 s from
   run to run with the disk's checkpoint load.
-  Across the five 1 GB runs made on 2026-11-21 the ratio to `pg_restore -j 2` was 0.94, 1.13,
+  Across the last five 1 GB runs made on 2026-11-21 the ratio to `pg_restore -j 2` was 0.94, 1.13,
   1.04, 1.42 and 1.45 (the last two with the 50 ms probe running); it is not yet reliably within
   the 1.1x target.
 - **snapshots**: ours copies with `STRATEGY FILE_COPY` (a checkpoint, then a file copy), which is
