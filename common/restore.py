@@ -157,6 +157,7 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
                         db.database_size(conn, info.dbname) if exists else 0,
                         db.sessions(conn, info.dbname) if exists else [],
                         db.can_create_databases(conn), exists)
+        snapshot_present = point.kind != catalog.SNAPSHOT or db.database_exists(conn, point.snapshot_database)
     finally:
         conn.close()
     if point.kind == catalog.DUMP:
@@ -167,7 +168,7 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
         if not the_plan.can_create:
             raise snapshot.SnapshotFailed(f"restoring a snapshot needs the CREATEDB privilege, which role "
                                           f"{info.user or '(default)'} lacks. Nothing was changed.")
-        if snapshot.exists_checker(info)(point.snapshot_database) is False:
+        if not snapshot_present:
             raise BackupCorrupt(f"snapshot {point.id} is MISSING: database {point.snapshot_database!r} does "
                                 "not exist. Nothing was changed.")
     return the_plan
