@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_create(args, ctx):
     staging = ctx.staging()
-    ctx.show_point(snapshot.create_snapshot(staging, ctx.settings.backup_dir, ctx.script, args.description))
+    ctx.show_point(snapshot.create_snapshot(staging, ctx.settings.backup_dir, ctx.script, args.description,
+                                            wait=ctx.wait))
 
 
 def cmd_list(args, ctx):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import catalog, snapshot, testhooks
+from . import catalog, dbprops, snapshot, testhooks
 from .catalog import RollbackPoint
 from .database import ConnInfo, connect, migration_head, rows, scalar, server_version, table_row_counts
 from .errors import BackupFailed, ConfigError, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
@@ -280,6 +280,8 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
         point_id = catalog.new_id(folder, info.dbname, description)
         point = dump_to_file(source, folder / f"{point_id}.dump", pg_bin_dir=pg_bin_dir,
                              method=method, compress=compress)
+        props = dbprops.read(source.conn, info.dbname)
+        point.database_properties = props.to_json() if props else None
     except BackupFailed as exc:
         source.close()
         if method or not getattr(exc, "no_tool", False):

@@ -41,6 +41,8 @@ class RollbackPoint:
     tables: Dict[str, int] = field(default_factory=dict)
     migration_head: Optional[str] = None
     duration_seconds: float = 0.0
+    # Owner, ACL, comment, settings... of the database (common.dbprops); None in points made before.
+    database_properties: Optional[dict] = None
     format_version: int = FORMAT_VERSION
     # Not stored: where the catalog found it and what the last check said.
     folder: Optional[Path] = field(default=None, repr=False, compare=False)

@@ -12,6 +12,7 @@ from typing import Callable, List, Optional
 import psycopg2
 
 from . import report
+from .connections import DEFAULT_WAIT
 from .database import ConnInfo
 from .env import Settings, load_settings
 from .errors import EXIT_FAILED, ConfigError, NotConfirmed, RollbackError
@@ -27,6 +28,7 @@ class Context:
     log_path: Path
     yes: bool = False
     json: bool = False
+    wait: float = DEFAULT_WAIT
 
     @property
     def log(self):
@@ -139,6 +141,10 @@ def common_flags(parser: argparse.ArgumentParser, destructive: bool = True, mach
     parser.add_argument("--log-dir", metavar="DIR", help="run logs folder (default: $LOG_DIR)")
     for flag, metavar, text in _AREAS.get(area, []):
         parser.add_argument(flag, metavar=metavar, help=text)
+    if area == "database":
+        parser.add_argument("--wait", metavar="SECONDS", type=float, default=DEFAULT_WAIT,
+                            help="how long to wait for sessions this role may not cut before giving up "
+                                 f"(default {DEFAULT_WAIT:.0f})")
 
 
 def execute(script: str, parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace, Context], Optional[int]],
@@ -153,7 +159,8 @@ def execute(script: str, parser: argparse.ArgumentParser, handler: Callable[[arg
         machine = bool(getattr(args, "json", False))
         log_path = setup_logging(script, settings.log_dir, verbose=getattr(args, "verbose", False),
                                  machine_output=machine)
-        ctx = Context(script, settings, log_path, yes=getattr(args, "yes", False), json=machine)
+        ctx = Context(script, settings, log_path, yes=getattr(args, "yes", False), json=machine,
+                      wait=max(0.0, DEFAULT_WAIT if getattr(args, "wait", None) is None else args.wait))
         code = handler(args, ctx)
         return 0 if code is None else code
     except RollbackError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -18,7 +19,10 @@ import psycopg2
 
 from . import catalog
 from . import database as db
+from .errors import RollbackError
 from .log import get_logger
+
+DEFAULT_WAIT = 30.0
 
 
 def marker_path(folder: Path, target: str) -> Path:
@@ -55,10 +59,13 @@ def allow_again(conn, name: str) -> bool:
 
 
 @contextmanager
-def cut(conn, folder: Path, target: str, also: List[str] = (), state: Optional["Cut"] = None) -> Iterator["Cut"]:
+def cut(conn, folder: Path, target: str, also: List[str] = (), state: Optional["Cut"] = None,
+        wait: float = DEFAULT_WAIT) -> Iterator["Cut"]:
     """`with cut(conn, folder, 'staging', also=[kept_as]) as c:` — connections to the target are
     refused and cut inside the block; on the way out, whatever happened, the target and `also`
-    accept connections again (or the marker stays for the next run)."""
+    accept connections again (or the marker stays for the next run). Sessions this role may not
+    cut (another superuser's) are waited for up to `wait` seconds, with connections allowed
+    meanwhile, then named in a SessionsRemain error."""
     names = [target, *also]
     marker = marker_path(folder, target)
     catalog.ensure_dir(folder)
@@ -66,17 +73,50 @@ def cut(conn, folder: Path, target: str, also: List[str] = (), state: Optional["
                                        "started": catalog.utc_now().isoformat(timespec="seconds")})
     state = state or Cut()
     try:
-        db.set_allow_connections(conn, target, False)
-        found = db.sessions(conn, target)
-        if found:
-            get_logger().info("Cutting %d connection(s) to %s:", len(found), target)
-            db.log_sessions(found)
-        state.sessions_cut = db.terminate_sessions(conn, target)
+        state.sessions_cut = cut_sessions(conn, target, wait)
         yield state
     finally:
         state.allowed = all([allow_again(conn, name) for name in names])
         if state.allowed:
             marker.unlink()
+
+
+def cut_sessions(conn, target: str, wait: float = DEFAULT_WAIT) -> int:
+    """Refuse new connections to the target and cut its sessions; returns how many were cut.
+    Raises SessionsRemain (connections allowed again) when some cannot be cut within `wait` s."""
+    log = get_logger()
+    deadline = time.monotonic() + max(0.0, wait)
+    done, announced = 0, False
+    while True:
+        db.set_allow_connections(conn, target, False)
+        found = db.sessions(conn, target)
+        if found and not announced:
+            log.info("Cutting %d connection(s) to %s:", len(found), target)
+            db.log_sessions(found)
+            announced = True
+        count, refused = db.terminate_sessions(conn, target)
+        done += count
+        if not refused:
+            return done
+        # Let clients in again while we wait: the session we may not cut may take a while to end.
+        db.set_allow_connections(conn, target, True)
+        if time.monotonic() >= deadline:
+            raise SessionsRemain(target, refused, wait)
+        log.warning("waiting for %d session(s) this role may not cut (up to %.0f s more): %s", len(refused),
+                    deadline - time.monotonic(), "; ".join(s.describe() for s in refused))
+        time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+
+
+class SessionsRemain(RollbackError):
+    """Sessions of the target that the running role may not terminate, still there after the wait."""
+
+    def __init__(self, target: str, found: List[db.Session], wait: float):
+        self.sessions = found
+        listed = "\n  ".join(s.describe() for s in found)
+        super().__init__(f"{len(found)} session(s) of {target} cannot be cut by this role and were still there "
+                         f"after {wait:.0f} s:\n  {listed}\n{target} is unchanged and accepts connections. Ask "
+                         "their owner to disconnect (or a superuser to run SELECT pg_terminate_backend(pid)), or "
+                         "wait longer with --wait SECONDS, then run this again.")
 
 
 class Cut:

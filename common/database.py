@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import psycopg2
@@ -232,18 +232,25 @@ class Session:
     query: str
 
     def describe(self) -> str:
+        if self.query == "<insufficient privilege>":  # another role's session, seen without pg_read_all_stats
+            return (f"pid {self.pid} {self.user or '(no user)'} (its application, start and query are hidden "
+                    "from this role; GRANT pg_read_all_stats shows them)")
         app = f" {self.application}" if self.application else ""
         return f"pid {self.pid} {self.user}{app} from {self.client} ({self.state}, since {self.since}): {self.query}"
 
 
 def sessions(conn, dbname: str) -> List[Session]:
-    """Other sessions connected to a database, longest-running transaction first."""
+    """Other sessions connected to a database, longest-running transaction first. Autovacuum
+    workers are not among them (they have no user, and a non-superuser sees no backend_type of
+    theirs): before PostgreSQL 18 a non-superuser may not terminate them, and they need not be,
+    since a rename, a TEMPLATE copy or a DROP DATABASE makes them exit by themselves."""
     found = rows(conn, """
         SELECT pid, coalesce(usename, ''), coalesce(application_name, ''),
                coalesce(host(client_addr), 'local socket'), coalesce(state, ''),
-               to_char(coalesce(xact_start, backend_start), 'YYYY-MM-DD HH24:MI:SS'),
+               coalesce(to_char(coalesce(xact_start, backend_start), 'YYYY-MM-DD HH24:MI:SS'), '?'),
                left(regexp_replace(coalesce(query, ''), '\\s+', ' ', 'g'), 80)
         FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()
+          AND usesysid IS NOT NULL AND backend_type IS DISTINCT FROM 'autovacuum worker'
         ORDER BY xact_start NULLS LAST, backend_start""", (dbname,))
     return [Session(*r) for r in found]
 
@@ -258,16 +265,23 @@ def allows_connections(conn, dbname: str) -> Optional[bool]:
     return scalar(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (dbname,))
 
 
-def terminate_sessions(conn, dbname: str) -> int:
-    """Cut every other session of the database and wait (up to 5 s each) until they are gone."""
+def terminate_sessions(conn, dbname: str) -> Tuple[int, List[Session]]:
+    """Cut every other session of the database that this role may cut, waiting up to 5 s for each
+    to end; returns (how many were cut, the sessions it may not cut, e.g. another superuser's)."""
     wait = ", 5000" if conn.server_version >= 140000 else ""
-    return len(rows(conn, f"""
-        SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity
-        WHERE datname = %s AND pid <> pg_backend_pid()""", (dbname,)))
+    done, refused = 0, []
+    for session in sessions(conn, dbname):
+        try:
+            done += 1 if scalar(conn, f"SELECT pg_terminate_backend(%s{wait})", (session.pid,)) else 0
+        except psycopg2.errors.InsufficientPrivilege:
+            refused.append(session)
+    return done, refused
 
 
-def create_database(conn, name: str, template: Optional[str] = None, like: Optional[str] = None) -> None:
-    """CREATE DATABASE name [TEMPLATE t]; with `like`, the owner, encoding and locale of that database."""
+def create_database(conn, name: str, template: Optional[str] = None, like: Optional[str] = None,
+                    owner: Optional[str] = None, tablespace: Optional[str] = None) -> None:
+    """CREATE DATABASE name [TEMPLATE t]; with `like`, the owner, encoding and locale of that
+    database (`owner` and `tablespace`, when given, win)."""
     parts = [sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))]
     if template:
         parts.append(sql.SQL("TEMPLATE {}").format(sql.Identifier(template)))
@@ -276,21 +290,33 @@ def create_database(conn, name: str, template: Optional[str] = None, like: Optio
             # since 15): measured here, 1.2 s instead of 1.7 s for 660 MB.
             parts.append(sql.SQL("STRATEGY FILE_COPY"))
     if like:
-        owner, encoding, collate, ctype = rows(conn, """
+        like_owner, encoding, collate, ctype = rows(conn, """
             SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype
             FROM pg_database WHERE datname = %s""", (like,))[0]
-        parts.append(sql.SQL("OWNER {}").format(sql.Identifier(owner)))
+        owner = owner or like_owner
         if not template:
             parts.append(sql.SQL("TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
                 sql.Literal(encoding), sql.Literal(collate), sql.Literal(ctype)))
+    if owner:
+        parts.append(sql.SQL("OWNER {}").format(sql.Identifier(owner)))
+    if tablespace:
+        parts.append(sql.SQL("TABLESPACE {}").format(sql.Identifier(tablespace)))
     with conn.cursor() as cur:
         cur.execute(sql.SQL(" ").join(parts))
 
 
 def drop_database(conn, name: str) -> None:
-    force = sql.SQL(" WITH (FORCE)") if conn.server_version >= 130000 else sql.SQL("")
+    """DROP DATABASE after cutting its sessions ourselves: WITH (FORCE) would also try to terminate
+    autovacuum workers, which a non-superuser may not ("must be a member of the role whose process
+    is being terminated"); a plain DROP makes them exit by itself."""
+    if database_exists(conn, name):
+        try:
+            set_allow_connections(conn, name, False)
+            terminate_sessions(conn, name)
+        except psycopg2.errors.InsufficientPrivilege:
+            pass  # not ours to cut: the DROP itself says so if it cannot go ahead
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)) + force)
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 def rename_database(conn, name: str, new_name: str) -> None:
@@ -315,26 +341,6 @@ def swap_names(conn, target: str, replacement: str, keep_as: str) -> None:
         raise
     finally:
         conn.autocommit = previous
-
-
-def copy_database_settings(conn, source: str, target: str) -> None:
-    """Carry database-level settings (ALTER DATABASE ... SET) and grants from source to target:
-    they belong to the database, not to its data, so a dump does not hold them."""
-    settings = rows(conn, """
-        SELECT unnest(s.setconfig) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase
-        WHERE d.datname = %s AND s.setrole = 0""", (source,))
-    grants = rows(conn, """
-        SELECT a.privilege_type, CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END
-        FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s""", (source,))
-    with conn.cursor() as cur:
-        for (item,) in settings:
-            name, _, value = item.partition("=")
-            cur.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
-                sql.Identifier(target), sql.Identifier(name), sql.Literal(value)))
-        for privilege, grantee in grants:
-            who = sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
-            cur.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}").format(
-                sql.SQL(privilege), sql.Identifier(target), who))
 
 
 def maintenance_db(info: ConnInfo, app: str = APP_NAME):

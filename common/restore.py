@@ -16,10 +16,12 @@ from typing import Dict, List, Optional
 import psycopg2
 from psycopg2 import sql
 
-from . import catalog, connections, snapshot, testhooks
+from . import catalog, connections, dbprops, snapshot, testhooks
 from . import database as db
 from .catalog import RollbackPoint
+from .connections import DEFAULT_WAIT
 from .database import ConnInfo
+from .dbprops import DatabaseProperties
 from .errors import BackupCorrupt, RestoreFailed, ToolFailed, UsageError
 from .locks import DatabaseLock
 from .log import get_logger
@@ -78,6 +80,10 @@ class Plan:
     can_create: bool
     exists: bool
     source_text: Optional[str] = None  # set for a reset: where the fresh copy comes from
+    current_props: Optional[DatabaseProperties] = None
+    wanted_props: Optional[DatabaseProperties] = None
+    props_note: str = ""
+    wait: float = DEFAULT_WAIT
 
     def describe(self) -> List[str]:
         p = self.point
@@ -94,12 +100,23 @@ class Plan:
                          f"{self.info.dbname} is kept as {self.info.dbname}__{PREVIOUS_TAG}_<timestamp>")
         else:
             lines.append("method:         in place, in one transaction (this role may not create databases)")
+        lines += self.property_lines()
         if self.sessions:
             lines.append(f"connections that will be cut ({len(self.sessions)}):")
             lines += [f"  {s.describe()}" for s in self.sessions]
         else:
             lines.append("connections that will be cut: none")
         return lines
+
+
+    def property_lines(self) -> List[str]:
+        if self.props_note:
+            return [f"database properties: {self.props_note}"]
+        changes = dbprops.describe_changes(self.current_props, self.wanted_props) if self.wanted_props else []
+        if not changes:
+            return ["database properties: owner, ACL, comment, settings as at the rollback point (unchanged)"]
+        return [f"database properties that will change ({len(changes)}), back to the rollback point's:"] + \
+            [f"  {line}" for line in changes]
 
 
 @dataclass
@@ -139,7 +156,7 @@ class Result:
 
 
 def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = None, force: bool = False,
-         check_backup: bool = True) -> Plan:
+         check_backup: bool = True, source_text: Optional[str] = None) -> Plan:
     """Everything checked before anything changes: the backup whole, the target the right one,
     a pg_restore that can do the job."""
     if point.database and point.database != info.dbname and not force:
@@ -156,12 +173,15 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
         the_plan = Plan(info, point, major, version,
                         db.database_size(conn, info.dbname) if exists else 0,
                         db.sessions(conn, info.dbname) if exists else [],
-                        db.can_create_databases(conn), exists)
+                        db.can_create_databases(conn), exists, source_text=source_text)
         snapshot_present = point.kind != catalog.SNAPSHOT or db.database_exists(conn, point.snapshot_database)
+        _plan_properties(conn, the_plan)
+        if point.kind == catalog.DUMP and point.path is not None:
+            tool = restore_tool(point, major, pg_bin_dir)  # fail now, not after the confirmation
+            _check_extensions(conn, info, archive_extensions(tool, point))
     finally:
         conn.close()
     if point.kind == catalog.DUMP:
-        restore_tool(point, major, pg_bin_dir)  # fail now, not after the confirmation
         if check_backup and not the_plan.can_create:
             verify_checksum_with_progress(point)  # in place touches the target at once: check first
     elif point.kind == catalog.SNAPSHOT:
@@ -172,6 +192,51 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
             raise BackupCorrupt(f"snapshot {point.id} is MISSING: database {point.snapshot_database!r} does "
                                 "not exist. Nothing was changed.")
     return the_plan
+
+
+def _plan_properties(conn, the_plan: Plan) -> None:
+    """Which database-level properties the restored database gets, and a check, on the current
+    target in a transaction that is rolled back, that this role may set every one of them."""
+    info, point = the_plan.info, the_plan.point
+    current = dbprops.read(conn, info.dbname) if the_plan.exists else None
+    wanted = dbprops.DatabaseProperties.from_json(point.database_properties)
+    the_plan.current_props = current
+    if wanted is None and current is not None:
+        wanted = current
+        the_plan.props_note = (f"{info.dbname} keeps its own (owner, ACL, comment, settings)" if the_plan.source_text
+                               else f"the rollback point records none (made before they were recorded): "
+                                    f"{info.dbname} keeps its current owner, ACL, comment and settings")
+    the_plan.wanted_props = wanted
+    if wanted is None or current is None:
+        return
+    if the_plan.can_create:
+        # The new database starts as CREATE DATABASE leaves it, owned by the recorded owner; to learn
+        # whether this role may make it so, the same statements run here first, and are undone.
+        me = db.scalar(conn, "SELECT current_user")
+        start = dbprops.blank(me, wanted.tablespace)
+        dbprops.check_settable(conn, info.dbname, start, wanted)
+    else:
+        dbprops.check_settable(conn, info.dbname, current, wanted)
+
+
+def archive_extensions(tool: Tool, point: RollbackPoint) -> List[str]:
+    """The extensions a dump creates, from its table of contents (read before anything changes)."""
+    try:
+        toc = run([tool.path, "--list", str(point.path)], what=f"pg_restore {tool.version} --list").stdout
+    except ToolFailed as exc:
+        raise BackupCorrupt(f"rollback point {point.id} is CORRUPT: pg_restore cannot read it ({exc}). "
+                            "The target was not touched.") from None
+    return dbprops.extensions_in_archive(toc)
+
+
+def _check_extensions(conn, info: ConnInfo, names: List[str]) -> None:
+    problems = dbprops.uncreatable_extensions(conn, names)
+    if problems:
+        me = db.scalar(conn, "SELECT current_user")
+        listed = "; ".join(f"{name}: {why}" for name, why in problems)
+        raise RestoreFailed(f"the rollback point has extension(s) that role {me} cannot create on this server "
+                            f"({listed}). Nothing was changed. Run the restore as a superuser, or have a "
+                            "superuser install the extension's files (for one that is missing).")
 
 
 def verify_checksum_with_progress(point: RollbackPoint) -> None:
@@ -196,14 +261,29 @@ def execute(the_plan: Plan, *, script: str, folder: Path, pg_bin_dir: Optional[s
     recover_interrupted(conn, the_plan.info.dbname, folder)
     if the_plan.can_create:
         result = _restore_by_swap(the_plan, conn, folder, pg_bin_dir, script)
+        result.notes += _property_notes(the_plan)
         if drop_previous and result.kept_as:
             db.drop_database(conn, result.kept_as)
             result.notes.append(f"previous state {result.kept_as!r} dropped (--drop-previous)")
             result.kept_as = None
     else:
         result = _restore_in_place(the_plan, conn, pg_bin_dir)
+        result.notes += _property_notes(the_plan)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _property_notes(the_plan: Plan) -> List[str]:
+    if the_plan.props_note:
+        return [f"database properties: {the_plan.props_note}"]
+    if the_plan.wanted_props is None:
+        return []
+    changed = dbprops.describe_changes(the_plan.current_props, the_plan.wanted_props)
+    for line in changed:
+        get_logger().debug("database property set back: %s", line)
+    return [f"database properties: as at the rollback point ({len(changed)} changed back, as listed before "
+            "the confirmation), and checked after setting them" if changed else
+            "database properties: as at the rollback point (unchanged)"]
 
 
 def recover_interrupted(conn, target: str, folder: Path) -> None:
@@ -225,20 +305,22 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
     result = Result(target, point, method="restore into a new database, then swap names")
     log.info("Restoring into %s while %s keeps serving ...", fresh, target)
     like = target if the_plan.exists else None
+    wanted = the_plan.wanted_props
+    owner, tablespace = (wanted.owner, wanted.tablespace) if wanted else (None, None)
     sealed = False
     if point.kind == catalog.SNAPSHOT:
         result.method = "copy of the snapshot into a new database (TEMPLATE), then swap names"
         sealed = snapshot.is_sealed(conn, point)
         try:
             with timed("copy of the snapshot"):
-                snapshot.copy_into(conn, point, fresh, like)
+                snapshot.copy_into(conn, point, fresh, like, owner=owner, tablespace=tablespace)
         except psycopg2.Error as exc:
             _drop_quietly(conn, fresh)
             raise RestoreFailed(f"copying snapshot {point.snapshot_database} failed: {db.reason(exc)}. "
                                 "Nothing was changed.") from None
     else:
         with timed("create the new database"):
-            _create_like(conn, fresh, like)
+            _create_like(conn, fresh, like, owner, tablespace)
     try:
         testhooks.checkpoint("restore-database-created")
         if point.kind == catalog.DUMP:
@@ -254,8 +336,9 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
                 result.tables_checked, result.rows_checked = snapshot.check_tables(info.with_db(fresh), point)
             else:
                 result.tables_checked, result.rows_checked = check_against_point(info.with_db(fresh), point)
-        if the_plan.exists:
-            db.copy_database_settings(conn, target, fresh)
+        if wanted is not None:
+            with timed("database properties"):
+                dbprops.apply(conn, fresh, wanted)
         testhooks.checkpoint("restore-checked")
     except BaseException:
         _drop_quietly(conn, fresh)
@@ -268,7 +351,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
     cut_at = time.monotonic()
     cut = connections.Cut()
     try:
-        with connections.cut(conn, folder, target, also=[keep_as], state=cut):
+        with connections.cut(conn, folder, target, also=[keep_as], state=cut, wait=the_plan.wait):
             testhooks.checkpoint("restore-connections-cut")
             db.swap_names(conn, target, fresh, keep_as)
             result.unavailable_seconds = time.monotonic() - cut_at
@@ -312,13 +395,9 @@ class ChecksumBeside:
         get_logger().info("  checksum verified: sha256 matches the sidecar")
 
 
-def _create_like(conn, name: str, like: Optional[str]) -> None:
+def _create_like(conn, name: str, like: Optional[str], owner: Optional[str], tablespace: Optional[str]) -> None:
     try:
-        db.create_database(conn, name, like=like)
-    except psycopg2.errors.InsufficientPrivilege:
-        # CREATEDB but not a member of the owner's role: the new database is ours instead.
-        get_logger().warning("cannot give %s the owner of %s; it will be owned by the connecting role", name, like)
-        db.create_database(conn, name)
+        db.create_database(conn, name, like=like, owner=owner, tablespace=tablespace)
     except psycopg2.Error as exc:
         raise RestoreFailed(f"cannot create {name}: {db.reason(exc)}. Nothing was changed.") from None
 
@@ -390,11 +469,11 @@ def _restore_in_place(the_plan: Plan, conn, pg_bin_dir: Optional[str]) -> Result
     if found:
         log.info("Cutting %d connection(s) to %s:", len(found), info.dbname)
         db.log_sessions(found)
-    try:
-        result.sessions_cut = db.terminate_sessions(conn, info.dbname)
-    except psycopg2.Error as exc:
-        log.warning("could not cut every connection (%s); the restore waits for their locks", db.reason(exc))
-    preamble = extra_objects_sql(info, tool, point)
+    result.sessions_cut, refused = db.terminate_sessions(conn, info.dbname)
+    if refused:
+        log.warning("this role may not cut %d session(s); the restore waits for their locks: %s", len(refused),
+                    "; ".join(s.describe() for s in refused))
+    preamble = extra_objects_sql(info, tool, point) + _property_sql(conn, the_plan)
     cut_at = time.monotonic()
     producer = Process([tool.path, "--clean", "--if-exists", "--file=-", str(point.path)], env=info.libpq_env())
     preamble_file = point.folder / f".inplace_{os.getpid()}.sql"
@@ -417,6 +496,14 @@ def _restore_in_place(the_plan: Plan, conn, pg_bin_dir: Optional[str]) -> Result
     return result
 
 
+def _property_sql(conn, the_plan: Plan) -> str:
+    """The statements that give the target its recorded properties, for the restore's transaction."""
+    if the_plan.wanted_props is None or the_plan.current_props is None:
+        return ""
+    todo = dbprops.statements(the_plan.info.dbname, the_plan.current_props, the_plan.wanted_props)
+    return "".join(s.query.as_string(conn) + ";\n" for s in todo)
+
+
 def _check_after_in_place(info: ConnInfo, point: RollbackPoint) -> tuple:
     conn = db.connect(info)
     try:
@@ -432,7 +519,7 @@ def _check_after_in_place(info: ConnInfo, point: RollbackPoint) -> tuple:
 
 
 def extra_objects_sql(info: ConnInfo, tool: Tool, point: RollbackPoint) -> str:
-    """DROP statements for schemas and relations the target has and the archive does not."""
+    """DROP statements for schemas, relations and large objects the target has and the archive does not."""
     toc = run([tool.path, "--list", str(point.path)], what="pg_restore --list").stdout
     in_archive = set()
     for line in toc.splitlines():
@@ -457,6 +544,15 @@ def extra_objects_sql(info: ConnInfo, tool: Tool, point: RollbackPoint) -> str:
             if ("SCHEMA", schema, "") not in in_archive:
                 gone.add(schema)
                 statements.append(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE;").format(sql.Identifier(schema)))
+        # Partitioned tables go first, whole: --clean would drop each partition's inherited primary
+        # key on its own, which fails ("cannot drop inherited constraint"); its IF EXISTS drops
+        # then find nothing, and the archive creates them again.
+        for schema, name in db.rows(conn, """
+                SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind = 'p' AND NOT c.relispartition AND n.nspname NOT LIKE 'pg\\_%'"""):
+            if schema not in gone:
+                statements.append(sql.SQL("DROP TABLE IF EXISTS {}.{} CASCADE;").format(
+                    sql.Identifier(schema), sql.Identifier(name)))
         relations = db.rows(conn, """
             SELECT n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'v', 'm', 'S', 'p', 'f') AND n.nspname NOT LIKE 'pg\\_%'
@@ -467,6 +563,9 @@ def extra_objects_sql(info: ConnInfo, tool: Tool, point: RollbackPoint) -> str:
             if schema not in gone and ("REL", schema, name) not in in_archive:
                 statements.append(sql.SQL("DROP {} IF EXISTS {}.{} CASCADE;").format(
                     sql.SQL(kinds[kind]), sql.Identifier(schema), sql.Identifier(name)))
+        # Large objects made since the point are not in the archive, and --clean only unlinks those
+        # that are: unlink them all (the archive makes its own again, with their OIDs).
+        statements.append(sql.SQL("SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata;"))
         return "\n".join(s.as_string(conn) for s in statements) + "\n"
     finally:
         conn.close()

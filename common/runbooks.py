@@ -17,6 +17,7 @@ def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: 
                   drop_previous: bool = False, question: Optional[str] = None) -> restore.Result:
     """Check the backup, show what will be replaced, confirm, restore, print the summary."""
     the_plan = restore.plan(info, point, pg_bin_dir=ctx.pg_bin_dir, force=force)
+    the_plan.wait = ctx.wait
     ctx.confirm(question or f"Restore {info.dbname} from rollback point {point.id}?", the_plan.describe())
     result = restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
                              pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous)
@@ -32,8 +33,11 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
                          "reset it from itself. Nothing was changed.")
     placeholder = RollbackPoint(id=f"fresh copy of V2 ({v2.dbname})", database=staging.dbname,
                                 description=f"fresh copy of V2 {v2.masked()}")
-    the_plan = restore.plan(staging, placeholder, pg_bin_dir=ctx.pg_bin_dir, check_backup=False)
-    the_plan.source_text = f"a fresh pg_dump of V2 {v2.masked()} (V2 is only read)"
+    # The placeholder records no database properties, so staging keeps its own: they configure
+    # staging (who may connect, its settings) and are not V2's data.
+    the_plan = restore.plan(staging, placeholder, pg_bin_dir=ctx.pg_bin_dir, check_backup=False,
+                            source_text=f"a fresh pg_dump of V2 {v2.masked()} (V2 is only read)")
+    the_plan.wait = ctx.wait
     ctx.confirm(f"Reset {staging.dbname} from V2?", the_plan.describe())
     folder = ctx.settings.backup_dir
     scratch = catalog.ensure_dir(folder / ".tmp")

@@ -11,9 +11,10 @@ from typing import List, Optional
 
 import psycopg2
 
-from . import catalog, connections, testhooks
+from . import catalog, connections, dbprops, testhooks
 from . import database as db
 from .catalog import RollbackPoint
+from .connections import DEFAULT_WAIT
 from .database import ConnInfo
 from .errors import BackupCorrupt, RollbackError, UsageError
 from .locks import DatabaseLock
@@ -33,11 +34,12 @@ def require_createdb(conn, info: ConnInfo) -> None:
 
 
 def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str = "",
-                    lock: Optional[DatabaseLock] = None) -> RollbackPoint:
-    """Copy the database on its own server; the sidecar records its tables and row counts."""
+                    lock: Optional[DatabaseLock] = None, wait: float = DEFAULT_WAIT) -> RollbackPoint:
+    """Copy the database on its own server; the sidecar records its tables and row counts and the
+    database's own properties (owner, ACL, settings: a TEMPLATE copy does not carry them)."""
     if lock is None:
         with DatabaseLock(info, info.dbname, script) as own:
-            return create_snapshot(info, folder, script, description, lock=own)
+            return create_snapshot(info, folder, script, description, lock=own, wait=wait)
     log = get_logger()
     conn = lock.conn
     require_createdb(conn, info)
@@ -47,7 +49,8 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
     major, version = db.server_version(conn)
     log.info("Creating snapshot %s of %s (PostgreSQL %s) ...", name, info.masked(), version)
     connections.recover(conn, folder, info.dbname)
-    with connections.cut(conn, folder, info.dbname) as cut:
+    props = dbprops.read(conn, info.dbname)
+    with connections.cut(conn, folder, info.dbname, wait=wait) as cut:
         try:
             db.create_database(conn, name, template=info.dbname, like=info.dbname)
             testhooks.checkpoint("snapshot-copied")
@@ -74,7 +77,8 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
             source_url=info.masked().replace(":***", ""), server_version=version, method="snapshot",
             tool="CREATE DATABASE ... TEMPLATE", tool_version=f"PostgreSQL {version}", compression="-",
             snapshot_database=name, size_bytes=db.database_size(conn, name), tables=tables, migration_head=head,
-            duration_seconds=round(time.monotonic() - started, 3), folder=folder)
+            duration_seconds=round(time.monotonic() - started, 3), folder=folder,
+            database_properties=props.to_json() if props else None)
         catalog.save(point)
     except BaseException:
         db.drop_database(conn, name)
@@ -114,13 +118,15 @@ def resolve(folder: Path, ref: Optional[str], database: str, points: List[Rollba
     raise UsageError(f"no snapshot {ref!r} of {database} (see: python3 simple_rollback.py list). Nothing was changed.")
 
 
-def copy_into(conn, point: RollbackPoint, fresh: str, like: Optional[str]) -> None:
-    """CREATE DATABASE fresh TEMPLATE snapshot: nobody may be connected to the snapshot."""
+def copy_into(conn, point: RollbackPoint, fresh: str, like: Optional[str], owner: Optional[str] = None,
+              tablespace: Optional[str] = None) -> None:
+    """CREATE DATABASE fresh TEMPLATE snapshot: nobody may be connected to the snapshot (an
+    autovacuum worker there is told to exit by the copy itself)."""
     name = point.snapshot_database
     if not db.database_exists(conn, name):
         raise RollbackError(f"snapshot database {name!r} does not exist (MISSING). Nothing was changed.")
     db.terminate_sessions(conn, name)
-    db.create_database(conn, fresh, template=name, like=like)
+    db.create_database(conn, fresh, template=name, like=like, owner=owner, tablespace=tablespace)
 
 
 def is_sealed(conn, point: RollbackPoint) -> bool:

@@ -1,0 +1,291 @@
+"""Exact rollback of a realistic database owned by an ordinary role (DESIGN §5): schema, rows,
+large objects and the database's own properties come back exactly, by every restore path."""
+from __future__ import annotations
+
+import pytest
+
+from tests import pgfixtures as pf
+from tests.realistic import RealisticDatabase, database_fingerprint, differences
+
+PATHS = {
+    "quick_rollback": (("create_rollback_point.py", "before release"), ("quick_rollback.py", "--yes")),
+    "rollback_manager": (("rollback_manager.py", "create", "--description", "before release"),
+                         ("rollback_manager.py", "restore", "--latest", "--yes")),
+    "database_rollback": (("database_rollback.py", "backup"), ("database_rollback.py", "restore", "{dump}", "--yes")),
+    "simple_rollback": (("simple_rollback.py", "create", "before release"), ("simple_rollback.py", "restore", "--yes")),
+}
+
+
+def owner_env(env_for, server, rd: RealisticDatabase, **more):
+    return env_for(server, rd.name, STAGING_DATABASE_URL=rd.url, **more)
+
+
+def newest_dump(env) -> str:
+    from pathlib import Path
+    return str(sorted(Path(env["BACKUP_DIR"]).glob("*.dump"))[-1])
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_every_restore_path_brings_back_the_exact_database(server, env_for, path):
+    make, restore = PATHS[path]
+    with RealisticDatabase(server) as rd:
+        env = owner_env(env_for, server, rd)
+        before = database_fingerprint(server, rd.name)
+        made = pf.run_script(*make, env=env)
+        assert made.returncode == 0, made.stderr
+        rd.migrate()
+        migrated = database_fingerprint(server, rd.name)
+        assert {"schema", "rows", "large_objects", "db_acl", "db_comment", "db_settings",
+                "db_connection_limit"} <= set(differences(before, migrated))
+        args = [a.replace("{dump}", newest_dump(env)) if "{dump}" in a else a for a in restore]
+        result = pf.run_script(*args, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        after = database_fingerprint(server, rd.name)
+        assert differences(before, after) == [], result.stdout
+        assert "database properties: as at the rollback point" in result.stdout
+
+
+def test_in_place_restore_by_an_owner_without_createdb_is_exact(server, env_for):
+    with RealisticDatabase(server, createdb=False) as rd:
+        env = owner_env(env_for, server, rd)
+        before = database_fingerprint(server, rd.name)
+        made = pf.run_script("create_rollback_point.py", "before release", env=env)
+        assert made.returncode == 0, made.stderr
+        rd.migrate()
+        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "in place" in result.stdout
+        assert differences(before, database_fingerprint(server, rd.name)) == [], result.stdout
+
+
+def dump_point(env):
+    made = pf.run_script("create_rollback_point.py", "before release", env=env)
+    assert made.returncode == 0, made.stderr
+    return made
+
+
+def restore_leftovers(server, name):
+    conn = pf.connect(server.info)
+    try:
+        return pf.rows(conn, "SELECT datname FROM pg_database WHERE datname LIKE %s", (name + "\\_\\_restore%",))
+    finally:
+        conn.close()
+
+
+def test_a_point_made_before_properties_were_recorded_keeps_the_current_ones(pg15, env_for):
+    import json
+    from pathlib import Path
+    with RealisticDatabase(pg15) as rd:
+        env = owner_env(env_for, pg15, rd)
+        before = database_fingerprint(pg15, rd.name)
+        dump_point(env)
+        [sidecar] = Path(env["BACKUP_DIR"]).glob("*.json")
+        data = json.loads(sidecar.read_text())
+        del data["database_properties"]  # as a sidecar written by the toolkit before this change
+        sidecar.write_text(json.dumps(data))
+        rd.migrate()
+        migrated = database_fingerprint(pg15, rd.name)
+        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        after = database_fingerprint(pg15, rd.name)
+        assert differences(before, after) == [k for k in differences(before, migrated) if k.startswith("db_")]
+        assert {k: after[k] for k in after if k.startswith("db_")} == {k: migrated[k] for k in migrated if k.startswith("db_")}
+        assert "records none" in result.stdout and "keeps its current owner, ACL" in result.stdout
+
+
+def test_a_setting_the_owner_may_not_set_is_named_before_anything_changes(server, env_for):
+    with RealisticDatabase(server) as rd:
+        pf.execute(server, rd.name, f'ALTER DATABASE "{rd.name}" SET log_min_duration_statement = \'1s\'')
+        env = owner_env(env_for, server, rd)
+        before = database_fingerprint(server, rd.name)
+        dump_point(env)
+        rd.migrate()
+        migrated = database_fingerprint(server, rd.name)
+        refused = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "log_min_duration_statement" in refused.stderr and "Nothing was changed" in refused.stderr
+        assert f"GRANT SET ON PARAMETER log_min_duration_statement TO {rd.owner}" in refused.stderr
+        assert "Type 'yes'" not in refused.stdout and "Confirmed" not in refused.stdout  # refused before asking
+        assert differences(migrated, database_fingerprint(server, rd.name)) == []
+        assert restore_leftovers(server, rd.name) == []
+        # As the message says: once a superuser grants it, the same command restores everything.
+        pf.execute(server, "postgres", f'GRANT SET ON PARAMETER log_min_duration_statement TO "{rd.owner}"')
+        try:
+            result = pf.run_script("quick_rollback.py", "--yes", env=env)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert differences(before, database_fingerprint(server, rd.name)) == []
+        finally:
+            pf.execute(server, "postgres", f'REVOKE SET ON PARAMETER log_min_duration_statement FROM "{rd.owner}"')
+
+
+def test_an_extension_the_owner_cannot_create_is_named_before_anything_changes(server, env_for):
+    with RealisticDatabase(server) as rd:
+        pf.execute(server, rd.name, "CREATE EXTENSION pageinspect")  # untrusted: a superuser made it
+        env = owner_env(env_for, server, rd)
+        dump_point(env)
+        rd.migrate()
+        migrated = database_fingerprint(server, rd.name)
+        refused = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "pageinspect" in refused.stderr and "not a trusted extension" in refused.stderr
+        assert "Nothing was changed" in refused.stderr and "Confirmed" not in refused.stdout
+        assert differences(migrated, database_fingerprint(server, rd.name)) == []
+
+
+def test_reset_staging_keeps_staging_s_own_properties(server, env_for):
+    v2 = pf.create_database(server, pf.unique_name("v2"), pf.RICH_SCHEMA)
+    try:
+        with RealisticDatabase(server) as rd:
+            own = database_fingerprint(server, rd.name)
+            env = env_for(server, rd.name, V2_DATABASE_URL=pf.url(server, v2))
+            result = pf.run_script("reset_staging.py", "--yes", env=env)
+            assert result.returncode == 0, result.stdout + result.stderr
+            after = database_fingerprint(server, rd.name)
+            assert {k: after[k] for k in after if k.startswith("db_")} == {k: own[k] for k in own if k.startswith("db_")}
+            assert after["rows"] == pf.row_fingerprint(server, v2)
+            assert "keeps its own" in result.stdout
+    finally:
+        pf.drop_database(server, v2)
+
+
+class SlowAutovacuum:
+    """`with SlowAutovacuum(server, db, url):` a big table of `db` whose autovacuum is made so slow
+    (cost limit 1, delay 100 ms a page) that a worker stays in the database; entered once
+    pg_stat_activity shows it. The server's naptime is 1 s meanwhile."""
+
+    def __init__(self, server, dbname: str, owner_url: str):
+        self.server, self.dbname, self.owner_url = server, dbname, owner_url
+
+    def __enter__(self):
+        import time
+
+        from common.database import ConnInfo
+        pf.execute(self.server, "postgres", "ALTER SYSTEM SET autovacuum_naptime = 1")
+        pf.execute(self.server, "postgres", "SELECT pg_reload_conf()")
+        conn = pf.connect(ConnInfo.parse(self.owner_url).with_db(self.dbname))
+        with conn.cursor() as cur:
+            cur.execute("""CREATE TABLE public.bulk WITH (autovacuum_vacuum_cost_limit = 1,
+                               autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_threshold = 0,
+                               autovacuum_vacuum_scale_factor = 0, autovacuum_analyze_threshold = 1000000000)
+                           AS SELECT i, repeat('x', 200) AS pad FROM generate_series(1, 40000) i""")
+            cur.execute("DELETE FROM public.bulk WHERE i % 2 = 0")  # a migration that changed many rows
+        conn.close()
+        deadline = time.monotonic() + 60
+        while not self.workers():
+            assert time.monotonic() < deadline, "no autovacuum worker started in the database"
+            time.sleep(0.2)
+        return self
+
+    def workers(self) -> list:
+        conn = pf.connect(self.server.info)
+        try:
+            return pf.rows(conn, """SELECT pid FROM pg_stat_activity
+                                    WHERE datname = %s AND backend_type = 'autovacuum worker'""", (self.dbname,))
+        finally:
+            conn.close()
+
+    def __exit__(self, *exc):
+        pf.execute(self.server, "postgres", "ALTER SYSTEM RESET autovacuum_naptime")
+        pf.execute(self.server, "postgres", "SELECT pg_reload_conf()")
+
+
+def test_the_owner_rolls_back_while_autovacuum_works_in_staging(server, env_for):
+    with RealisticDatabase(server) as rd:
+        env = owner_env(env_for, server, rd)
+        before = database_fingerprint(server, rd.name)
+        dump_point(env)
+        rd.migrate()
+        with SlowAutovacuum(server, rd.name, rd.url) as vacuum:  # bulk changes after the point
+            assert vacuum.workers()
+            result = pf.run_script("quick_rollback.py", "--yes", env=env)
+            assert result.returncode == 0, result.stdout + result.stderr
+        assert differences(before, database_fingerprint(server, rd.name)) == []
+
+
+def test_a_simple_rollback_snapshot_is_made_while_autovacuum_works(server, env_for):
+    with RealisticDatabase(server) as rd:
+        env = owner_env(env_for, server, rd)
+        with SlowAutovacuum(server, rd.name, rd.url):
+            before = database_fingerprint(server, rd.name)
+            made = pf.run_script("simple_rollback.py", "create", "with autovacuum", env=env)
+            assert made.returncode == 0, made.stdout + made.stderr
+        rd.migrate()
+        result = pf.run_script("simple_rollback.py", "restore", "--yes", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert differences(before, database_fingerprint(server, rd.name)) == []
+
+
+def test_a_leftover_restore_database_with_autovacuum_in_it_is_removed_by_the_owner(server, env_for):
+    with RealisticDatabase(server) as rd:
+        env = owner_env(env_for, server, rd)
+        before = database_fingerprint(server, rd.name)
+        dump_point(env)
+        leftover = f"{rd.name}__restore_20250101_000000_000"  # as an interrupted run leaves it
+        rd.as_owner(f'CREATE DATABASE "{leftover}"')
+        with SlowAutovacuum(server, leftover, rd.url):
+            rd.migrate()
+            result = pf.run_script("quick_rollback.py", "--yes", env=env)
+            assert result.returncode == 0, result.stdout + result.stderr
+        assert "left by an interrupted restore" in result.stdout + result.stderr
+        assert restore_leftovers(server, rd.name) == []
+        assert differences(before, database_fingerprint(server, rd.name)) == []
+
+
+def test_a_superuser_session_the_owner_cannot_cut_is_named_and_nothing_changes(pg15, env_for):
+    with RealisticDatabase(pg15) as rd:
+        env = owner_env(env_for, pg15, rd)
+        dump_point(env)
+        rd.migrate()
+        migrated = database_fingerprint(pg15, rd.name)
+        # An operations role may see other sessions' details (pg_read_all_stats), not cut them.
+        pf.execute(pg15, "postgres", f'GRANT pg_read_all_stats TO "{rd.owner}"')
+        dba = pf.connect(pg15.info, rd.name, app="dba-console")
+        try:
+            pid = pf.rows(dba, "SELECT pg_backend_pid()")[0][0]
+            result = pf.run_script("quick_rollback.py", "--yes", "--wait", "2", env=env)
+            assert result.returncode == 1, result.stdout + result.stderr
+            err = result.stderr
+            assert f"pid {pid} postgres dba-console" in err and "cannot be cut by this role" in err
+            assert "since" in err and "after 2 s" in err and "accepts connections" in err
+            assert pf.rows(dba, "SELECT 1") == [(1,)]  # the DBA's session was left alone
+        finally:
+            dba.close()
+        assert differences(migrated, database_fingerprint(pg15, rd.name)) == []
+        assert restore_leftovers(pg15, rd.name) == []
+        conn = pf.connect(pg15.info)
+        assert pf.rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (rd.name,)) == [(True,)]
+        conn.close()
+
+
+BENCH_SCRIPT = r"""\set id random(1, 300)
+INSERT INTO app.audit (tbl, op, row_id, at) VALUES ('bench', 'insert', :id, now());
+UPDATE app.customers SET name = name || '.' WHERE id = :id;
+"""
+
+
+def test_pgbench_clients_writing_during_the_rollback_leave_exactly_the_point(server, env_for, tmp_path):
+    import subprocess
+    import time
+
+    from common.database import ConnInfo
+    with RealisticDatabase(server) as rd:
+        env = owner_env(env_for, server, rd)
+        before = database_fingerprint(server, rd.name)
+        dump_point(env)
+        script = tmp_path / "writes.sql"
+        script.write_text(BENCH_SCRIPT)
+        bench = subprocess.Popen([pf.tool(server, "pgbench"), "-n", "-c", "4", "-T", "60", "-f", str(script)],
+                                 env=pf.libpq_env(ConnInfo.parse(rd.url), rd.name), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)
+            assert bench.poll() is None, bench.communicate()
+            rd.migrate()
+            result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        finally:
+            if bench.poll() is None:
+                bench.terminate()
+            bench.communicate(timeout=30)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "connections cut: 4" in result.stdout
+        assert differences(before, database_fingerprint(server, rd.name)) == []
