@@ -4,6 +4,7 @@
     python3 config_rollback.py backup
     python3 config_rollback.py restore /path/to/backup
     python3 config_rollback.py update config.yml '{"key": "value"}'    # null deletes a key
+    python3 config_rollback.py update .env '{"API_URL": "https://..."}' --dry-run   # the diff only
     python3 config_rollback.py verify [--json]
     python3 config_rollback.py cleanup 30 [--dry-run]
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import cli, configfiles, files, runbooks  # noqa: E402
+from common import cli, configedit, configfiles, files, runbooks  # noqa: E402
 from common.errors import UsageError, VerifyProblems  # noqa: E402
 
 
@@ -29,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", help="put every file back byte for byte (after a backup of now)")
     p.add_argument("path", help="a config_<ts> backup folder")
     cli.common_flags(p, area="config")
-    p = sub.add_parser("update", help="deep-merge a JSON object into a YAML or JSON file")
-    p.add_argument("file", help="relative to CONFIG_DIR, e.g. config.yml")
+    p = sub.add_parser("update", help="deep-merge a JSON object into a YAML, JSON or env file, "
+                                      "changing only those lines")
+    p.add_argument("file", help="relative to CONFIG_DIR, e.g. config.yml; or .env (ENV_FILE)")
     p.add_argument("patch", metavar="JSON", help="e.g. '{\"key\": \"value\"}'; null deletes a key")
+    p.add_argument("--dry-run", action="store_true", help="print the diff that would be written; change nothing")
     cli.common_flags(p, area="config")
     p = sub.add_parser("verify", help="every file parses; drift against the newest backup (exit 4 on errors)")
     cli.common_flags(p, destructive=False, area="config", machine=True)
@@ -83,20 +86,27 @@ def cmd_restore(args, ctx):
 
 def cmd_update(args, ctx):
     config_dir, env_file, backups = paths(ctx)
-    target = configfiles.target_file(config_dir, args.file)
+    target = configfiles.target_file(config_dir, args.file, env_file)
     patch = configfiles.parse_patch(args.patch)
-    current = configfiles.parse_file(target)  # bad input is refused before anything, the backup included
-    _, planned = configfiles.deep_merge(current if isinstance(current, dict) else {}, patch)
-    if not planned:
+    edit = configedit.plan(target, patch)  # bad input is refused before anything, the backup included
+    if not edit.changes:
         ctx.log.info("%s already has these values; nothing to change.", args.file)
         return
-    ctx.confirm(f"Update {target}?", [f"{key}: {configfiles.show_value(key, old)} -> {configfiles.show_value(key, new)}"
-                                      for key, old, new in planned] + ["the current configuration is backed up first"])
+    summary = [f"{key}: {configfiles.show_value(key, old)} -> {configfiles.show_value(key, new)}"
+               for key, old, new in edit.changes]
+    diff = summary + [""] + edit.diff() + [f"note: {n}" for n in edit.notes]
+    if args.dry_run:
+        ctx.log.info("Dry run: this diff would be written to %s (nothing was changed):", target)
+        for line in diff:
+            ctx.log.info("%s", line)
+        return
+    ctx.confirm(f"Update {target}? It will change as this diff shows (secrets masked); the current "
+                "configuration is backed up first.", diff)
     with files.FolderLock(backups, ctx.script):
         auto = configfiles.backup(config_dir, env_file, backups, reason=f"automatic before update of {args.file}")
-        changes = configfiles.update(target, patch)
+        configedit.write(edit)
     ctx.log.info("Updated %s (backup first: %s):", target, auto)
-    for key, old, new in changes:
+    for key, old, new in edit.changes:
         ctx.log.info("  %s: %s -> %s", key, configfiles.show_value(key, old), configfiles.show_value(key, new))
 
 

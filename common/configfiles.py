@@ -178,12 +178,19 @@ def _inside(config_dir: Path, path: Path) -> Path:
     return real
 
 
-def target_file(config_dir: Path, name: str) -> Path:
+def target_file(config_dir: Path, name: str, env_file: Optional[Path] = None) -> Path:
+    """The file `update` may change: a YAML, JSON or *.env file under CONFIG_DIR, or the ENV_FILE
+    (named by its name, e.g. .env, or its path)."""
+    if env_file is not None and not (config_dir / name).is_file() and (
+            name == env_file.name or Path(name).expanduser().resolve() == env_file.resolve()):
+        if not env_file.is_file():
+            raise UsageError(f"ENV_FILE {env_file} does not exist. Nothing was changed.")
+        return env_file
     if os.path.isabs(name):
         raise UsageError(f"FILE must be relative to CONFIG_DIR ({config_dir}), not absolute: {name}. Nothing was changed.")
     real = _inside(config_dir, config_dir / name)
-    if real.suffix not in PARSED:
-        raise UsageError(f"{name}: only .yml, .yaml and .json files can be updated. Nothing was changed.")
+    if real.suffix not in PARSED and real.suffix != ".env" and real.name != ".env":
+        raise UsageError(f"{name}: only .yml, .yaml, .json and .env files can be updated. Nothing was changed.")
     if not real.is_file():
         raise UsageError(f"{name} does not exist in {config_dir}. Nothing was changed.")
     return real
@@ -192,6 +199,11 @@ def target_file(config_dir: Path, name: str) -> Path:
 def parse_file(path: Path) -> Any:
     """Parse YAML or JSON; errors name the file and line."""
     text = path.read_text(encoding="utf-8")
+    if path.suffix not in PARSED:
+        errors = env_errors(path)
+        if errors:
+            raise UsageError("; ".join(errors[:3]) + ". Nothing was changed.")
+        return None
     try:
         if path.suffix == ".json":
             return json.loads(text)
@@ -250,12 +262,6 @@ def show_value(key: str, value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def render(path: Path, data: Any) -> bytes:
-    if path.suffix == ".json":
-        return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False).encode()
-
-
 def parse_patch(patch_text: str) -> Dict[str, Any]:
     try:
         patch = json.loads(patch_text)
@@ -264,22 +270,6 @@ def parse_patch(patch_text: str) -> Dict[str, Any]:
     if not isinstance(patch, dict):
         raise UsageError("the JSON argument must be an object, like '{\"key\": \"value\"}'. Nothing was changed.")
     return patch
-
-
-def update(path: Path, patch: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
-    """Deep-merge a JSON object into a YAML/JSON file; the result must parse before it replaces the file."""
-    current = parse_file(path)
-    if current is not None and not isinstance(current, dict):
-        raise UsageError(f"{path} does not hold a mapping at its top level; cannot merge. Nothing was changed.")
-    merged, changes = deep_merge(current or {}, patch)
-    if not changes:
-        return changes
-    data = render(path, merged)
-    check = json.loads(data) if path.suffix == ".json" else yaml.safe_load(data)
-    if check != merged:
-        raise UsageError(f"the merged {path.name} would not read back as written; refused. Nothing was changed.")
-    files.write_atomic(path, data, stat.S_IMODE(path.stat().st_mode))
-    return changes
 
 
 @dataclass
