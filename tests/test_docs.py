@@ -101,12 +101,12 @@ def substitute(command: str, world: dict) -> str:
 
 
 @pytest.fixture
-def world(pg15, tmp_path):
+def world(pg_old, tmp_path):
     """V2 at migration 002 with sample data; staging a copy; a repository; a config folder."""
-    pf.drop_database(pg15, "v2")
-    pf.drop_database(pg15, "staging")
-    for leftover in pf.rows(pf.connect(pg15.info), "SELECT datname FROM pg_database WHERE datname LIKE 'staging\\_%'"):
-        pf.drop_database(pg15, leftover[0])
+    pf.drop_database(pg_old, "v2")
+    pf.drop_database(pg_old, "staging")
+    for leftover in pf.rows(pf.connect(pg_old.info), "SELECT datname FROM pg_database WHERE datname LIKE 'staging\\_%'"):
+        pf.drop_database(pg_old, leftover[0])
     repo = tmp_path / "app"
     repo.mkdir()
     git(repo, "init", "-q", "-b", "main")
@@ -119,21 +119,21 @@ def world(pg15, tmp_path):
     (tmp_path / "app.env").write_text("API_TOKEN=abc\n")
     migrations = tmp_path / "migrations"
     shutil.copytree(ROOT / "migrations", migrations)
-    env = pf.script_env(tmp_path, V2_DATABASE_URL=pf.url(pg15, "v2"), STAGING_DATABASE_URL=pf.url(pg15, "staging"),
+    env = pf.script_env(tmp_path, V2_DATABASE_URL=pf.url(pg_old, "v2"), STAGING_DATABASE_URL=pf.url(pg_old, "staging"),
                         MIGRATIONS_DIR=str(migrations), REPO_PATH=str(repo), CODE_BACKUP_DIR=str(tmp_path / "code_backups"),
                         CONFIG_DIR=str(config), CONFIG_BACKUP_DIR=str(tmp_path / "config_backups"),
-                        ENV_FILE=str(tmp_path / "app.env"), PG_BIN_DIR=pg15.bindir, **GIT_ENV)
+                        ENV_FILE=str(tmp_path / "app.env"), PG_BIN_DIR=pg_old.bindir, **GIT_ENV)
     env["PATH"] = os.path.dirname(shutil.which("python3") or "/usr/bin/python3") + ":" + env.get("PATH", "")
-    pf.create_database(pg15, "v2")
+    pf.create_database(pg_old, "v2")
     v2_env = dict(env, STAGING_DATABASE_URL=env["V2_DATABASE_URL"])
     assert pf.run_script("database_rollback.py", "migrate", "001", env=v2_env).returncode == 0
-    pf.execute(pg15, "v2", SAMPLE_DATA)
+    pf.execute(pg_old, "v2", SAMPLE_DATA)
     assert pf.run_script("database_rollback.py", "migrate", "002", env=v2_env).returncode == 0
     assert pf.run_script("reset_staging.py", "--yes", env=env).returncode == 0
-    yield {"env": env, "repo": repo, "server": pg15, "tmp": tmp_path}
-    for (name,) in pf.rows(pf.connect(pg15.info), "SELECT datname FROM pg_database WHERE datname LIKE 'staging%' "
+    yield {"env": env, "repo": repo, "server": pg_old, "tmp": tmp_path}
+    for (name,) in pf.rows(pf.connect(pg_old.info), "SELECT datname FROM pg_database WHERE datname LIKE 'staging%' "
                                                   "OR datname LIKE 'v2%'"):
-        pf.drop_database(pg15, name)
+        pf.drop_database(pg_old, name)
 
 
 @pytest.mark.parametrize("document", ["README.md", "ROLLBACK_GUIDE.md"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests import pgfixtures as pf
-from tests.realistic import RealisticDatabase, database_fingerprint, differences
+from tests.realistic import RealisticDatabase, available_extensions, database_fingerprint, differences
 
 PATHS = {
     "quick_rollback": (("create_rollback_point.py", "before release"), ("quick_rollback.py", "--yes")),
@@ -72,22 +72,22 @@ def restore_leftovers(server, name):
         conn.close()
 
 
-def test_a_point_made_before_properties_were_recorded_keeps_the_current_ones(pg15, env_for):
+def test_a_point_made_before_properties_were_recorded_keeps_the_current_ones(pg_old, env_for):
     import json
     from pathlib import Path
-    with RealisticDatabase(pg15) as rd:
-        env = owner_env(env_for, pg15, rd)
-        before = database_fingerprint(pg15, rd.name)
+    with RealisticDatabase(pg_old) as rd:
+        env = owner_env(env_for, pg_old, rd)
+        before = database_fingerprint(pg_old, rd.name)
         dump_point(env)
         [sidecar] = Path(env["BACKUP_DIR"]).glob("*.json")
         data = json.loads(sidecar.read_text())
         del data["database_properties"]  # as a sidecar written by the toolkit before this change
         sidecar.write_text(json.dumps(data))
         rd.migrate()
-        migrated = database_fingerprint(pg15, rd.name)
+        migrated = database_fingerprint(pg_old, rd.name)
         result = pf.run_script("quick_rollback.py", "--yes", env=env)
         assert result.returncode == 0, result.stdout + result.stderr
-        after = database_fingerprint(pg15, rd.name)
+        after = database_fingerprint(pg_old, rd.name)
         assert differences(before, after) == [k for k in differences(before, migrated) if k.startswith("db_")]
         assert {k: after[k] for k in after if k.startswith("db_")} == {k: migrated[k] for k in migrated if k.startswith("db_")}
         assert "records none" in result.stdout and "keeps its current owner, ACL" in result.stdout
@@ -120,14 +120,15 @@ def test_a_setting_the_owner_may_not_set_is_named_before_anything_changes(server
 
 def test_an_extension_the_owner_cannot_create_is_named_before_anything_changes(server, env_for):
     with RealisticDatabase(server) as rd:
-        pf.execute(server, rd.name, "CREATE EXTENSION pageinspect")  # untrusted: a superuser made it
+        untrusted = next(e for e in ("pageinspect", "vector") if e in available_extensions(server))
+        pf.execute(server, rd.name, f"CREATE EXTENSION {untrusted}")  # untrusted: a superuser made it
         env = owner_env(env_for, server, rd)
         dump_point(env)
         rd.migrate()
         migrated = database_fingerprint(server, rd.name)
         refused = pf.run_script("quick_rollback.py", "--yes", env=env)
         assert refused.returncode == 1, refused.stdout + refused.stderr
-        assert "pageinspect" in refused.stderr and "not a trusted extension" in refused.stderr
+        assert untrusted in refused.stderr and "not a trusted extension" in refused.stderr
         assert "Nothing was changed" in refused.stderr and "Confirmed" not in refused.stdout
         assert differences(migrated, database_fingerprint(server, rd.name)) == []
 
@@ -231,15 +232,15 @@ def test_a_leftover_restore_database_with_autovacuum_in_it_is_removed_by_the_own
         assert differences(before, database_fingerprint(server, rd.name)) == []
 
 
-def test_a_superuser_session_the_owner_cannot_cut_is_named_and_nothing_changes(pg15, env_for):
-    with RealisticDatabase(pg15) as rd:
-        env = owner_env(env_for, pg15, rd)
+def test_a_superuser_session_the_owner_cannot_cut_is_named_and_nothing_changes(pg_old, env_for):
+    with RealisticDatabase(pg_old) as rd:
+        env = owner_env(env_for, pg_old, rd)
         dump_point(env)
         rd.migrate()
-        migrated = database_fingerprint(pg15, rd.name)
+        migrated = database_fingerprint(pg_old, rd.name)
         # An operations role may see other sessions' details (pg_read_all_stats), not cut them.
-        pf.execute(pg15, "postgres", f'GRANT pg_read_all_stats TO "{rd.owner}"')
-        dba = pf.connect(pg15.info, rd.name, app="dba-console")
+        pf.execute(pg_old, "postgres", f'GRANT pg_read_all_stats TO "{rd.owner}"')
+        dba = pf.connect(pg_old.info, rd.name, app="dba-console")
         try:
             pid = pf.rows(dba, "SELECT pg_backend_pid()")[0][0]
             result = pf.run_script("quick_rollback.py", "--yes", "--wait", "2", env=env)
@@ -250,9 +251,9 @@ def test_a_superuser_session_the_owner_cannot_cut_is_named_and_nothing_changes(p
             assert pf.rows(dba, "SELECT 1") == [(1,)]  # the DBA's session was left alone
         finally:
             dba.close()
-        assert differences(migrated, database_fingerprint(pg15, rd.name)) == []
-        assert restore_leftovers(pg15, rd.name) == []
-        conn = pf.connect(pg15.info)
+        assert differences(migrated, database_fingerprint(pg_old, rd.name)) == []
+        assert restore_leftovers(pg_old, rd.name) == []
+        conn = pf.connect(pg_old.info)
         assert pf.rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (rd.name,)) == [(True,)]
         conn.close()
 

@@ -59,75 +59,75 @@ def test_round_trip_and_two_restores_from_one_snapshot(server, staging, env_for)
     assert pf.fingerprint(server, staging) == before
 
 
-def test_a_connected_client_is_cut_listed_and_connections_come_back(pg15, env_for, tmp_path):
-    name = pf.create_database(pg15, pf.unique_name("staging"), "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
+def test_a_connected_client_is_cut_listed_and_connections_come_back(pg_old, env_for, tmp_path):
+    name = pf.create_database(pg_old, pf.unique_name("staging"), "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
     try:
-        env = env_for(pg15, name)
-        client = connect(pg15.info, name, app="reporting-app")
+        env = env_for(pg_old, name)
+        client = connect(pg_old.info, name, app="reporting-app")
         result = pf.run_script("simple_rollback.py", "create", "cut", env=env)
         assert result.returncode == 0, result.stderr
         assert "reporting-app" in result.stdout
-        assert connect(pg15.info, name).closed == 0  # staging accepts connections again
+        assert connect(pg_old.info, name).closed == 0  # staging accepts connections again
         client.close()
     finally:
-        for snap in snapshots(pg15, name):
-            pf.drop_database(pg15, snap)
-        pf.drop_database(pg15, name)
+        for snap in snapshots(pg_old, name):
+            pf.drop_database(pg_old, snap)
+        pf.drop_database(pg_old, name)
 
 
-def test_a_failed_copy_leaves_staging_accepting_connections(pg15, env_for, tmp_path):
-    with pf.OwnedDatabase(pg15, createdb=True) as (name, url):
-        env = env_for(pg15, name, STAGING_DATABASE_URL=url)
-        superuser_session = connect(pg15.info, name)  # a non-superuser may not cut it: the copy fails
+def test_a_failed_copy_leaves_staging_accepting_connections(pg_old, env_for, tmp_path):
+    with pf.OwnedDatabase(pg_old, createdb=True) as (name, url):
+        env = env_for(pg_old, name, STAGING_DATABASE_URL=url)
+        superuser_session = connect(pg_old.info, name)  # a non-superuser may not cut it: the copy fails
         result = pf.run_script("simple_rollback.py", "create", "fails", env=env)
         assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert snapshots(pg15, name) == []
-        conn = connect(pg15.info)
+        assert snapshots(pg_old, name) == []
+        conn = connect(pg_old.info)
         assert rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)) == [(True,)]
         conn.close()
         superuser_session.close()
 
 
-def test_a_role_without_createdb_gets_a_clear_error(pg15, env_for):
-    with pf.OwnedDatabase(pg15, createdb=False) as (name, url):
-        env = env_for(pg15, name, STAGING_DATABASE_URL=url)
+def test_a_role_without_createdb_gets_a_clear_error(pg_old, env_for):
+    with pf.OwnedDatabase(pg_old, createdb=False) as (name, url):
+        env = env_for(pg_old, name, STAGING_DATABASE_URL=url)
         result = pf.run_script("simple_rollback.py", "create", "x", env=env)
         assert result.returncode == 1 and "CREATEDB" in result.stderr and "Nothing was changed" in result.stderr
-        assert snapshots(pg15, name) == []
+        assert snapshots(pg_old, name) == []
 
 
 @pytest.mark.parametrize("step", ["restore-database-created", "restore-checked"])
-def test_a_kill_during_the_copy_leaves_staging_whole(pg15, env_for, tmp_path, step):
-    name = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+def test_a_kill_during_the_copy_leaves_staging_whole(pg_old, env_for, tmp_path, step):
+    name = pf.create_database(pg_old, pf.unique_name("staging"), pf.RICH_SCHEMA)
     try:
-        env = env_for(pg15, name)
-        before = pf.fingerprint(pg15, name)
+        env = env_for(pg_old, name)
+        before = pf.fingerprint(pg_old, name)
         create(env)
-        pf.execute(pg15, name, MIGRATION)
-        migrated = pf.fingerprint(pg15, name)
+        pf.execute(pg_old, name, MIGRATION)
+        migrated = pf.fingerprint(pg_old, name)
         proc, _ = pf.start_paused("simple_rollback.py", "restore", "--yes", env=env, step=step, folder=tmp_path)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
-        assert pf.fingerprint(pg15, name) == migrated
-        assert leftovers(pg15, name, "restore"), "the kill left a restore database behind"
+        assert pf.fingerprint(pg_old, name) == migrated
+        assert leftovers(pg_old, name, "restore"), "the kill left a restore database behind"
         again = pf.run_script("simple_rollback.py", "restore", "--yes", env=env)
         assert again.returncode == 0, again.stderr
         assert "left by an interrupted restore" in again.stderr
-        assert leftovers(pg15, name, "restore") == [] and pf.fingerprint(pg15, name) == before
+        assert leftovers(pg_old, name, "restore") == [] and pf.fingerprint(pg_old, name) == before
     finally:
-        for snap in snapshots(pg15, name):
-            pf.drop_database(pg15, snap)
-        drop_all(pg15, name)
+        for snap in snapshots(pg_old, name):
+            pf.drop_database(pg_old, snap)
+        drop_all(pg_old, name)
 
 
-def test_missing_orphan_drop_and_cleanup(pg15, env_for, tmp_path):
-    name = pf.create_database(pg15, pf.unique_name("staging"), "CREATE TABLE t (id int);")
+def test_missing_orphan_drop_and_cleanup(pg_old, env_for, tmp_path):
+    name = pf.create_database(pg_old, pf.unique_name("staging"), "CREATE TABLE t (id int);")
     try:
-        env = env_for(pg15, name)
+        env = env_for(pg_old, name)
         gone, kept = create(env, "gone"), create(env, "kept")
-        pf.drop_database(pg15, gone["snapshot_database"])
+        pf.drop_database(pg_old, gone["snapshot_database"])
         orphan = f"{name}_snap_20200101_000000_000"
-        pf.create_database(pg15, orphan)
+        pf.create_database(pg_old, orphan)
         listed = json.loads(pf.run_script("simple_rollback.py", "list", "--json", env=env).stdout)
         status = {p["description"]: p["status"] for p in listed["snapshots"]}
         assert status == {"gone": "MISSING", "kept": "OK"} and listed["orphans"] == [orphan]
@@ -136,7 +136,7 @@ def test_missing_orphan_drop_and_cleanup(pg15, env_for, tmp_path):
         missing = pf.run_script("simple_rollback.py", "restore", gone["snapshot_database"], "--yes", env=env)
         assert missing.returncode == 1 and "MISSING" in missing.stderr
         assert pf.run_script("simple_rollback.py", "drop", orphan, "--yes", env=env).returncode == 0
-        assert not pf.database_exists(pg15, orphan)
+        assert not pf.database_exists(pg_old, orphan)
 
         # cleanup: the old snapshot goes with its database; the newest OK one stays
         old = create(env, "old")
@@ -146,53 +146,53 @@ def test_missing_orphan_drop_and_cleanup(pg15, env_for, tmp_path):
         sidecar.write_text(json.dumps(meta))
         done = pf.run_script("rollback_manager.py", "cleanup", "--older-than", "30", "--yes", env=env)
         assert done.returncode == 0, done.stderr
-        assert not sidecar.exists() and not pf.database_exists(pg15, old["snapshot_database"])
-        assert pf.database_exists(pg15, kept["snapshot_database"])
+        assert not sidecar.exists() and not pf.database_exists(pg_old, old["snapshot_database"])
+        assert pf.database_exists(pg_old, kept["snapshot_database"])
         dropped = pf.run_script("simple_rollback.py", "drop", kept["snapshot_database"], "--yes", env=env)
-        assert dropped.returncode == 0 and not pf.database_exists(pg15, kept["snapshot_database"])
+        assert dropped.returncode == 0 and not pf.database_exists(pg_old, kept["snapshot_database"])
     finally:
-        for snap in snapshots(pg15, name):
-            pf.drop_database(pg15, snap)
-        drop_all(pg15, name)
+        for snap in snapshots(pg_old, name):
+            pf.drop_database(pg_old, snap)
+        drop_all(pg_old, name)
 
 
-def test_no_client_tools_snapshot_fallback_then_quick_rollback(pg18, env_for, tmp_path):
-    name = pf.create_database(pg18, pf.unique_name("staging"), pf.RICH_SCHEMA)
+def test_no_client_tools_snapshot_fallback_then_quick_rollback(pg_new, env_for, tmp_path):
+    name = pf.create_database(pg_new, pf.unique_name("staging"), pf.RICH_SCHEMA)
     try:
-        env = env_for(pg18, name, PATH="/nonexistent")
+        env = env_for(pg_new, name, PATH="/nonexistent")
         del env["PG_BIN_DIR"]
-        before = pf.fingerprint(pg18, name)
+        before = pf.fingerprint(pg_new, name)
         made = pf.run_script("create_rollback_point.py", "no tools", env=env)
         assert made.returncode == 0 and "server-side snapshot" in made.stderr
-        pf.execute(pg18, name, MIGRATION)
+        pf.execute(pg_new, name, MIGRATION)
         result = pf.run_script("quick_rollback.py", "--yes", env=env)
         assert result.returncode == 0, result.stderr
-        assert pf.fingerprint(pg18, name) == before
+        assert pf.fingerprint(pg_new, name) == before
     finally:
-        for snap in snapshots(pg18, name):
-            pf.drop_database(pg18, snap)
-        drop_all(pg18, name)
+        for snap in snapshots(pg_new, name):
+            pf.drop_database(pg_new, snap)
+        drop_all(pg_new, name)
 
 
-def test_a_snapshot_changed_behind_our_back_is_caught(pg15, env_for):
-    name = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+def test_a_snapshot_changed_behind_our_back_is_caught(pg_old, env_for):
+    name = pf.create_database(pg_old, pf.unique_name("staging"), pf.RICH_SCHEMA)
     try:
-        env = env_for(pg15, name)
+        env = env_for(pg_old, name)
         point = create(env)
         snap = point["snapshot_database"]
-        conn = connect(pg15.info)
+        conn = connect(pg_old.info)
         assert rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (snap,)) == [(False,)]
         assert pf.run_script("rollback_manager.py", "verify", "--file", point["id"], env=env).returncode == 0
         conn.cursor().execute(f'ALTER DATABASE "{snap}" ALLOW_CONNECTIONS true')
         conn.close()
-        pf.execute(pg15, snap, "DELETE FROM sales.orders WHERE id > 10")
+        pf.execute(pg_old, snap, "DELETE FROM sales.orders WHERE id > 10")
         bad = pf.run_script("rollback_manager.py", "verify", "--file", point["id"], env=env)
         assert bad.returncode == 4 and "changed since it was made" in bad.stderr
-        before = pf.fingerprint(pg15, name)
+        before = pf.fingerprint(pg_old, name)
         refused = pf.run_script("simple_rollback.py", "restore", "--yes", env=env)
         assert refused.returncode == 1 and "does not match the rollback point" in refused.stderr
-        assert pf.fingerprint(pg15, name) == before and leftovers(pg15, name, "restore") == []
+        assert pf.fingerprint(pg_old, name) == before and leftovers(pg_old, name, "restore") == []
     finally:
-        for snap in snapshots(pg15, name):
-            pf.drop_database(pg15, snap)
-        drop_all(pg15, name)
+        for snap in snapshots(pg_old, name):
+            pf.drop_database(pg_old, snap)
+        drop_all(pg_old, name)
