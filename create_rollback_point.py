@@ -20,13 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compress", metavar="SPEC",
                         help="pg_dump --compress value (default: lz4 where pg_dump has it, else 0)")
     cli.common_flags(parser, destructive=False, machine=True)
+    cli.warm_flag(parser, making=True)
     return parser
 
 
 def handle(args, ctx: cli.Context) -> int:
     staging = ctx.staging()
     ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
-                                       pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress))
+                                       pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress,
+                                       warm_copies=ctx.warm_copies))
 
 
 if __name__ == "__main__":

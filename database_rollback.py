@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=backup.METHODS)
     p.add_argument("--compress", metavar="SPEC")
     cli.common_flags(p, destructive=False, machine=True)
+    cli.warm_flag(p, making=True)
     p = sub.add_parser("migrate", help="apply pending SQL migrations in order (up to TARGET)")
     p.add_argument("target", nargs="?", help="version (001) or name (001_initial_schema) to stop at")
     p.add_argument("--migrations-dir", metavar="DIR", help="default: $MIGRATIONS_DIR")
@@ -42,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="version (001) or name (001_initial_schema) to go back to")
     p.add_argument("--migrations-dir", metavar="DIR")
     cli.common_flags(p)
+    cli.warm_flag(p, making=True)
     p = sub.add_parser("restore", help="restore the target from a rollback point (never half-done)")
     p.add_argument("path", help="the .dump file (with its .json sidecar beside it) or a rollback point id")
     p.add_argument("--force", action="store_true", help="allow a backup of another database")
     p.add_argument("--drop-previous", action="store_true", help="do not keep the replaced database")
     cli.common_flags(p, machine=True)
+    cli.warm_flag(p, making=False)
     p = sub.add_parser("verify", help="health and drift report (exit 4 on problems)")
     p.add_argument("--strict", action="store_true", help="count drift from the newest rollback point as a problem")
     cli.common_flags(p, destructive=False, machine=True)
@@ -120,7 +123,8 @@ def cmd_rollback(args, ctx):
         if migrations.to_revert(read_status(ctx, target), args.target) != todo:
             raise UsageError("the migrations changed while you confirmed; run the command again. Nothing was changed.")
         point = backup.create_point(target, ctx.settings.backup_dir, ctx.script, f"automatic before rollback to "
-                                    f"{goal.full_name}", pg_bin_dir=ctx.pg_bin_dir, lock=lock)
+                                    f"{goal.full_name}", pg_bin_dir=ctx.pg_bin_dir, lock=lock,
+                                    warm_copies=ctx.warm_copies)
         ctx.log.info("Automatic rollback point: %s", point.id)
         testhooks.checkpoint("rollback-point-taken")
         for n, m in enumerate(todo, 1):
@@ -162,7 +166,8 @@ def cmd_cleanup(args, ctx):
 def cmd_backup(args, ctx):
     target = ctx.db_target()
     ctx.show_point(backup.create_point(target, ctx.settings.backup_dir, ctx.script, args.description,
-                                       pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress))
+                                       pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress,
+                                       warm_copies=ctx.warm_copies))
 
 
 COMMANDS = {"backup": cmd_backup, "restore": cmd_restore, "verify": cmd_verify, "cleanup": cmd_cleanup,

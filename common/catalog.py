@@ -43,6 +43,11 @@ class RollbackPoint:
     duration_seconds: float = 0.0
     # Owner, ACL, comment, settings... of the database (common.dbprops); None in points made before.
     database_properties: Optional[dict] = None
+    # The sealed warm copy of a dump point (common.warm): its database, OID and pg_database xmin.
+    warm_database: Optional[str] = None
+    warm_oid: Optional[int] = None
+    warm_xmin: Optional[str] = None
+    warm_size_bytes: Optional[int] = None
     format_version: int = FORMAT_VERSION
     # Not stored: where the catalog found it and what the last check said.
     folder: Optional[Path] = field(default=None, repr=False, compare=False)
@@ -71,7 +76,7 @@ class RollbackPoint:
     def summary(self) -> dict:
         """What `list --json` and `info --json` print: the sidecar plus status and paths."""
         data = self.to_json()
-        data.update(status=self.status, problem=self.problem,
+        data.update(status=self.status, problem=self.problem, warm=bool(self.warm_database),
                     path=str(self.path) if self.path else None,
                     sidecar=str(self.sidecar) if self.folder else None)
         return data

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import List, Optional
 
-from . import catalog, snapshot
+from . import catalog, snapshot, warm
 from . import database as db
 from .catalog import RollbackPoint
 from .log import get_logger
@@ -76,8 +76,10 @@ def remove(plan: CleanupPlan, conn=None) -> List[str]:
                 continue
             snapshot.drop(conn, point)
         catalog.remove_files(point)
-        done.append(f"rollback point {point.id}" + (f" (database {point.snapshot_database})"
-                                                    if point.snapshot_database else ""))
+        if point.warm_database and conn is not None:
+            warm.drop(conn, point)
+        extra = point.snapshot_database or (point.warm_database if conn is not None else None)
+        done.append(f"rollback point {point.id}" + (f" (database {extra})" if extra else ""))
     for name in plan.databases:
         db.drop_database(conn, name)
         done.append(f"database {name}")

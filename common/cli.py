@@ -11,12 +11,13 @@ from typing import Callable, List, Optional
 
 import psycopg2
 
-from . import report
+from . import pgbouncer, report, warm
 from .connections import DEFAULT_WAIT
 from .database import ConnInfo
 from .env import Settings, load_settings
 from .errors import EXIT_FAILED, ConfigError, NotConfirmed, RollbackError
 from .log import console_only, get_logger, mask, register_secret, setup_logging
+from .pgbouncer import DEFAULT_PAUSE_TIMEOUT
 
 
 @dataclass
@@ -29,6 +30,9 @@ class Context:
     yes: bool = False
     json: bool = False
     wait: float = DEFAULT_WAIT
+    no_warm: bool = False
+    pgbouncer_url: Optional[str] = None
+    pause_timeout: Optional[float] = None
 
     @property
     def log(self):
@@ -83,6 +87,17 @@ class Context:
         if answer.strip().lower() != "yes":
             raise NotConfirmed("declined. Nothing was changed.")
         log.debug("confirmed at the prompt")
+
+    def pooler(self, target: ConnInfo):
+        """PgBouncer in front of the target (PGBOUNCER_ADMIN_URL / --pgbouncer-url), or None."""
+        if self.pgbouncer_url:
+            register_secret(ConnInfo.parse(self.pgbouncer_url, what="--pgbouncer-url").password)
+        return pgbouncer.from_settings(self.settings, target.dbname, self.pgbouncer_url, self.pause_timeout)
+
+    @property
+    def warm_copies(self) -> int:
+        """How many of a database's newest dump points keep a warm copy (0 with --no-warm)."""
+        return 0 if self.no_warm else warm.keep_setting(self.settings.get("ROLLBACK_WARM_COPIES"))
 
     @property
     def pg_bin_dir(self) -> Optional[str]:
@@ -141,10 +156,23 @@ def common_flags(parser: argparse.ArgumentParser, destructive: bool = True, mach
     parser.add_argument("--log-dir", metavar="DIR", help="run logs folder (default: $LOG_DIR)")
     for flag, metavar, text in _AREAS.get(area, []):
         parser.add_argument(flag, metavar=metavar, help=text)
+    if area == "database" and destructive:
+        parser.add_argument("--pgbouncer-url", metavar="URL",
+                            help="PgBouncer's admin console: clients pause instead of failing during the swap "
+                                 "(default: $PGBOUNCER_ADMIN_URL; a password here shows in ps)")
+        parser.add_argument("--pause-timeout", metavar="SECONDS", type=float,
+                            help=f"longest PgBouncer pause (default {DEFAULT_PAUSE_TIMEOUT:.0f})")
     if area == "database":
         parser.add_argument("--wait", metavar="SECONDS", type=float, default=DEFAULT_WAIT,
                             help="how long to wait for sessions this role may not cut before giving up "
                                  f"(default {DEFAULT_WAIT:.0f})")
+
+
+def warm_flag(parser: argparse.ArgumentParser, making: bool) -> None:
+    """--no-warm: for a command that makes a dump point, or one that restores one."""
+    parser.add_argument("--no-warm", action="store_true",
+                        help="make no warm copy of the new point (also: ROLLBACK_WARM_COPIES=0)" if making else
+                        "restore from the dump even when the point has a warm copy")
 
 
 def execute(script: str, parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace, Context], Optional[int]],
@@ -160,7 +188,10 @@ def execute(script: str, parser: argparse.ArgumentParser, handler: Callable[[arg
         log_path = setup_logging(script, settings.log_dir, verbose=getattr(args, "verbose", False),
                                  machine_output=machine)
         ctx = Context(script, settings, log_path, yes=getattr(args, "yes", False), json=machine,
-                      wait=max(0.0, DEFAULT_WAIT if getattr(args, "wait", None) is None else args.wait))
+                      wait=max(0.0, DEFAULT_WAIT if getattr(args, "wait", None) is None else args.wait),
+                      no_warm=bool(getattr(args, "no_warm", False)),
+                      pgbouncer_url=getattr(args, "pgbouncer_url", None),
+                      pause_timeout=getattr(args, "pause_timeout", None))
         code = handler(args, ctx)
         return 0 if code is None else code
     except RollbackError as exc:

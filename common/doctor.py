@@ -10,7 +10,7 @@ import shutil
 import sys
 from typing import List, Optional
 
-from . import cli
+from . import cli, pgbouncer
 from .database import ConnInfo, connect, database_size, server_version
 from .env import DEFAULTS
 from .errors import RollbackError, VerifyProblems
@@ -20,7 +20,8 @@ from .progress import human_size
 
 VARIABLES = ["V2_DATABASE_URL", "STAGING_DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD",
              "BACKUP_DIR", "LOG_DIR", "MIGRATIONS_DIR", "REPO_PATH", "CODE_BACKUP_DIR", "DEPLOYMENT_DIR",
-             "CONFIG_DIR", "CONFIG_BACKUP_DIR", "ENV_FILE", "PG_BIN_DIR"]
+             "CONFIG_DIR", "CONFIG_BACKUP_DIR", "ENV_FILE", "PG_BIN_DIR", "ROLLBACK_WARM_COPIES",
+             "PGBOUNCER_ADMIN_URL", "PGBOUNCER_DATABASE"]
 REQUIRED = ("V2_DATABASE_URL", "STAGING_DATABASE_URL")
 
 
@@ -65,6 +66,14 @@ def check(ctx: cli.Context) -> dict:
         report["servers"][name] = entry
     for tool in ("pg_dump", "pg_restore", "psql"):
         report["tools"][tool] = [t.describe() for t in candidates(tool, s.get("PG_BIN_DIR"))]
+    if s.get("PGBOUNCER_ADMIN_URL") and s.get("STAGING_DATABASE_URL"):
+        try:
+            pooler = pgbouncer.from_settings(s, ConnInfo.parse(s.get("STAGING_DATABASE_URL")).dbname)
+            pooler.check()
+            report["pgbouncer"] = {"console": pooler.admin.masked(), "database": pooler.database, "ok": True}
+        except RollbackError as exc:
+            report["pgbouncer"] = {"ok": False, "error": str(exc)}
+            report["problems"].append(f"PGBOUNCER_ADMIN_URL: {exc}")
     folder = s.backup_dir
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), folder)
     free = shutil.disk_usage(probe).free
@@ -88,6 +97,10 @@ def show(ctx: cli.Context, report: dict) -> None:
             log.info("  %-10s %s", tool, entry.get(tool) or "NONE that matches")
     for tool, found in report["tools"].items():
         log.info("%s found: %s", tool, "; ".join(found) or "none")
+    if "pgbouncer" in report:
+        p = report["pgbouncer"]
+        log.info("PgBouncer: %s", f"console {p['console']} answers and has database {p['database']}" if p["ok"]
+                 else f"NOT usable: {p['error']}")
     b = report["backup_dir"]
     log.info("Backup folder %s: %s free%s", b["path"], human_size(b["free_bytes"]),
              f", staging is {human_size(b['staging_bytes'])}" if b["staging_bytes"] is not None else "")

@@ -10,13 +10,13 @@ from .progress import human_size
 def points_table(points: List[RollbackPoint]) -> str:
     if not points:
         return "No rollback points."
-    header = ("#", "ID", "CREATED", "DESCRIPTION", "KIND", "DATABASE", "SIZE", "MIGRATION", "STATUS")
+    header = ("#", "ID", "CREATED", "DESCRIPTION", "KIND", "DATABASE", "SIZE", "WARM", "MIGRATION", "STATUS")
     body = []
     for n, p in enumerate(points, 1):
         status = p.status + (f" ({p.problem})" if p.problem and p.status != "OK" else "")
         body.append((str(n), p.id, p.created_at.replace("T", " ")[:19], _cut(p.description, 30), p.kind,
                      p.database or "?", human_size(p.size_bytes) if p.size_bytes else "-",
-                     p.migration_head or "-", status))
+                     human_size(p.warm_size_bytes or 0) if p.warm_database else "-", p.migration_head or "-", status))
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header) - 1)]
     lines = []
     for row in [header] + body:
@@ -41,6 +41,11 @@ def point_details(p: RollbackPoint) -> List[str]:
         lines.append(f"file:           {p.path}")
     if p.snapshot_database:
         lines.append(f"snapshot db:    {p.snapshot_database}")
+    if p.warm_database:
+        lines.append(f"warm copy:      {p.warm_database} ({human_size(p.warm_size_bytes or 0)}, sealed: a rollback "
+                     "copies it server-side)")
+    elif p.kind == "dump":
+        lines.append("warm copy:      none (a rollback restores the dump)")
     lines += [
         f"size:           {human_size(p.size_bytes)} ({p.size_bytes} bytes)",
         f"sha256:         {p.sha256 or '-'}",
@@ -60,7 +65,8 @@ def created_lines(p: RollbackPoint) -> List[str]:
         f"  method:   {p.method} ({p.tool_version}), compression {p.compression or '-'}",
         f"  tables:   {len(p.tables)} ({p.rows} rows), migration head {p.migration_head or '-'}",
         f"  duration: {p.duration_seconds:.1f} s",
-    ]
+    ] + ([f"  warm:     {p.warm_database} ({human_size(p.warm_size_bytes or 0)}), sealed: a rollback to this "
+          "point copies it server-side"] if p.warm_database else [])
 
 
 def _cut(text: str, n: int) -> str:

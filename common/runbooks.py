@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 from typing import List, Optional
 
-from . import backup, catalog, files, restore, snapshot
+from . import backup, catalog, files, restore, snapshot, warm
 from . import cleanup as cleaning
 from .catalog import RollbackPoint
 from .cli import Context, same_database
@@ -16,8 +16,8 @@ from .locks import DatabaseLock
 def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: bool = False,
                   drop_previous: bool = False, question: Optional[str] = None) -> restore.Result:
     """Check the backup, show what will be replaced, confirm, restore, print the summary."""
-    the_plan = restore.plan(info, point, pg_bin_dir=ctx.pg_bin_dir, force=force)
-    the_plan.wait = ctx.wait
+    the_plan = restore.plan(info, point, pg_bin_dir=ctx.pg_bin_dir, force=force, pooler=ctx.pooler(info))
+    the_plan.wait, the_plan.no_warm = ctx.wait, ctx.no_warm
     ctx.confirm(question or f"Restore {info.dbname} from rollback point {point.id}?", the_plan.describe())
     result = restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
                              pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous)
@@ -36,7 +36,8 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
     # The placeholder records no database properties, so staging keeps its own: they configure
     # staging (who may connect, its settings) and are not V2's data.
     the_plan = restore.plan(staging, placeholder, pg_bin_dir=ctx.pg_bin_dir, check_backup=False,
-                            source_text=f"a fresh pg_dump of V2 {v2.masked()} (V2 is only read)")
+                            source_text=f"a fresh pg_dump of V2 {v2.masked()} (V2 is only read)",
+                            pooler=ctx.pooler(staging))
     the_plan.wait = ctx.wait
     ctx.confirm(f"Reset {staging.dbname} from V2?", the_plan.describe())
     folder = ctx.settings.backup_dir
@@ -102,10 +103,17 @@ def delete_point(ctx: Context, point: RollbackPoint, info: Optional[ConnInfo]) -
         with DatabaseLock(info, point.database, ctx.script) as lock:
             snapshot.drop(lock.conn, point)
             catalog.remove_files(point)
+    elif point.warm_database and info is not None:
+        with DatabaseLock(info, point.database, ctx.script) as lock:
+            catalog.remove_files(point)  # the sidecar first: a kill in between leaves an orphan the next run drops
+            warm.drop(lock.conn, point)
     else:
         catalog.remove_files(point)
-    ctx.log.info("Deleted rollback point %s%s.", point.id,
-                 f" and database {point.snapshot_database}" if point.snapshot_database else "")
+        if point.warm_database:
+            ctx.log.warning("its warm copy %s stays on the server (no STAGING_DATABASE_URL to reach it); the next "
+                            "rollback point of %s removes it", point.warm_database, point.database)
+    gone = point.snapshot_database or (point.warm_database if info is not None else None)
+    ctx.log.info("Deleted rollback point %s%s.", point.id, f" and database {gone}" if gone else "")
 
 
 def drop_orphan(ctx: Context, info: ConnInfo, name: str) -> None:

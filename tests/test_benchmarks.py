@@ -16,6 +16,7 @@ def test_benchmark_smoke_run(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     text = out.read_text()
-    for row in ("| create (dump) |", "| restore (dump) |", "| restore (snapshot) |", "code_rollback.py backup",
+    for row in ("| create (dump) |", "| restore (dump) |", "| restore (warm copy) |", "| create (dump + warm copy) |",
+                "| restore (snapshot) |", "code_rollback.py backup",
                 "config_rollback.py restore", "staging unavailable"):
         assert row in text

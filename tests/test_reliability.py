@@ -19,7 +19,7 @@ from tests.test_restore import MIGRATION, drop_all, leftovers, make_point
 @pytest.fixture
 def own_server():
     """A server of this test's own, which the test may stop and start."""
-    server = ThrowawayServer(15).start()
+    server = ThrowawayServer(pf.OLD).start()
     yield server
     server.stop()
 
@@ -60,7 +60,8 @@ def test_a_server_stop_in_the_middle_of_a_restore(own_server, env_for, tmp_path,
     assert pf.fingerprint(server, name) == before
     assert leftovers(server, name, "restore") == []
     conn = pf.connect(server.info)
-    assert all(ok for _, ok in pf.rows(conn, "SELECT datname, datallowconn FROM pg_database WHERE datname LIKE 'staging%'"))
+    assert all(ok for _, ok in pf.rows(conn, "SELECT datname, datallowconn FROM pg_database WHERE datname LIKE 'staging%' "
+                                             "AND datname NOT LIKE '%\\_\\_warm\\_%'"))  # warm copies stay sealed
     conn.close()
     drop_all(server, name)
 
@@ -85,11 +86,11 @@ def test_a_server_stop_in_the_middle_of_a_backup(own_server, env_for, tmp_path, 
     assert [(p["description"], p["status"]) for p in points] == [("after the restart", "OK")]
 
 
-def test_a_backup_that_hits_a_file_size_limit_leaves_nothing(pg15, env_for, tmp_path):
-    name = pf.create_database(pg15, pf.unique_name("big"), "CREATE TABLE blob AS SELECT i, md5(i::text) || md5((i * 7)::text) "
+def test_a_backup_that_hits_a_file_size_limit_leaves_nothing(pg_old, env_for, tmp_path):
+    name = pf.create_database(pg_old, pf.unique_name("big"), "CREATE TABLE blob AS SELECT i, md5(i::text) || md5((i * 7)::text) "
                               "AS v FROM generate_series(1, 100000) i;")
     try:
-        env = env_for(pg15, name)
+        env = env_for(pg_old, name)
         limit = 512 * 1024  # the dump is about 7 MB uncompressed
 
         def starve():
@@ -104,30 +105,30 @@ def test_a_backup_that_hits_a_file_size_limit_leaves_nothing(pg15, env_for, tmp_
         listed = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)
         assert listed["points"] == []
     finally:
-        pf.drop_database(pg15, name)
+        pf.drop_database(pg_old, name)
 
 
-def test_a_dump_of_another_database_under_this_name_is_caught(pg15, env_for, tmp_path):
-    staging = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
-    other = pf.create_database(pg15, pf.unique_name("other"), "CREATE TABLE x (id int); INSERT INTO x VALUES (1);")
+def test_a_dump_of_another_database_under_this_name_is_caught(pg_old, env_for, tmp_path):
+    staging = pf.create_database(pg_old, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    other = pf.create_database(pg_old, pf.unique_name("other"), "CREATE TABLE x (id int); INSERT INTO x VALUES (1);")
     try:
-        env = env_for(pg15, staging)
+        env = env_for(pg_old, staging)
         meta, sidecar = make_point(env)
-        other_env = dict(env, STAGING_DATABASE_URL=pf.url(pg15, other), BACKUP_DIR=str(tmp_path / "other"))
+        other_env = dict(env, STAGING_DATABASE_URL=pf.url(pg_old, other), BACKUP_DIR=str(tmp_path / "other"))
         _, other_sidecar = make_point(other_env, "other db")
         sidecar.with_suffix(".dump").write_bytes(other_sidecar.with_suffix(".dump").read_bytes())  # swapped file
-        pf.execute(pg15, staging, MIGRATION)
-        migrated = pf.fingerprint(pg15, staging)
+        pf.execute(pg_old, staging, MIGRATION)
+        migrated = pf.fingerprint(pg_old, staging)
         direct = pf.run_script("rollback_manager.py", "restore", "--file", meta["id"], "--yes", env=env)
         assert direct.returncode == 1 and "CORRUPT" in direct.stderr and "Nothing was changed" in direct.stderr
         quick = pf.run_script("quick_rollback.py", "--yes", env=env)  # no OK point left, and no V2 configured
         assert quick.returncode == 2 and "Skipping rollback point" in quick.stderr and "CORRUPT" in quick.stderr
-        assert pf.fingerprint(pg15, staging) == migrated and leftovers(pg15, staging, "restore") == []
+        assert pf.fingerprint(pg_old, staging) == migrated and leftovers(pg_old, staging, "restore") == []
         verify = pf.run_script("rollback_manager.py", "verify", "--file", meta["id"], env=env)
         assert verify.returncode == 4 and ("size" in verify.stderr or "sha256" in verify.stderr)
     finally:
-        drop_all(pg15, staging)
-        pf.drop_database(pg15, other)
+        drop_all(pg_old, staging)
+        pf.drop_database(pg_old, other)
 
 
 @pytest.fixture
@@ -154,55 +155,55 @@ def _big_database(server) -> str:
 
 
 @pytest.mark.parametrize("megabytes,says", [(1, "not enough disk space"), (6, "disk is full")])
-def test_a_small_disk_is_refused_early_or_fails_cleanly(pg15, env_for, small_disk, megabytes, says):
+def test_a_small_disk_is_refused_early_or_fails_cleanly(pg_old, env_for, small_disk, megabytes, says):
     """About 9 MB of table data: on 1 MB the backup refuses before writing; on 6 MB (more than half
     the estimate, so it starts) pg_dump runs out of space; either way nothing is left behind."""
-    name = _big_database(pg15)
+    name = _big_database(pg_old)
     try:
         backups = small_disk(megabytes)
-        env = env_for(pg15, name, BACKUP_DIR=str(backups))
+        env = env_for(pg_old, name, BACKUP_DIR=str(backups))
         result = pf.run_script("create_rollback_point.py", "too big", env=env)
         assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr
         assert [p.name for p in backups.iterdir()] == []
         assert json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"] == []
     finally:
-        pf.drop_database(pg15, name)
+        pf.drop_database(pg_old, name)
 
 
 @pytest.mark.parametrize("step", ["restore-filled", "restore-connections-cut", "restore-swapped"])
 @pytest.mark.parametrize("command", ["reset_staging", "database_rollback_restore"])
-def test_a_kill_at_any_step_of_a_reset_or_a_database_restore(pg15, env_for, tmp_path, command, step):
-    staging = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
-    v2 = pf.create_database(pg15, pf.unique_name("v2"), pf.RICH_SCHEMA + MIGRATION)
+def test_a_kill_at_any_step_of_a_reset_or_a_database_restore(pg_old, env_for, tmp_path, command, step):
+    staging = pf.create_database(pg_old, pf.unique_name("staging"), pf.RICH_SCHEMA)
+    v2 = pf.create_database(pg_old, pf.unique_name("v2"), pf.RICH_SCHEMA + MIGRATION)
     try:
-        env = env_for(pg15, staging, V2_DATABASE_URL=pf.url(pg15, v2))
+        env = env_for(pg_old, staging, V2_DATABASE_URL=pf.url(pg_old, v2))
         if command == "reset_staging":
-            argv, old, new = ["reset_staging.py", "--yes"], pf.fingerprint(pg15, staging), pf.fingerprint(pg15, v2)
+            argv, old, new = ["reset_staging.py", "--yes"], pf.fingerprint(pg_old, staging), pf.fingerprint(pg_old, v2)
         else:
             meta, _ = make_point(env)
-            new = pf.fingerprint(pg15, staging)
-            pf.execute(pg15, staging, MIGRATION)
-            old = pf.fingerprint(pg15, staging)
+            new = pf.fingerprint(pg_old, staging)
+            pf.execute(pg_old, staging, MIGRATION)
+            old = pf.fingerprint(pg_old, staging)
             argv = ["database_rollback.py", "restore", str(Path(env["BACKUP_DIR"]) / meta["file"]), "--yes"]
         proc, _ = pf.start_paused(*argv, env=env, step=step, folder=tmp_path)
         proc.kill()
         proc.communicate(timeout=30)
         if step != "restore-connections-cut":  # with connections cut, staging is unreachable until the next run
-            assert pf.fingerprint(pg15, staging) in (old, new)
+            assert pf.fingerprint(pg_old, staging) in (old, new)
         again = pf.run_script(*argv, env=env)
         assert again.returncode == 0, again.stdout + again.stderr
-        assert pf.fingerprint(pg15, staging) == new
-        assert leftovers(pg15, staging, "restore") == []
+        assert pf.fingerprint(pg_old, staging) == new
+        assert leftovers(pg_old, staging, "restore") == []
         assert not list(Path(env["BACKUP_DIR"]).glob(".tmp/*.dump")), "the reset's V2 dump does not linger"
     finally:
-        drop_all(pg15, staging)
-        pf.drop_database(pg15, v2)
+        drop_all(pg_old, staging)
+        pf.drop_database(pg_old, v2)
 
 
-def test_a_backup_during_a_restore_is_refused(pg15, env_for, tmp_path):
-    staging = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+def test_a_backup_during_a_restore_is_refused(pg_old, env_for, tmp_path):
+    staging = pf.create_database(pg_old, pf.unique_name("staging"), pf.RICH_SCHEMA)
     try:
-        env = env_for(pg15, staging)
+        env = env_for(pg_old, staging)
         make_point(env)
         restore, flag = pf.start_paused("quick_rollback.py", "--yes", env=env, step="restore-filled", folder=tmp_path)
         backup = pf.run_script("create_rollback_point.py", "during the restore", env=env)
@@ -215,19 +216,19 @@ def test_a_backup_during_a_restore_is_refused(pg15, env_for, tmp_path):
         points = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
         assert [p["description"] for p in points] == ["before migration"]
     finally:
-        drop_all(pg15, staging)
+        drop_all(pg_old, staging)
 
 
-def test_a_kill_in_the_middle_of_pg_restore(pg15, env_for, tmp_path):
+def test_a_kill_in_the_middle_of_pg_restore(pg_old, env_for, tmp_path):
     """The script is killed while its pg_restore child works: the child dies with it (no orphan
     writing on), staging is untouched, and the next run removes the half-filled database."""
-    staging = _big_database(pg15)
+    staging = _big_database(pg_old)
     try:
-        env = env_for(pg15, staging)
-        before = pf.fingerprint(pg15, staging)
-        make_point(env, "big point")
-        pf.execute(pg15, staging, "DELETE FROM blob WHERE i > 10")
-        changed = pf.fingerprint(pg15, staging)
+        env = env_for(pg_old, staging)
+        before = pf.fingerprint(pg_old, staging)
+        make_point(env, "big point", "--no-warm")  # a point without warm copy: the rollback runs pg_restore
+        pf.execute(pg_old, staging, "DELETE FROM blob WHERE i > 10")
+        changed = pf.fingerprint(pg_old, staging)
         proc = pf.start_script("quick_rollback.py", "--yes", env=env)
         deadline, child = time.monotonic() + 60, None
         while child is None and time.monotonic() < deadline:
@@ -241,18 +242,18 @@ def test_a_kill_in_the_middle_of_pg_restore(pg15, env_for, tmp_path):
         while "pg_restore" in pf.cmdline(child) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "pg_restore" not in pf.cmdline(child), "pg_restore outlived the killed script"
-        assert pf.fingerprint(pg15, staging) == changed
+        assert pf.fingerprint(pg_old, staging) == changed
         again = pf.run_script("quick_rollback.py", "--yes", env=env)
         assert again.returncode == 0 and "left by an interrupted restore" in again.stderr, again.stderr
-        assert pf.fingerprint(pg15, staging) == before and leftovers(pg15, staging, "restore") == []
+        assert pf.fingerprint(pg_old, staging) == before and leftovers(pg_old, staging, "restore") == []
     finally:
-        drop_all(pg15, staging)
+        drop_all(pg_old, staging)
 
 
-def test_a_kill_between_the_dump_and_its_sidecar_leaves_no_ok_point(pg15, env_for, tmp_path):
-    staging = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+def test_a_kill_between_the_dump_and_its_sidecar_leaves_no_ok_point(pg_old, env_for, tmp_path):
+    staging = pf.create_database(pg_old, pf.unique_name("staging"), pf.RICH_SCHEMA)
     try:
-        env = env_for(pg15, staging)
+        env = env_for(pg_old, staging)
         proc, _ = pf.start_paused("create_rollback_point.py", "killed", env=env, step="backup-dump-written",
                                   folder=tmp_path)
         proc.kill()
@@ -263,18 +264,18 @@ def test_a_kill_between_the_dump_and_its_sidecar_leaves_no_ok_point(pg15, env_fo
         quick = pf.run_script("quick_rollback.py", "--yes", env=env)
         assert quick.returncode == 0 and "next" in quick.stdout
     finally:
-        drop_all(pg15, staging)
+        drop_all(pg_old, staging)
 
 
-def test_a_kill_during_a_snapshot_copy_is_recovered_by_the_next_run(pg15, env_for, tmp_path):
-    staging = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+def test_a_kill_during_a_snapshot_copy_is_recovered_by_the_next_run(pg_old, env_for, tmp_path):
+    staging = pf.create_database(pg_old, pf.unique_name("staging"), pf.RICH_SCHEMA)
     try:
-        env = env_for(pg15, staging)
+        env = env_for(pg_old, staging)
         proc, _ = pf.start_paused("simple_rollback.py", "create", "killed", env=env, step="snapshot-copied",
                                   folder=tmp_path)
         proc.kill()
         proc.communicate(timeout=30)
-        conn = pf.connect(pg15.info)
+        conn = pf.connect(pg_old.info)
         assert pf.rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (staging,)) == [(False,)]
         conn.close()
         made = pf.run_script("simple_rollback.py", "create", "next", env=env)
@@ -283,8 +284,8 @@ def test_a_kill_during_a_snapshot_copy_is_recovered_by_the_next_run(pg15, env_fo
         assert [p["description"] for p in listed["snapshots"]] == ["next"] and len(listed["orphans"]) == 1
         assert pf.run_script("simple_rollback.py", "drop", listed["orphans"][0], "--yes", env=env).returncode == 0
     finally:
-        conn = pf.connect(pg15.info)
+        conn = pf.connect(pg_old.info)
         for (name,) in pf.rows(conn, "SELECT datname FROM pg_database WHERE datname LIKE %s", (staging + "_snap%",)):
-            pf.drop_database(pg15, name)
+            pf.drop_database(pg_old, name)
         conn.close()
-        drop_all(pg15, staging)
+        drop_all(pg_old, staging)

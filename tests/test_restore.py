@@ -23,8 +23,8 @@ SELECT setval('sales.orders_id_seq', 9999);
 """
 
 
-def make_point(env, description="before migration"):
-    result = pf.run_script("create_rollback_point.py", description, env=env)
+def make_point(env, description="before migration", *more):
+    result = pf.run_script("create_rollback_point.py", description, *more, env=env)
     assert result.returncode == 0, result.stderr
     [sidecar] = [p for p in (Path(env["BACKUP_DIR"])).glob("*.json") if description.replace(" ", "-") in p.name]
     return json.loads(sidecar.read_text()), sidecar
@@ -53,10 +53,10 @@ def staging(server):
 
 
 @pytest.fixture
-def staging15(pg15):
-    name = pf.create_database(pg15, pf.unique_name("staging"), pf.RICH_SCHEMA)
+def staging_old(pg_old):
+    name = pf.create_database(pg_old, pf.unique_name("staging"), pf.RICH_SCHEMA)
     yield name
-    drop_all(pg15, name)
+    drop_all(pg_old, name)
 
 
 def test_quick_rollback_restores_schema_and_every_row(server, staging, env_for):
@@ -98,27 +98,27 @@ def test_reset_staging_makes_staging_equal_to_v2_and_only_reads_v2(server, stagi
         pf.drop_database(server, v2)
 
 
-def test_quick_rollback_without_points_offers_the_reset_and_from_v2_forces_it(pg15, staging15, env_for):
-    v2 = pf.create_database(pg15, pf.unique_name("v2"), "CREATE TABLE only_in_v2 (id int); INSERT INTO only_in_v2 VALUES (7);")
+def test_quick_rollback_without_points_offers_the_reset_and_from_v2_forces_it(pg_old, staging_old, env_for):
+    v2 = pf.create_database(pg_old, pf.unique_name("v2"), "CREATE TABLE only_in_v2 (id int); INSERT INTO only_in_v2 VALUES (7);")
     try:
-        env = env_for(pg15, staging15, V2_DATABASE_URL=pf.url(pg15, v2))
+        env = env_for(pg_old, staging_old, V2_DATABASE_URL=pf.url(pg_old, v2))
         declined = pf.run_script("quick_rollback.py", env=env)
         assert declined.returncode == 3 and "reset of staging from V2" in declined.stdout
-        assert pf.row_fingerprint(pg15, staging15)["public.customers"][0] == 203
+        assert pf.row_fingerprint(pg_old, staging_old)["public.customers"][0] == 203
         result = pf.run_script("quick_rollback.py", "--yes", env=env)
         assert result.returncode == 0, result.stderr
-        assert pf.fingerprint(pg15, staging15) == pf.fingerprint(pg15, v2)
+        assert pf.fingerprint(pg_old, staging_old) == pf.fingerprint(pg_old, v2)
     finally:
-        pf.drop_database(pg15, v2)
+        pf.drop_database(pg_old, v2)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "no_sidecar_checksum"])
-def test_a_damaged_backup_is_refused_before_staging_is_touched(pg15, staging15, env_for, damage):
-    env = env_for(pg15, staging15)
+def test_a_damaged_backup_is_refused_before_staging_is_touched(pg_old, staging_old, env_for, damage):
+    env = env_for(pg_old, staging_old)
     meta, sidecar = make_point(env)
     dump = sidecar.with_suffix(".dump")
-    pf.execute(pg15, staging15, MIGRATION)
-    migrated = pf.fingerprint(pg15, staging15)
+    pf.execute(pg_old, staging_old, MIGRATION)
+    migrated = pf.fingerprint(pg_old, staging_old)
     if damage == "flip":
         data = bytearray(dump.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -132,127 +132,127 @@ def test_a_damaged_backup_is_refused_before_staging_is_touched(pg15, staging15, 
     result = pf.run_script("rollback_manager.py", "restore", "--file", str(dump), "--yes", env=env)
     assert result.returncode == 1
     assert "CORRUPT" in result.stderr and "Nothing was changed" in result.stderr
-    assert pf.fingerprint(pg15, staging15) == migrated
-    assert leftovers(pg15, staging15, "restore") == [] and leftovers(pg15, staging15, "pre_rollback") == []
+    assert pf.fingerprint(pg_old, staging_old) == migrated
+    assert leftovers(pg_old, staging_old, "restore") == [] and leftovers(pg_old, staging_old, "pre_rollback") == []
     # quick_rollback refuses it too (no V2 is configured here, so its reset fallback cannot run either)
     quick = pf.run_script("quick_rollback.py", "--yes", env=env)
     assert quick.returncode in (1, 2) and "Traceback" not in quick.stderr
-    assert pf.fingerprint(pg15, staging15) == migrated
+    assert pf.fingerprint(pg_old, staging_old) == migrated
 
 
-def test_a_session_with_an_open_transaction_and_a_lock_is_listed_and_cut(pg15, staging15, env_for):
-    env = env_for(pg15, staging15)
-    before = pf.fingerprint(pg15, staging15)
+def test_a_session_with_an_open_transaction_and_a_lock_is_listed_and_cut(pg_old, staging_old, env_for):
+    env = env_for(pg_old, staging_old)
+    before = pf.fingerprint(pg_old, staging_old)
     make_point(env)
-    pf.execute(pg15, staging15, MIGRATION)
-    client = connect(pg15.info, staging15, autocommit=False, app="busy-app")
+    pf.execute(pg_old, staging_old, MIGRATION)
+    client = connect(pg_old.info, staging_old, autocommit=False, app="busy-app")
     client.cursor().execute("LOCK TABLE public.customers IN ACCESS EXCLUSIVE MODE")
     result = pf.run_script("quick_rollback.py", "--yes", env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "busy-app" in result.stdout and "connections cut: 1" in result.stdout
     with pytest.raises(psycopg2.OperationalError):
         client.cursor().execute("SELECT 1")
-    assert pf.fingerprint(pg15, staging15) == before
+    assert pf.fingerprint(pg_old, staging_old) == before
 
 
 @pytest.mark.parametrize("step", ["restore-database-created", "restore-filled", "restore-checked",
                                   "restore-connections-cut", "restore-swapped"])
-def test_a_kill_at_any_step_leaves_staging_old_or_new_and_the_next_run_completes(pg15, staging15, env_for, tmp_path, step):
-    env = env_for(pg15, staging15)
-    before = pf.fingerprint(pg15, staging15)
+def test_a_kill_at_any_step_leaves_staging_old_or_new_and_the_next_run_completes(pg_old, staging_old, env_for, tmp_path, step):
+    env = env_for(pg_old, staging_old)
+    before = pf.fingerprint(pg_old, staging_old)
     make_point(env)
-    pf.execute(pg15, staging15, MIGRATION)
-    migrated = pf.fingerprint(pg15, staging15)
+    pf.execute(pg_old, staging_old, MIGRATION)
+    migrated = pf.fingerprint(pg_old, staging_old)
     proc, _ = pf.start_paused("quick_rollback.py", "--yes", env=env, step=step, folder=tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
-    state = pf.fingerprint(pg15, staging15) if step != "restore-connections-cut" else None
+    state = pf.fingerprint(pg_old, staging_old) if step != "restore-connections-cut" else None
     if state is not None:
         assert state in (before, migrated)
     # the next run cleans up, re-allows connections and completes
     result = pf.run_script("quick_rollback.py", "--yes", env=env)
     assert result.returncode == 0, result.stderr
-    assert pf.fingerprint(pg15, staging15) == before
-    assert leftovers(pg15, staging15, "restore") == []
-    conn = connect(pg15.info)
-    allowed = rows(conn, "SELECT datname, datallowconn FROM pg_database WHERE datname LIKE %s",
-                   (staging15 + "%",))
+    assert pf.fingerprint(pg_old, staging_old) == before
+    assert leftovers(pg_old, staging_old, "restore") == []
+    conn = connect(pg_old.info)
+    allowed = rows(conn, "SELECT datname, datallowconn FROM pg_database WHERE datname LIKE %s "
+                         "AND datname NOT LIKE %s", (staging_old + "%", "%\\_\\_warm\\_%"))  # warm copies stay sealed
     conn.close()
     assert all(ok for _, ok in allowed), allowed
 
 
-def test_without_a_terminal_and_without_yes_nothing_changes(pg15, staging15, env_for):
-    env = env_for(pg15, staging15)
+def test_without_a_terminal_and_without_yes_nothing_changes(pg_old, staging_old, env_for):
+    env = env_for(pg_old, staging_old)
     make_point(env)
-    pf.execute(pg15, staging15, MIGRATION)
-    migrated = pf.fingerprint(pg15, staging15)
+    pf.execute(pg_old, staging_old, MIGRATION)
+    migrated = pf.fingerprint(pg_old, staging_old)
     result = pf.run_script("quick_rollback.py", env=env)
     assert result.returncode == 3 and "--yes" in result.stderr
-    assert pf.fingerprint(pg15, staging15) == migrated
-    assert leftovers(pg15, staging15, "pre_rollback") == []
+    assert pf.fingerprint(pg_old, staging_old) == migrated
+    assert leftovers(pg_old, staging_old, "pre_rollback") == []
 
 
-def test_two_restores_at_once_exactly_one_runs(pg15, staging15, env_for, tmp_path):
-    env = env_for(pg15, staging15)
-    before = pf.fingerprint(pg15, staging15)
+def test_two_restores_at_once_exactly_one_runs(pg_old, staging_old, env_for, tmp_path):
+    env = env_for(pg_old, staging_old)
+    before = pf.fingerprint(pg_old, staging_old)
     make_point(env)
-    pf.execute(pg15, staging15, MIGRATION)
+    pf.execute(pg_old, staging_old, MIGRATION)
     first, _ = pf.start_paused("quick_rollback.py", "--yes", env=env, step="restore-filled", folder=tmp_path)
     second = pf.run_script("quick_rollback.py", "--yes", env=env)
     assert second.returncode == 1 and "held by" in second.stderr and "quick_rollback" in second.stderr
     first.kill()
     first.communicate(timeout=30)
     assert pf.run_script("quick_rollback.py", "--yes", env=env).returncode == 0
-    assert pf.fingerprint(pg15, staging15) == before
+    assert pf.fingerprint(pg_old, staging_old) == before
 
 
-def test_a_backup_of_another_database_needs_force(pg15, staging15, env_for, tmp_path):
-    other = pf.create_database(pg15, pf.unique_name("other"), "CREATE TABLE x (id int); INSERT INTO x VALUES (1);")
+def test_a_backup_of_another_database_needs_force(pg_old, staging_old, env_for, tmp_path):
+    other = pf.create_database(pg_old, pf.unique_name("other"), "CREATE TABLE x (id int); INSERT INTO x VALUES (1);")
     try:
-        meta, sidecar = make_point(env_for(pg15, other), "other db")
-        env = env_for(pg15, staging15)
-        before = pf.fingerprint(pg15, staging15)
+        meta, sidecar = make_point(env_for(pg_old, other), "other db")
+        env = env_for(pg_old, staging_old)
+        before = pf.fingerprint(pg_old, staging_old)
         refused = pf.run_script("rollback_manager.py", "restore", "--file", str(sidecar.with_suffix(".dump")),
                                 "--yes", env=env)
         assert refused.returncode == 2 and "--force" in refused.stderr
-        assert pf.fingerprint(pg15, staging15) == before
+        assert pf.fingerprint(pg_old, staging_old) == before
         forced = pf.run_script("rollback_manager.py", "restore", "--file", meta["id"], "--yes", "--force", env=env)
         assert forced.returncode == 0, forced.stderr
-        assert pf.fingerprint(pg15, staging15) == pf.fingerprint(pg15, other)
+        assert pf.fingerprint(pg_old, staging_old) == pf.fingerprint(pg_old, other)
     finally:
-        pf.drop_database(pg15, other)
+        pf.drop_database(pg_old, other)
 
 
-def test_a_role_without_createdb_restores_in_place_in_one_transaction(pg15, env_for, tmp_path):
+def test_a_role_without_createdb_restores_in_place_in_one_transaction(pg_old, env_for, tmp_path):
     role, password = pf.unique_name("owner"), "owner-secret-1"
     name = pf.unique_name("staging")
-    pf.execute(pg15, "postgres", f"CREATE ROLE {role} LOGIN NOCREATEDB PASSWORD '{password}'")
-    pf.execute(pg15, "postgres", f"CREATE DATABASE {name} OWNER {role}")
-    pf.execute(pg15, name, f"SET ROLE {role}; CREATE SCHEMA app AUTHORIZATION {role}; SET search_path = app;"
+    pf.execute(pg_old, "postgres", f"CREATE ROLE {role} LOGIN NOCREATEDB PASSWORD '{password}'")
+    pf.execute(pg_old, "postgres", f"CREATE DATABASE {name} OWNER {role}")
+    pf.execute(pg_old, name, f"SET ROLE {role}; CREATE SCHEMA app AUTHORIZATION {role}; SET search_path = app;"
                "CREATE TABLE app.items (id int PRIMARY KEY, label text); "
                "INSERT INTO app.items SELECT i, 'item ' || i FROM generate_series(1, 100) i;")
     try:
-        url = f"postgresql://{role}:{password}@127.0.0.1:{pg15.info.port}/{name}"
-        env = env_for(pg15, name, STAGING_DATABASE_URL=url)
-        before = pf.fingerprint(pg15, name)
+        url = f"postgresql://{role}:{password}@127.0.0.1:{pg_old.info.port}/{name}"
+        env = env_for(pg_old, name, STAGING_DATABASE_URL=url)
+        before = pf.fingerprint(pg_old, name)
         make_point(env)
-        pf.execute(pg15, name, f"SET ROLE {role}; DELETE FROM app.items WHERE id > 10; "
+        pf.execute(pg_old, name, f"SET ROLE {role}; DELETE FROM app.items WHERE id > 10; "
                                "CREATE TABLE app.added (x int); CREATE SCHEMA extra; ")
         result = pf.run_script("quick_rollback.py", "--yes", env=env)
         assert result.returncode == 0, result.stderr
         assert "in place" in result.stdout
-        assert pf.fingerprint(pg15, name) == before
+        assert pf.fingerprint(pg_old, name) == before
     finally:
-        pf.drop_database(pg15, name)
-        pf.execute(pg15, "postgres", f"DROP ROLE {role}")
+        pf.drop_database(pg_old, name)
+        pf.execute(pg_old, "postgres", f"DROP ROLE {role}")
 
 
-def test_database_rollback_restore_verify_and_cleanup(pg15, staging15, env_for, tmp_path):
-    env = env_for(pg15, staging15)
+def test_database_rollback_restore_verify_and_cleanup(pg_old, staging_old, env_for, tmp_path):
+    env = env_for(pg_old, staging_old)
     del env["STAGING_DATABASE_URL"]
-    info = pg15.info
-    env.update(DB_HOST=info.host, DB_PORT=str(info.port), DB_NAME=staging15, DB_USER=info.user, DB_PASSWORD=info.password)
-    before = pf.fingerprint(pg15, staging15)
+    info = pg_old.info
+    env.update(DB_HOST=info.host, DB_PORT=str(info.port), DB_NAME=staging_old, DB_USER=info.user, DB_PASSWORD=info.password)
+    before = pf.fingerprint(pg_old, staging_old)
     backup = pf.run_script("database_rollback.py", "backup", "--json", env=env)
     assert backup.returncode == 0, backup.stderr
     dump = json.loads(backup.stdout)["path"]
@@ -260,11 +260,11 @@ def test_database_rollback_restore_verify_and_cleanup(pg15, staging15, env_for, 
     assert verify.returncode == 0, verify.stderr
     report = json.loads(verify.stdout)
     assert report["drift"] == [] and report["ok"] and report["tables"]["sales.orders"] == 501
-    pf.execute(pg15, staging15, MIGRATION)
+    pf.execute(pg_old, staging_old, MIGRATION)
     drift = json.loads(pf.run_script("database_rollback.py", "verify", "--json", env=env).stdout)["drift"]
     assert "table audit.events missing" in drift and "table public.migrated not in the rollback point" in drift
     assert pf.run_script("database_rollback.py", "verify", "--strict", env=env).returncode == 4
-    conn = connect(pg15.info, staging15)
+    conn = connect(pg_old.info, staging_old)
     with pytest.raises(psycopg2.errors.UniqueViolation):
         conn.cursor().execute("CREATE UNIQUE INDEX CONCURRENTLY broken ON sales.orders (customer_id)")
     conn.close()
@@ -273,7 +273,7 @@ def test_database_rollback_restore_verify_and_cleanup(pg15, staging15, env_for, 
 
     restored = pf.run_script("database_rollback.py", "restore", dump, "--yes", env=env)
     assert restored.returncode == 0, restored.stderr
-    assert pf.fingerprint(pg15, staging15) == before
+    assert pf.fingerprint(pg_old, staging_old) == before
     assert pf.run_script("database_rollback.py", "verify", "--strict", env=env).returncode == 0
 
     # cleanup: an old point and an old kept database go; the newest OK point stays
@@ -283,18 +283,18 @@ def test_database_rollback_restore_verify_and_cleanup(pg15, staging15, env_for, 
     oldest = json.loads(sidecars[0].read_text())
     oldest["created_at"] = "2020-01-01T00:00:00+00:00"
     sidecars[0].write_text(json.dumps(oldest))
-    old_db = f"{staging15}__pre_rollback_20200101_000000_000"
-    pf.create_database(pg15, old_db)
+    old_db = f"{staging_old}__pre_rollback_20200101_000000_000"
+    pf.create_database(pg_old, old_db)
     dry = pf.run_script("database_rollback.py", "cleanup", "30", "--dry-run", env=env)
     assert dry.returncode == 0 and oldest["id"] in dry.stdout and old_db in dry.stdout
-    assert sidecars[0].exists() and pf.database_exists(pg15, old_db)
+    assert sidecars[0].exists() and pf.database_exists(pg_old, old_db)
     done = pf.run_script("database_rollback.py", "cleanup", "30", "--yes", env=env)
     assert done.returncode == 0, done.stderr
     assert not sidecars[0].exists() and not Path(oldest["file"]).exists()
-    assert not pf.database_exists(pg15, old_db)
+    assert not pf.database_exists(pg_old, old_db)
     assert all(p.exists() for p in sidecars[1:])
-    assert leftovers(pg15, staging15, "pre_rollback"), "recent kept databases stay"
-    env["STAGING_DATABASE_URL"] = pf.url(pg15, staging15)
+    assert leftovers(pg_old, staging_old, "pre_rollback"), "recent kept databases stay"
+    env["STAGING_DATABASE_URL"] = pf.url(pg_old, staging_old)
     keep = pf.run_script("rollback_manager.py", "cleanup", "--keep", "1", "--yes", env=env)
     assert keep.returncode == 0, keep.stderr
     assert len(list(Path(env["BACKUP_DIR"]).glob("*.json"))) == 1
@@ -302,15 +302,15 @@ def test_database_rollback_restore_verify_and_cleanup(pg15, staging15, env_for, 
 
 @pytest.mark.parametrize("script,args", [("quick_rollback.py", ["--yes"]), ("simple_rollback.py", ["create", "x"]),
                                          ("reset_staging.py", ["--yes"]), ("rollback_manager.py", ["reset", "--yes"])])
-def test_nothing_touches_v2_even_when_staging_is_misconfigured_as_v2(pg15, staging15, env_for, script, args):
-    env = env_for(pg15, staging15)
+def test_nothing_touches_v2_even_when_staging_is_misconfigured_as_v2(pg_old, staging_old, env_for, script, args):
+    env = env_for(pg_old, staging_old)
     make_point(env)
-    watcher = connect(pg15.info, staging15, app="production-client")
-    before = pf.fingerprint(pg15, staging15)
+    watcher = connect(pg_old.info, staging_old, app="production-client")
+    before = pf.fingerprint(pg_old, staging_old)
     # the same database as V2, spelled with localhost instead of 127.0.0.1
-    env["V2_DATABASE_URL"] = pf.url(pg15, staging15).replace("127.0.0.1", "localhost")
+    env["V2_DATABASE_URL"] = pf.url(pg_old, staging_old).replace("127.0.0.1", "localhost")
     result = pf.run_script(script, *args, env=env)
     assert result.returncode == 2 and "same database" in result.stderr
     assert rows(watcher, "SELECT 1") == [(1,)]  # its connection was not cut
     watcher.close()
-    assert pf.fingerprint(pg15, staging15) == before
+    assert pf.fingerprint(pg_old, staging_old) == before

@@ -1,0 +1,170 @@
+"""Warm copies: a sealed database holding exactly a dump rollback point, so that a rollback is a
+server-side file copy and a rename, seconds at any size (DESIGN §5).
+
+Made right after the dump, from the dump (pg_restore into `<db>__warm_<ts>`, while staging keeps
+serving), checked against the sidecar's tables and row counts, then sealed: ALLOW_CONNECTIONS
+false. The dump stays the portable, checksummed truth; the warm copy is only a faster way to it.
+
+How a warm copy is proven unchanged before it is used: nobody can change a database without
+connecting to it, and nobody (superusers included) can connect while its connections are
+disallowed. Allowing them again takes an ALTER DATABASE, which writes a new version of the
+database's pg_database row, with a new xmin (VACUUM's in-place updates of datfrozenxid keep it).
+The sidecar records the OID and that xmin at sealing; the copy is used only while it is still
+sealed with the same OID and xmin. Anything else, and the restore uses the dump."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import psycopg2
+
+from . import catalog, testhooks
+from . import database as db
+from .catalog import RollbackPoint
+from .database import ConnInfo
+from .errors import RollbackError
+from .log import get_logger
+from .progress import human_size, timed
+
+TAG = "warm"
+DEFAULT_KEEP = 1
+
+
+@dataclass
+class Seal:
+    database: str
+    oid: int
+    xmin: str
+    size_bytes: int
+
+
+def keep_setting(value: Optional[str]) -> int:
+    """ROLLBACK_WARM_COPIES: how many of a database's newest points stay warm (0: none)."""
+    if value is None or value == "":
+        return DEFAULT_KEEP
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise RollbackError(f"ROLLBACK_WARM_COPIES must be a whole number (got {value!r})") from None
+
+
+def seal_state(conn, name: str) -> Optional[tuple]:
+    """(allows connections, oid, xmin, size) of a database, or None when it does not exist."""
+    found = db.rows(conn, """SELECT datallowconn, oid, xmin::text, pg_database_size(oid)
+                             FROM pg_database WHERE datname = %s""", (name,))
+    return found[0] if found else None
+
+
+def unusable(conn, point: RollbackPoint) -> str:
+    """Why the point's warm copy may not be used ('' when it may): see the module's docstring."""
+    if not point.warm_database:
+        return "the rollback point has no warm copy"
+    state = seal_state(conn, point.warm_database)
+    if state is None:
+        return f"its warm copy {point.warm_database} does not exist (dropped?)"
+    allowed, oid, xmin, _ = state  # not the size: autovacuum may still add a visibility map
+    if allowed or oid != point.warm_oid or xmin != point.warm_xmin:
+        return f"its warm copy {point.warm_database} was changed since it was sealed"
+    return ""
+
+
+def free_space(conn, needed: int) -> Optional[str]:
+    """Why a copy of `needed` bytes would not fit on the server's disk, when that can be learnt
+    (the data directory is visible to this role and on this machine); None otherwise."""
+    try:
+        data_dir = db.scalar(conn, "SELECT setting FROM pg_settings WHERE name = 'data_directory'")
+    except psycopg2.Error:
+        return None
+    if not data_dir or not os.path.isdir(data_dir):
+        return None
+    free = shutil.disk_usage(data_dir).free
+    if free < needed * 1.2:
+        return f"{human_size(free)} free beside the server's data, the copy needs about {human_size(needed)}"
+    return None
+
+
+def build(conn, info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str]) -> Optional[Seal]:
+    """Make and seal the warm copy of a fresh dump point; None (with a warning) when it cannot be
+    made: the point stays OK either way, and nothing is left behind."""
+    from .restore import check_against_point, fill_database  # the restore's own steps
+    log = get_logger()
+    needed = db.database_size(conn, info.dbname)
+    room = free_space(conn, needed)
+    if room:
+        log.warning("No warm copy for %s: %s. The point is OK; a rollback will restore the dump.", point.id, room)
+        return None
+    name = db.derived_name(info.dbname, TAG, catalog.stamp())
+    log.info("Warm copy: restoring the point into %s while %s keeps serving ...", name, info.dbname)
+    started = time.monotonic()
+    try:
+        db.create_database(conn, name, like=info.dbname)
+        testhooks.checkpoint("warm-created")
+        with timed("warm copy: pg_restore"):
+            fill_database(info.with_db(name), point, server_major, pg_bin_dir)
+        with timed("warm copy: check against the point"):
+            check_against_point(info.with_db(name), point)
+        # Sealed: from here on nobody can connect, so it keeps exactly the rows just counted.
+        db.set_allow_connections(conn, name, False)
+        testhooks.checkpoint("warm-sealed")
+        _, oid, xmin, size = seal_state(conn, name)
+    except (RollbackError, psycopg2.Error) as exc:
+        log.warning("No warm copy for %s (%s). The point is OK; a rollback will restore the dump.", point.id,
+                    db.reason(exc) if isinstance(exc, psycopg2.Error) else exc)
+        _drop_quietly(conn, name)
+        return None
+    except BaseException:
+        _drop_quietly(conn, name)
+        raise
+    log.info("  warm copy %s sealed (%s, %.1f s)", name, human_size(size), time.monotonic() - started)
+    return Seal(name, oid, xmin, size)
+
+
+def record(point: RollbackPoint, seal: Optional[Seal]) -> None:
+    point.warm_database = seal.database if seal else None
+    point.warm_oid = seal.oid if seal else None
+    point.warm_xmin = seal.xmin if seal else None
+    point.warm_size_bytes = seal.size_bytes if seal else None
+
+
+def prune(conn, folder: Path, database: str, keep: int) -> List[str]:
+    """Drop the warm copies of all but the `keep` newest points of the database (their sidecars
+    say so first: a sidecar never names a copy that is gone)."""
+    dropped = []
+    warm_points = [p for p in catalog.scan(folder) if p.database == database and p.warm_database]
+    for point in warm_points[keep:]:
+        name = point.warm_database
+        record(point, None)
+        catalog.save(point)
+        _drop_quietly(conn, name)
+        dropped.append(name)
+        get_logger().info("Dropped the warm copy of older point %s (%s); its dump stays.", point.id, name)
+    return dropped
+
+
+def remove_orphans(conn, folder: Path, database: str) -> List[str]:
+    """Drop `<db>__warm_` databases no sidecar names: left by a run killed while making one
+    (call under the database's lock, so no other run is making one now)."""
+    named = {p.warm_database for p in catalog.scan(folder) if p.warm_database}
+    gone = []
+    for name in db.databases_like(conn, db.name_prefix(database, TAG)):
+        if name not in named:
+            get_logger().warning("Removing %s, a warm copy no rollback point names (an interrupted run's).", name)
+            _drop_quietly(conn, name)
+            gone.append(name)
+    return gone
+
+
+def drop(conn, point: RollbackPoint) -> None:
+    if point.warm_database:
+        db.drop_database(conn, point.warm_database)
+
+
+def _drop_quietly(conn, name: str) -> None:
+    try:
+        db.drop_database(conn, name)
+    except psycopg2.Error as exc:
+        get_logger().warning("could not drop %s (%s); the next run removes it", name, db.reason(exc))

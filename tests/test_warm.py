@@ -1,0 +1,168 @@
+"""Warm copies (common/warm.py): every new dump point gets a sealed database holding exactly it, and
+a rollback copies that server-side, falling back to the dump when it is missing or changed."""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests import pgfixtures as pf
+from tests.realistic import RealisticDatabase, database_fingerprint, differences
+
+
+def points(env):
+    listed = pf.run_script("rollback_manager.py", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    return json.loads(listed.stdout)["points"]
+
+
+def make_point(env, description="before release", *more):
+    made = pf.run_script("create_rollback_point.py", description, *more, env=env)
+    assert made.returncode == 0, made.stdout + made.stderr
+    return next(p for p in points(env) if p["description"] == description)
+
+
+def seal(server, name):
+    conn = pf.connect(server.info)
+    try:
+        found = pf.rows(conn, "SELECT datallowconn, oid, xmin::text FROM pg_database WHERE datname = %s", (name,))
+        return found[0] if found else None
+    finally:
+        conn.close()
+
+
+def warm_databases(server, staging):
+    conn = pf.connect(server.info)
+    try:
+        return [r[0] for r in pf.rows(conn, "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1",
+                                      (staging + "\\_\\_warm\\_%",))]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def realistic(server, env_for):
+    with RealisticDatabase(server) as rd:
+        yield rd, env_for(server, rd.name, STAGING_DATABASE_URL=rd.url)
+
+
+def test_a_new_point_is_warm_and_the_rollback_copies_it_exactly(server, realistic):
+    rd, env = realistic
+    before = database_fingerprint(server, rd.name)
+    point = make_point(env)
+    assert point["warm"] and point["warm_size_bytes"] > 0 and point["status"] == "OK"
+    allowed, oid, xmin = seal(server, point["warm_database"])
+    assert allowed is False and (oid, xmin) == (point["warm_oid"], point["warm_xmin"])
+    listed = pf.run_script("rollback_manager.py", "list", env=env).stdout
+    assert "WARM" in listed and point["id"] in listed
+    for round_ in range(2):  # the warm copy stays for the next rollback to the same point
+        rd.migrate()
+        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "copy of the warm copy" in result.stdout and "proven unchanged" in result.stdout
+        assert differences(before, database_fingerprint(server, rd.name)) == [], round_
+        assert seal(server, point["warm_database"]) == (False, oid, xmin)
+
+
+def test_a_warm_copy_changed_behind_the_tool_s_back_is_caught_and_the_dump_used(server, realistic):
+    rd, env = realistic
+    before = database_fingerprint(server, rd.name)
+    name = make_point(env)["warm_database"]
+    pf.execute(server, "postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    pf.execute(server, name, "DELETE FROM app.audit")  # a change no sidecar knows of
+    pf.execute(server, "postgres", f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    rd.migrate()
+    result = pf.run_script("rollback_manager.py", "restore", "--latest", "--yes", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "was changed since it was sealed" in result.stdout + result.stderr
+    assert "restored from the dump" in result.stdout
+    assert differences(before, database_fingerprint(server, rd.name)) == []
+
+
+def test_a_dropped_warm_copy_falls_back_to_the_dump(pg_old, env_for):
+    with RealisticDatabase(pg_old) as rd:
+        env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
+        before = database_fingerprint(pg_old, rd.name)
+        pf.drop_database(pg_old, make_point(env)["warm_database"])
+        assert points(env)[0]["status"] == "OK"  # the dump is the point; the copy only a faster way
+        rd.migrate()
+        result = pf.run_script("database_rollback.py", "restore", str(next(Path(env["BACKUP_DIR"]).glob("*.dump"))),
+                               "--yes", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "does not exist" in result.stdout + result.stderr and "restored from the dump" in result.stdout
+        assert differences(before, database_fingerprint(pg_old, rd.name)) == []
+
+
+def test_no_warm_and_the_setting_turn_warm_copies_off(pg_old, env_for):
+    with RealisticDatabase(pg_old) as rd:
+        env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
+        assert not make_point(env, "flag", "--no-warm")["warm"]
+        assert not make_point(dict(env, ROLLBACK_WARM_COPIES="0"), "setting")["warm"]
+        assert warm_databases(pg_old, rd.name) == []
+        make_point(env, "warm one")
+        rd.migrate()
+        result = pf.run_script("quick_rollback.py", "--yes", "--no-warm", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "restored from the dump: --no-warm" in result.stdout
+
+
+def test_only_the_newest_points_stay_warm_and_cleanup_and_delete_remove_copies(pg_old, env_for):
+    with RealisticDatabase(pg_old) as rd:
+        env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
+        first = make_point(env, "first")
+        second = make_point(env, "second")
+        by_id = {p["id"]: p for p in points(env)}
+        assert not by_id[first["id"]]["warm"] and by_id[second["id"]]["warm"]
+        assert warm_databases(pg_old, rd.name) == [second["warm_database"]]
+        keep_two = dict(env, ROLLBACK_WARM_COPIES="2")
+        third = make_point(keep_two, "third")
+        assert warm_databases(pg_old, rd.name) == sorted([second["warm_database"], third["warm_database"]])
+        deleted = pf.run_script("rollback_manager.py", "delete", "--file", second["id"], "--yes", env=env)
+        assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+        assert warm_databases(pg_old, rd.name) == [third["warm_database"]]
+        cleaned = pf.run_script("rollback_manager.py", "cleanup", "--keep", "1", "--yes", env=env)
+        assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+        assert warm_databases(pg_old, rd.name) == [third["warm_database"]]  # the newest OK point stays whole
+        assert [p["id"] for p in points(env)] == [third["id"]]
+
+
+@pytest.mark.parametrize("step", ["warm-created", "warm-sealed", "warm-recorded"])
+def test_a_kill_while_making_a_warm_copy_leaves_an_ok_point_or_nothing_half_made(pg_old, env_for, tmp_path, step):
+    with RealisticDatabase(pg_old) as rd:
+        env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
+        before = database_fingerprint(pg_old, rd.name)
+        proc, flag = pf.start_paused("create_rollback_point.py", "killed", env=env, step=step, folder=tmp_path)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        flag.unlink()
+        [point] = points(env)
+        assert point["status"] == "OK" and point["warm"] == (step == "warm-recorded")
+        # The next run removes a copy that no sidecar names, and the rollback is exact either way.
+        rd.migrate()
+        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert differences(before, database_fingerprint(pg_old, rd.name)) == []
+        assert warm_databases(pg_old, rd.name) == ([point["warm_database"]] if point["warm"] else [])
+
+
+@pytest.mark.parametrize("step", ["restore-database-created", "restore-checked", "restore-connections-cut"])
+def test_a_kill_while_using_a_warm_copy_leaves_staging_whole_and_the_copy_sealed(pg_old, env_for, tmp_path, step):
+    with RealisticDatabase(pg_old) as rd:
+        env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
+        before = database_fingerprint(pg_old, rd.name)
+        point = make_point(env)
+        rd.migrate()
+        migrated = database_fingerprint(pg_old, rd.name)
+        proc, flag = pf.start_paused("quick_rollback.py", "--yes", env=env, step=step, folder=tmp_path)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        flag.unlink()
+        if step != "restore-connections-cut":  # with connections cut, staging waits for the next run
+            assert differences(migrated, database_fingerprint(pg_old, rd.name)) == []
+        assert seal(pg_old, point["warm_database"]) == (False, point["warm_oid"], point["warm_xmin"])
+        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "copy of the warm copy" in result.stdout
+        assert differences(before, database_fingerprint(pg_old, rd.name)) == []
