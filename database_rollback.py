@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import backup, catalog, cli, health, migrations, runbooks, testhooks  # noqa: E402
+from common import backup, catalog, cli, health, metrics, migrations, runbooks, testhooks  # noqa: E402
 from common.database import connect  # noqa: E402
 from common.errors import RollbackError, UsageError, VerifyProblems  # noqa: E402
 from common.locks import DatabaseLock  # noqa: E402
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.common_flags(p, machine=True)
     cli.warm_flag(p, making=False)
     p = sub.add_parser("verify", help="health and drift report (exit 4 on problems)")
-    p.add_argument("--strict", action="store_true", help="count drift from the newest rollback point as a problem")
+    p.add_argument("--strict", action="store_true",
+                   help="count drift from the newest rollback point as a problem")
     cli.common_flags(p, destructive=False, machine=True)
     p = sub.add_parser("cleanup", help="remove rollback points older than DAYS (the newest OK one stays)")
     p.add_argument("days", type=float)
@@ -150,11 +151,15 @@ def cmd_verify(args, ctx):
     target = ctx.db_target()
     report = health.check(target, runbooks.newest_point(ctx, target))
     problems = report.problems(args.strict)
+    # The documents' key metrics against their alert thresholds: reported, not counted as problems
+    # (a busy machine is not a broken database); the release rollback acts on them.
+    observed = metrics.sample(target, metrics.thresholds(ctx.settings), window=1.0)
     if ctx.json:
-        ctx.emit_json(report.to_json(args.strict))
+        ctx.emit_json({**report.to_json(args.strict), "metrics": observed.to_json()})
     else:
         for line in report.lines(args.strict):
             ctx.log.info("%s", line)
+        ctx.log.info("metrics:        %s", observed.line())
     if problems:
         raise VerifyProblems(f"{len(problems)} problem(s) found in {target.dbname}")
 

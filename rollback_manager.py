@@ -8,14 +8,18 @@ the passwords out of the process list).
 
 Commands: list, info --file F, create [--description D] [--method M], restore --file F,
 restore --latest, verify --file F, delete --file F, reset (staging from V2),
-cleanup [--older-than DAYS] [--keep N] [--dry-run]"""
+cleanup [--older-than DAYS] [--keep N] [--dry-run]
+
+The whole release (configuration, code and database under one id):
+    python3 rollback_manager.py create --all --description "Release 42"
+    python3 rollback_manager.py restore --all --latest        # or --all --file RELEASE_ID"""
 import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import backup, catalog, cli, report, restore, runbooks  # noqa: E402
+from common import backup, catalog, cli, release, report, restore, runbooks  # noqa: E402
 from common.errors import UsageError, VerifyProblems  # noqa: E402
 
 
@@ -30,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="everything recorded about one rollback point")
     p.add_argument("--file", required=True, help="dump file, sidecar or id")
     cli.common_flags(p, destructive=False, machine=True)
-    p = sub.add_parser("create", help="make a rollback point of staging")
+    p = sub.add_parser("create", help="make a rollback point of staging (--all: of the whole release)")
+    p.add_argument("--all", action="store_true",
+                   help="a release rollback point: configuration, code and database under one id")
     p.add_argument("--description", default="")
     p.add_argument("--method", choices=backup.METHODS)
     p.add_argument("--compress", metavar="SPEC")
@@ -44,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="choose from the numbered list (asks for the number without N)")
     p.add_argument("--force", action="store_true", help="allow a backup of another database")
     p.add_argument("--drop-previous", action="store_true", help="do not keep the replaced database")
+    p.add_argument("--all", action="store_true", help="roll the whole release back (--file RELEASE_ID or "
+                   "--latest): configuration, then code, then database, each verified")
+    p.add_argument("--monitor", type=float, default=0.0, metavar="SECONDS",
+                   help="with --all: watch the health metrics this long after the rollback")
     cli.common_flags(p, machine=True)
     cli.warm_flag(p, making=False)
     p = sub.add_parser("reset", help="emergency: staging := a fresh copy of V2")
@@ -79,14 +89,33 @@ def staging_or_none(ctx, args):
 
 def cmd_list(args, ctx):
     points = runbooks.scan(ctx, staging_or_none(ctx, args))
+    releases = release.scan(ctx.settings.backup_dir, points)
+    interrupted = release.interrupted(ctx.settings.backup_dir)
     if ctx.json:
-        ctx.emit_json({"backup_dir": str(ctx.settings.backup_dir), "points": [p.summary() for p in points]})
-    else:
-        print(f"Rollback points in {ctx.settings.backup_dir}:")
-        print(report.points_table(points))
+        ctx.emit_json({"backup_dir": str(ctx.settings.backup_dir), "points": [p.summary() for p in points],
+                       "releases": [r.summary() for r in releases], "interrupted_releases": interrupted})
+        return
+    print(f"Rollback points in {ctx.settings.backup_dir}:")
+    print(report.points_table(points))
+    if releases:
+        print("\nRelease rollback points (configuration, code, database), newest first:")
+        for r in releases:
+            print("\n".join(r.lines()))
+    for line in interrupted:
+        print(f"WARNING: {line}")
 
 
 def cmd_info(args, ctx):
+    if args.file.startswith("release_"):
+        points = runbooks.scan(ctx, staging_or_none(ctx, args))
+        found = [r for r in release.scan(ctx.settings.backup_dir, points) if args.file in (r.id, r.sidecar.name)]
+        if not found:
+            raise UsageError(f"no release {args.file!r} (see: python3 rollback_manager.py list). Nothing was changed.")
+        if ctx.json:
+            ctx.emit_json(found[0].summary())
+        else:
+            print("\n".join(found[0].lines()))
+        return
     point = catalog.resolve(ctx.settings.backup_dir, args.file)
     catalog.quick_check(point, runbooks.scan_checker(ctx, staging_or_none(ctx, args)))
     if ctx.json:
@@ -97,6 +126,9 @@ def cmd_info(args, ctx):
 
 def cmd_create(args, ctx):
     staging = ctx.staging()
+    if args.all:
+        runbooks.create_release(ctx, staging, args.description)
+        return
     ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress,
                                        warm_copies=ctx.warm_copies))
@@ -121,6 +153,10 @@ def cmd_verify(args, ctx):
 
 def cmd_restore(args, ctx):
     staging = ctx.staging()
+    if args.all:
+        if args.pick is not None:
+            raise UsageError("--all takes --latest or --file RELEASE_ID, not --pick. Nothing was changed.")
+        return runbooks.restore_release(ctx, staging, None if args.latest else args.file, args.monitor)
     if args.latest:
         point = runbooks.newest_point(ctx, staging)
         if point is None:

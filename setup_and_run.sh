@@ -76,6 +76,7 @@ PostgreSQL migration rollback toolkit
                                      9) Emergency: reset staging from V2
  10) Back up code and configuration 11) Code rollback to a commit
  12) Restore configuration backup   13) Clean up old rollback points
+ 14) Roll back the whole release (configuration, code, database)
   0) Exit'
 
 # run_choice N [ARGS...]: one menu entry; ARGS are passed on to the script it runs.
@@ -121,8 +122,9 @@ run_choice() {
         [ $# -gt 0 ] || { echo "error: give the backup folder, e.g. ./setup_and_run.sh 12 config_backups/config_..." >&2; return 2; }
         py config_rollback.py restore "$@" ;;
     13) ensure_deps && py rollback_manager.py cleanup --older-than 30 "$@" ;;
+    14) ensure_deps && py rollback_manager.py restore --all --latest "$@" ;;
     0) return 0 ;;
-    *) echo "Invalid choice: $choice (0-13)" >&2; return 2 ;;
+    *) echo "Invalid choice: $choice (0-14)" >&2; return 2 ;;
   esac
 }
 
@@ -142,7 +144,7 @@ menu() {
       0) echo "Bye."; return 0 ;;
       ''|*[!0-9]*) echo "Invalid choice: '$choice'. Type a number from the menu."; continue ;;
     esac
-    if [ "$choice" -gt 13 ]; then echo "Invalid choice: $choice. Type a number from the menu."; continue; fi
+    if [ "$choice" -gt 14 ]; then echo "Invalid choice: $choice. Type a number from the menu."; continue; fi
     run_choice "$choice"
     status=$?
     echo "--> choice $choice finished with exit status $status"

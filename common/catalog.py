@@ -48,6 +48,7 @@ class RollbackPoint:
     warm_oid: Optional[int] = None
     warm_xmin: Optional[str] = None
     warm_size_bytes: Optional[int] = None
+    warm_dump_key: Optional[str] = None  # the dump as it was when the copy was sealed (warm.dump_key)
     format_version: int = FORMAT_VERSION
     # Not stored: where the catalog found it and what the last check said.
     folder: Optional[Path] = field(default=None, repr=False, compare=False)

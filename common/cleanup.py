@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,10 +22,13 @@ class CleanupPlan:
     points: List[RollbackPoint] = field(default_factory=list)
     databases: List[str] = field(default_factory=list)
     kept: List[RollbackPoint] = field(default_factory=list)
+    releases: list = field(default_factory=list)
 
     def lines(self) -> List[str]:
-        out = [f"rollback point {p.id} ({p.kind}, {p.status}, created {p.created_at}, {p.description or '-'})"
-               for p in self.points]
+        out = [f"release {r.id} ({r.description or '-'}, created {r.created_at}) with its configuration and code "
+               "backups and its database point" for r in self.releases]
+        out += [f"rollback point {p.id} ({p.kind}, {p.status}, created {p.created_at}, {p.description or '-'})"
+                for p in self.points]
         out += [f"database {name}" for name in self.databases]
         return out or ["nothing"]
 
@@ -51,6 +55,34 @@ def plan_points(points: List[RollbackPoint], older_than_days: Optional[float], k
     return plan
 
 
+def plan_releases(plan: CleanupPlan, releases: list, older_than_days: Optional[float],
+                  now: Optional[float] = None) -> None:
+    """A release goes with its three parts, when it is past the age or its database point goes; the
+    newest OK release and its parts always stay."""
+    newest_ok = next((r for r in releases if r.status == catalog.OK), None)
+    if newest_ok is not None:
+        keep_id = newest_ok.parts["database"]["id"]
+        plan.kept += [p for p in plan.points if p.id == keep_id]
+        plan.points = [p for p in plan.points if p.id != keep_id]
+    going = {p.id for p in plan.points}
+    by_id = {p.id: p for p in plan.kept}
+    for r in releases:
+        if r is newest_ok:
+            continue
+        old = older_than_days is not None and catalog.age_days(r, now) > older_than_days
+        if old or r.parts["database"]["id"] in going:
+            plan.releases.append(r)
+            point = by_id.get(r.parts["database"]["id"])
+            if point is not None and not _newest_ok_of_its_database(point, plan):
+                plan.kept.remove(point)
+                plan.points.append(point)
+
+
+def _newest_ok_of_its_database(point: RollbackPoint, plan: CleanupPlan) -> bool:
+    ok = [p for p in plan.kept if p.database == point.database and p.status == catalog.OK]
+    return bool(ok) and ok[0] is point
+
+
 def kept_databases(conn, target: str, older_than_days: Optional[float], now: Optional[float] = None) -> List[str]:
     """`<target>__pre_rollback_<ts>` databases past the age."""
     if older_than_days is None:
@@ -69,6 +101,11 @@ def kept_databases(conn, target: str, older_than_days: Optional[float], now: Opt
 
 def remove(plan: CleanupPlan, conn=None) -> List[str]:
     done = []
+    for r in plan.releases:  # the sidecar first: a release is never listed with a part gone
+        r.sidecar.unlink(missing_ok=True)
+        for part in ("config", "code"):
+            shutil.rmtree(r.parts[part]["path"], ignore_errors=True)
+        done.append(f"release {r.id} (its configuration and code backups)")
     for point in plan.points:
         if point.kind == catalog.SNAPSHOT:
             if conn is None:

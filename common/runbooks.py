@@ -1,15 +1,17 @@
 """The sequences several scripts share: plan → confirm → carry out → summarise."""
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 from typing import List, Optional
 
-from . import backup, catalog, files, restore, snapshot, warm
+from . import backup, catalog, coderepo, configfiles, files, metrics, release, restore, snapshot, testhooks, warm
 from . import cleanup as cleaning
 from .catalog import RollbackPoint
 from .cli import Context, same_database
 from .database import ConnInfo, app_name, drop_database
-from .errors import UsageError
+from .errors import RollbackError, UsageError
 from .locks import DatabaseLock
 
 
@@ -131,7 +133,9 @@ def cleanup(ctx: Context, info: Optional[ConnInfo], older_than: Optional[float],
         raise UsageError("say what to remove: --older-than DAYS and/or --keep N. Nothing was changed.")
     if (older_than is not None and older_than < 0) or (keep is not None and keep < 1):
         raise UsageError("DAYS must be 0 or more and --keep at least 1. Nothing was changed.")
-    the_plan = cleaning.plan_points(scan(ctx, info), older_than, keep)
+    points = scan(ctx, info)
+    the_plan = cleaning.plan_points(points, older_than, keep)
+    cleaning.plan_releases(the_plan, release.scan(ctx.settings.backup_dir, points), older_than)
     lock = None
     try:
         if info is not None:
@@ -142,7 +146,7 @@ def cleanup(ctx: Context, info: Optional[ConnInfo], older_than: Optional[float],
             for line in the_plan.lines():
                 ctx.log.info("  %s", line)
             return
-        if not the_plan.points and not the_plan.databases:
+        if not the_plan.points and not the_plan.databases and not the_plan.releases:
             ctx.log.info("Cleanup: nothing to remove (%d rollback points kept).", len(the_plan.kept))
             return
         ctx.confirm("Remove these?", the_plan.lines())
@@ -160,6 +164,12 @@ def cleanup_backup_folders(ctx: Context, parent, prefix: str, metadata: str, day
                            what: str) -> None:
     """Cleanup of code and config backups older than `days` (never the newest): list, confirm, remove."""
     doomed = files.old_backups(files.list_backups(parent, prefix, metadata), days)
+    # The parts of the newest OK release stay with it (rollback_manager.py cleanup removes a release whole).
+    releases = release.scan(ctx.settings.backup_dir, catalog.scan(ctx.settings.backup_dir))
+    newest_ok = next((r for r in releases if r.status == catalog.OK), None)
+    if newest_ok is not None:
+        parts = {str(Path(newest_ok.parts[k]["path"]).resolve()) for k in ("config", "code")}
+        doomed = [b for b in doomed if str(Path(b.path).resolve()) not in parts]
     lines = [f"{b.path} ({b.metadata.get('created_at', '?')})" for b in doomed]
     if dry_run or not doomed:
         ctx.log.info("%s %d %s(s)%s", "Would remove" if dry_run else "Nothing to remove:", len(doomed), what,
@@ -171,3 +181,133 @@ def cleanup_backup_folders(ctx: Context, parent, prefix: str, metadata: str, day
     for b in doomed:
         shutil.rmtree(b.path)
     ctx.log.info("Removed %d %s(s); the newest backup is always kept.", len(doomed), what)
+
+
+def create_release(ctx: Context, staging: ConnInfo, description: str) -> release.Release:
+    """A release rollback point: configuration, code and database backups under one id. The
+    release sidecar is written last; when a part fails, none is, and the output says what was made."""
+    s = ctx.settings
+    config_dir, env_file, config_backups = s.path("CONFIG_DIR"), s.path("ENV_FILE"), s.path("CONFIG_BACKUP_DIR")
+    repo_path, code_backups = s.path("REPO_PATH"), s.path("CODE_BACKUP_DIR")
+    made: List[str] = []
+    step = "configuration"
+    try:
+        if not config_dir.is_dir():
+            raise UsageError(f"CONFIG_DIR {config_dir} does not exist")
+        with files.FolderLock(config_backups, ctx.script):
+            config_path = configfiles.backup(config_dir, env_file, config_backups, reason=f"release: {description}")
+        made.append(f"configuration backup {config_path}")
+        ctx.log.info("1/3 configuration backup: %s", config_path)
+        step = "code"
+        with files.FolderLock(code_backups, ctx.script):
+            code_path = coderepo.backup(coderepo.open_repo(repo_path), code_backups, reason=f"release: {description}")
+        made.append(f"code backup {code_path}")
+        ctx.log.info("2/3 code backup: %s", code_path)
+        step = "database"
+        point = backup.create_point(staging, s.backup_dir, ctx.script, description, pg_bin_dir=ctx.pg_bin_dir,
+                                    warm_copies=ctx.warm_copies)
+        made.append(f"database rollback point {point.id}")
+        ctx.log.info("3/3 database rollback point: %s%s", point.id, " (warm)" if point.warm_database else "")
+    except RollbackError as exc:
+        raise release.ReleaseFailed(
+            f"the {step} part failed ({exc}); no release rollback point was recorded. Made before the failure, "
+            f"and kept as ordinary backups: {'; '.join(made) or 'nothing'}.") from None
+    made_release = release.record(s.backup_dir, description, release.parts_of(config_path, code_path, point))
+    if ctx.json:
+        ctx.emit_json(made_release.summary())
+    else:
+        ctx.log.info("Release rollback point created: %s", made_release.id)
+        for line in made_release.lines()[1:]:
+            ctx.log.info("%s", line)
+    return made_release
+
+
+def restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monitor_seconds: float = 0.0) -> int:
+    """Configuration, then code, then database, each verified, stopping at the first failure; then
+    the documents' health metrics. Returns the exit code (1 a step failed, 4 health not OK)."""
+    s = ctx.settings
+    config_dir, env_file, config_backups = s.path("CONFIG_DIR"), s.path("ENV_FILE"), s.path("CONFIG_BACKUP_DIR")
+    repo_path, code_backups = s.path("REPO_PATH"), s.path("CODE_BACKUP_DIR")
+    points = scan(ctx, staging)
+    chosen = release.resolve(release.scan(s.backup_dir, points), ref)
+    parts = chosen.parts
+    # Everything is checked before anything changes: both backups against their checksums, the
+    # database point and its restore plan (tools, properties, PgBouncer).
+    config_path, code_path = Path(parts["config"]["path"]), Path(parts["code"]["path"])
+    config_meta = configfiles.load_backup(config_path)
+    code_meta = coderepo.load_backup(code_path)
+    point = next(p for p in points if p.id == parts["database"]["id"])
+    the_plan = restore.plan(staging, point, pg_bin_dir=ctx.pg_bin_dir, pooler=ctx.pooler(staging))
+    the_plan.wait, the_plan.no_warm = ctx.wait, ctx.no_warm
+    drift = configfiles.drift(config_meta, config_dir, env_file)
+    ctx.confirm(f"Roll the whole release back to {chosen.id}?", [
+        f"release {chosen.id} ({chosen.description or '-'}, created {chosen.created_at}), in this order:",
+        f"1. configuration: {config_dir} and {env_file} := {config_path} ({len(config_meta['files'])} files; "
+        f"{len(drift.changed)} changed since, {len(drift.added)} added since (removed), {len(drift.removed)} "
+        "removed since (put back))",
+        f"2. code: {repo_path} := {code_path} (commit {(code_meta['commit'] or '-')[:12]} on "
+        f"{code_meta['branch'] or 'detached HEAD'}, {len(code_meta['dirty_files'])} uncommitted file(s))",
+        "3. database:"] + [f"   {line}" for line in the_plan.describe()] +
+        ["each step is backed up first and verified after; the first that fails stops the rest"])
+    progress = release.Progress(s.backup_dir, chosen.id)
+
+    def config_step() -> str:
+        with files.FolderLock(config_backups, ctx.script):
+            auto = configfiles.backup(config_dir, env_file, config_backups, reason=f"automatic before release {chosen.id}")
+            done = configfiles.restore(config_path, config_meta, config_dir, env_file,
+                                       present=json.loads((auto / configfiles.MANIFEST).read_text()))
+        left = configfiles.drift(config_meta, config_dir, env_file)
+        if left.added or left.removed or left.changed:
+            raise RollbackError(f"configuration differs from the backup after the restore: {left}")
+        return f"{len(done.written)} file(s) written, {len(done.removed)} removed; verified against the backup"
+
+    def code_step() -> str:
+        with files.FolderLock(code_backups, ctx.script):
+            if (repo_path / ".git").exists():
+                coderepo.backup(coderepo.open_repo(repo_path), code_backups, reason=f"automatic before release {chosen.id}")
+            coderepo.restore(repo_path, code_path, code_meta)
+        state = coderepo.capture(coderepo.open_repo(repo_path))
+        broken = coderepo.fsck(coderepo.open_repo(repo_path))
+        if state.commit != code_meta["commit"] or state.branch != code_meta["branch"] or broken:
+            raise RollbackError(f"the repository is not as backed up after the restore (HEAD {state.commit}, "
+                                f"branch {state.branch}, fsck: {broken[:2]})")
+        return f"commit {(state.commit or '-')[:12]} on {state.branch or 'detached HEAD'}; verified"
+
+    def database_step() -> str:
+        result = restore.execute(the_plan, script=ctx.script, folder=s.backup_dir, pg_bin_dir=ctx.pg_bin_dir)
+        return (f"{result.method}; {result.tables_checked} tables and {result.rows_checked} rows verified; "
+                f"unavailable {result.unavailable_seconds * 1000:.0f} ms")
+
+    def on_step(step: release.Step) -> None:
+        progress.record(step)
+        ctx.log.info("%s", step.line())
+        testhooks.checkpoint(f"release-{step.component}-done")
+
+    ctx.log.info("Rolling back release %s: configuration -> code -> database", chosen.id)
+    steps = release.run_steps({"config": config_step, "code": code_step, "database": database_step}, on_step)
+    failed = next((st for st in steps if st.ok is False), None)
+    health = None
+    if failed is None:
+        progress.finish()
+        limits = metrics.thresholds(s)
+        ctx.log.info("Health of %s after the rollback (thresholds: %s):", staging.dbname,
+                     ", ".join(f"{k} {v:g}" for k, v in limits.items()))
+        if monitor_seconds > 0:
+            health = metrics.monitor(staging, limits, monitor_seconds, lambda h: ctx.log.info("  %s", h.line()))
+        else:
+            health = metrics.sample(staging, limits)
+        ctx.log.info("  %s", health.line())
+    else:
+        progress.finish(failed=failed.component)
+    if ctx.json:
+        ctx.emit_json({"release": chosen.id, "steps": [st.to_json() for st in steps],
+                       "health": health.to_json() if health else None})
+    else:
+        ctx.log.info("Release %s: %s", chosen.id, "rolled back" if failed is None else f"STOPPED at {failed.component}")
+        for st in steps:
+            ctx.log.info("%s", st.line())
+    if failed is not None:
+        ctx.log.error("error: the %s step failed; the steps before it are done, those after it were not run. "
+                      "The failed step itself changed nothing.", failed.component)
+        return 1
+    return 0 if health.ok else 4

@@ -13,6 +13,7 @@ The sidecar records the OID and that xmin at sealing; the copy is used only whil
 sealed with the same OID and xmin. Anything else, and the restore uses the dump."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -40,6 +41,19 @@ class Seal:
     oid: int
     xmin: str
     size_bytes: int
+    dump_key: str = ""
+
+
+def dump_key(point: RollbackPoint) -> str:
+    """A fingerprint of the dump file as it is now (size, mtime, inode) and of the sha256 the sidecar
+    records for it. While it is the one taken when the warm copy was sealed, nothing has rewritten
+    the file or edited its checksum since that sha256 was computed from it, so a rollback through
+    the warm copy need not read the whole dump again (verify, and every restore from the dump, do)."""
+    try:
+        st = os.stat(point.path)
+    except (OSError, TypeError):
+        return ""
+    return hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{point.sha256}".encode()).hexdigest()
 
 
 def keep_setting(value: Optional[str]) -> int:
@@ -120,7 +134,7 @@ def build(conn, info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_
         _drop_quietly(conn, name)
         raise
     log.info("  warm copy %s sealed (%s, %.1f s)", name, human_size(size), time.monotonic() - started)
-    return Seal(name, oid, xmin, size)
+    return Seal(name, oid, xmin, size, dump_key(point))
 
 
 def record(point: RollbackPoint, seal: Optional[Seal]) -> None:
@@ -128,6 +142,7 @@ def record(point: RollbackPoint, seal: Optional[Seal]) -> None:
     point.warm_oid = seal.oid if seal else None
     point.warm_xmin = seal.xmin if seal else None
     point.warm_size_bytes = seal.size_bytes if seal else None
+    point.warm_dump_key = seal.dump_key if seal else None
 
 
 def prune(conn, folder: Path, database: str, keep: int) -> List[str]:

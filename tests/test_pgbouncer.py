@@ -33,7 +33,8 @@ def through(bouncer: Bouncer, dbname: str, query: str):
 
 @pytest.mark.parametrize("command", [("quick_rollback.py", "--yes"), ("simple_rollback.py", "restore", "--yes")],
                          ids=["quick_rollback", "simple_rollback"])
-def test_pgbench_clients_through_pgbouncer_see_no_error_during_the_rollback(server, env_for, tmp_path, command):
+def test_pgbench_clients_through_pgbouncer_see_no_error_during_the_rollback(pg_old, env_for, tmp_path, command):
+    server = pg_old
     with RealisticDatabase(server) as rd, Bouncer(server, {rd.name: (rd.owner, rd.password)}) as bouncer:
         env = env_for(server, rd.name, STAGING_DATABASE_URL=rd.url, PGBOUNCER_ADMIN_URL=bouncer.admin_url)
         make = ("simple_rollback.py", "create", "before") if command[0] == "simple_rollback.py" else \
