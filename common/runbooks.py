@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from . import backup, catalog, coderepo, configfiles, files, metrics, release, restore, snapshot, testhooks, warm
+from . import backup, catalog, configfiles, files, metrics, release, restore, snapshot, testhooks, warm
 from . import cleanup as cleaning
 from .catalog import RollbackPoint
 from .cli import Context, same_database
@@ -186,6 +186,7 @@ def cleanup_backup_folders(ctx: Context, parent, prefix: str, metadata: str, day
 def create_release(ctx: Context, staging: ConnInfo, description: str) -> release.Release:
     """A release rollback point: configuration, code and database backups under one id. The
     release sidecar is written last; when a part fails, none is, and the output says what was made."""
+    from . import coderepo  # GitPython: imported only where code is handled (it needs a git executable)
     s = ctx.settings
     config_dir, env_file, config_backups = s.path("CONFIG_DIR"), s.path("ENV_FILE"), s.path("CONFIG_BACKUP_DIR")
     repo_path, code_backups = s.path("REPO_PATH"), s.path("CODE_BACKUP_DIR")
@@ -225,6 +226,7 @@ def create_release(ctx: Context, staging: ConnInfo, description: str) -> release
 def restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monitor_seconds: float = 0.0) -> int:
     """Configuration, then code, then database, each verified, stopping at the first failure; then
     the documents' health metrics. Returns the exit code (1 a step failed, 4 health not OK)."""
+    from . import coderepo  # GitPython: imported only where code is handled (it needs a git executable)
     s = ctx.settings
     config_dir, env_file, config_backups = s.path("CONFIG_DIR"), s.path("ENV_FILE"), s.path("CONFIG_BACKUP_DIR")
     repo_path, code_backups = s.path("REPO_PATH"), s.path("CODE_BACKUP_DIR")
