@@ -436,6 +436,12 @@ NOTES = """
   uncompressed custom-format dump (pg_dump 15 has no lz4), counts the rows of every table in the
   same snapshot beside it, and hashes the file: the margin over `-Z0` is the count and the sha256.
   The price is disk: 902 MB instead of 486 MB (`--compress 6` gives the small file back).
+- **restore (warm copy)**: `quick_rollback.py` with the point's warm copy (the default for a new
+  point): a server-side `CREATE DATABASE ... TEMPLATE warm STRATEGY FILE_COPY`, the table check,
+  the database properties and the swap; its peer is the bare FILE_COPY of the same warm copy.
+  **create (dump + warm copy)** is `create_rollback_point.py` with the warm copy built after the
+  dump (pg_restore into a sealed database, counted and analysed); **create (dump)** is the same
+  with `--no-warm`, and **restore (dump)** `quick_rollback.py --no-warm`.
 - **restore (dump)**: pg_restore -j 2 does the work in both. Ours adds the sha256 of the dump (in a
   thread, beside pg_restore), exact row counts of every table and an ANALYZE (the plain restore
   leaves the database without planner statistics), and the swap. On this 2-core machine the
