@@ -92,7 +92,11 @@ class Pooler:
             # The cut ended every server connection of the pool (idle while paused), so after RESUME
             # PgBouncer opens new ones, by name, to the new database. RECONNECT says so explicitly,
             # for a pool whose connections the cut could not reach.
-            self.command(conn, f"RECONNECT {self.database}")
+            try:
+                self.command(conn, f"RECONNECT {self.database}")
+            except psycopg2.Error as exc:  # e.g. a PgBouncer older than 1.15: the swap is done all the same
+                get_logger().warning("PgBouncer refused RECONNECT %s (%s); its server connections were cut, so "
+                                     "new ones reach the restored database", self.database, reason(exc))
         finally:
             state.seconds = time.monotonic() - (state.paused_at or started)
             try:
