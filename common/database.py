@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -265,17 +266,28 @@ def allows_connections(conn, dbname: str) -> Optional[bool]:
     return scalar(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (dbname,))
 
 
-def terminate_sessions(conn, dbname: str) -> Tuple[int, List[Session]]:
-    """Cut every other session of the database that this role may cut, waiting up to 5 s for each
-    to end; returns (how many were cut, the sessions it may not cut, e.g. another superuser's)."""
-    wait = ", 5000" if conn.server_version >= 140000 else ""
-    done, refused = 0, []
+def terminate_sessions(conn, dbname: str, wait: float = 5.0) -> Tuple[int, List[Session]]:
+    """Cut every other session of the database that this role may cut, then wait up to `wait` s
+    for them to end; returns (how many were cut, the sessions it may not cut, e.g. another
+    superuser's). All are signalled first and waited for together, polling every 5 ms:
+    pg_terminate_backend(pid, timeout) checks in steps of 100 ms, so cutting 4 clients one by one
+    kept staging closed for 440 ms (measured in benchmarks/run.py) instead of a few ms."""
+    signalled, refused = [], []
     for session in sessions(conn, dbname):
         try:
-            done += 1 if scalar(conn, f"SELECT pg_terminate_backend(%s{wait})", (session.pid,)) else 0
+            if scalar(conn, "SELECT pg_terminate_backend(%s)", (session.pid,)):
+                signalled.append(session.pid)
         except psycopg2.errors.InsufficientPrivilege:
             refused.append(session)
-    return done, refused
+    deadline = time.monotonic() + wait
+    alive = list(signalled)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.005)
+        alive = [r[0] for r in rows(conn, "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (alive,))]
+    if alive:
+        get_logger().warning("%d cut session(s) of %s had not ended after %.0f s: pid %s", len(alive), dbname,
+                             wait, ", ".join(map(str, alive)))
+    return len(signalled), refused
 
 
 def create_database(conn, name: str, template: Optional[str] = None, like: Optional[str] = None,
