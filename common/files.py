@@ -186,12 +186,14 @@ def iso(ts: float) -> str:
 
 
 class FolderLock:
-    """One code or configuration operation at a time: an flock on `<folder>/.lock`, released by the
-    kernel when the process dies, however it dies. A second holder is refused at once, by name."""
+    """One code or configuration operation at a time: an flock on `<folder>/.lock` (or another
+    name), released by the kernel when the process dies, however it dies. A second holder is
+    refused at once, by name."""
 
-    def __init__(self, folder: Path, script: str):
-        self.path = folder / ".lock"
+    def __init__(self, folder: Path, script: str, name: str = ".lock", what: Optional[str] = None):
+        self.path = folder / name
         self.script = script
+        self.what = what or f"operation on {folder}"
         self.fd: Optional[int] = None
 
     def __enter__(self) -> "FolderLock":
@@ -203,7 +205,7 @@ class FolderLock:
         except BlockingIOError:
             holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            raise LockHeld(f"another operation on {self.path.parent} is running ({holder}). Nothing was changed. "
+            raise LockHeld(f"another {self.what} is running ({holder}). Nothing was changed. "
                            "Wait for it to finish, then run this again.") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{self.script} pid={os.getpid()} since {utc_now().isoformat(timespec='seconds')}".encode())

@@ -183,9 +183,22 @@ def cleanup_backup_folders(ctx: Context, parent, prefix: str, metadata: str, day
     ctx.log.info("Removed %d %s(s); the newest backup is always kept.", len(doomed), what)
 
 
+def release_lock(ctx: Context) -> files.FolderLock:
+    """One release operation at a time (create --all, restore --all): each step also takes its own
+    lock, but two release rollbacks interleaved between steps could leave configuration from one
+    release beside code from another."""
+    return files.FolderLock(ctx.settings.backup_dir, ctx.script, name=".release.lock",
+                            what=f"release operation on {ctx.settings.backup_dir}")
+
+
 def create_release(ctx: Context, staging: ConnInfo, description: str) -> release.Release:
     """A release rollback point: configuration, code and database backups under one id. The
     release sidecar is written last; when a part fails, none is, and the output says what was made."""
+    with release_lock(ctx):
+        return _create_release(ctx, staging, description)
+
+
+def _create_release(ctx: Context, staging: ConnInfo, description: str) -> release.Release:
     from . import coderepo  # GitPython: imported only where code is handled (it needs a git executable)
     s = ctx.settings
     config_dir, env_file, config_backups = s.path("CONFIG_DIR"), s.path("ENV_FILE"), s.path("CONFIG_BACKUP_DIR")
@@ -225,7 +238,13 @@ def create_release(ctx: Context, staging: ConnInfo, description: str) -> release
 
 def restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monitor_seconds: float = 0.0) -> int:
     """Configuration, then code, then database, each verified, stopping at the first failure; then
-    the documents' health metrics. Returns the exit code (1 a step failed, 4 health not OK)."""
+    the documents' health metrics. Returns the exit code (1 a step failed, 4 health not OK). A
+    second release operation is refused before anything is checked or changed."""
+    with release_lock(ctx):
+        return _restore_release(ctx, staging, ref, monitor_seconds)
+
+
+def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monitor_seconds: float = 0.0) -> int:
     from . import coderepo  # GitPython: imported only where code is handled (it needs a git executable)
     s = ctx.settings
     config_dir, env_file, config_backups = s.path("CONFIG_DIR"), s.path("ENV_FILE"), s.path("CONFIG_BACKUP_DIR")

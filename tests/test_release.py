@@ -139,6 +139,37 @@ def test_a_kill_between_steps_is_reported_by_the_next_list(release_world, tmp_pa
     assert state(w) == before and "interrupted" not in pf.run_script("rollback_manager.py", "list", env=w["env"]).stdout
 
 
+def test_a_second_release_operation_is_refused_while_one_runs_and_changes_nothing(release_world, tmp_path):
+    """Each step has its own lock; between steps only the release lock keeps a second release
+    rollback (or a release point being made) from mixing one release's configuration with
+    another's code."""
+    w = release_world
+    before, db_before = state(w), database_fingerprint(w["server"], w["rd"].name)
+    made = create(w["env"])
+    change_everything(w)
+    migrated = database_fingerprint(w["server"], w["rd"].name)
+    first, flag = pf.start_paused("rollback_manager.py", "restore", "--all", "--latest", "--yes", env=w["env"],
+                                  step="release-config-done", folder=tmp_path)
+    try:
+        during = state(w)  # configuration restored, code and database not yet
+        second = pf.run_script("rollback_manager.py", "restore", "--all", "--latest", "--yes", env=w["env"])
+        another = pf.run_script("rollback_manager.py", "create", "--all", "--description", "meanwhile", env=w["env"])
+        for refused in (second, another):
+            assert refused.returncode == 1, refused.stdout + refused.stderr
+            assert "another release operation" in refused.stderr and "rollback_manager" in refused.stderr
+            assert "Nothing was changed" in refused.stderr
+        assert state(w) == during
+        assert differences(migrated, database_fingerprint(w["server"], w["rd"].name)) == []
+    finally:
+        flag.unlink()
+        out = first.communicate(timeout=180)
+    assert first.returncode == 0, out
+    assert state(w) == before
+    assert differences(db_before, database_fingerprint(w["server"], w["rd"].name)) == []
+    listed = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=w["env"]).stdout)
+    assert [r["id"] for r in listed["releases"]] == [made["id"]]
+
+
 def test_a_crossed_health_threshold_gives_exit_4(release_world):
     w = release_world
     create(w["env"])
