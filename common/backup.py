@@ -104,6 +104,8 @@ class Source:
         self._counts = None
 
     def close(self) -> None:
+        if self.conn.closed:
+            return
         try:
             self.conn.rollback()
         finally:

@@ -12,7 +12,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import psycopg2
 from psycopg2 import sql
@@ -89,6 +89,10 @@ class Plan:
     no_warm: bool = False
     warm_reason: str = "not a dump"  # why the warm copy will not be used ('' when it will)
     pooler: Optional[Pooler] = None
+    # Set by a reset that streams V2 in: fills the new database (given) and returns the row counts
+    # to check it against, instead of pg_restore from the point's file.
+    fill: Optional[Callable[[ConnInfo], Dict[str, int]]] = None
+    fill_text: str = ""
 
     def describe(self) -> List[str]:
         p = self.point
@@ -101,7 +105,9 @@ class Plan:
                       f"                {len(p.tables)} tables, {p.rows} rows, migration head {p.migration_head or '-'}"]
         if self.can_create:
             fill = "copy the snapshot (TEMPLATE)" if p.kind == catalog.SNAPSHOT else "restore the dump"
-            if p.kind == catalog.DUMP and not self.warm_reason and not self.no_warm:
+            if self.source_text:
+                fill = "copy it"
+            elif p.kind == catalog.DUMP and not self.warm_reason and not self.no_warm:
                 fill = f"copy the sealed warm copy {p.warm_database} (server-side; the dump if it fails its check)"
             elif p.kind == catalog.DUMP and p.warm_database and not self.no_warm:
                 fill += f" ({self.warm_reason})"
@@ -344,7 +350,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
             _drop_quietly(conn, fresh)
             raise RestoreFailed(f"copying snapshot {point.snapshot_database} failed: {db.reason(exc)}. "
                                 "Nothing was changed.") from None
-    elif point.kind == catalog.DUMP and _warm_usable(conn, the_plan, result):
+    elif the_plan.fill is None and point.kind == catalog.DUMP and _warm_usable(conn, the_plan, result):
         result.method = f"copy of the warm copy {point.warm_database} (server-side), then swap names"
         sealed = True
         # The dump stays the checksummed truth: a point whose dump was rewritten, or whose recorded
@@ -372,7 +378,11 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
             _create_like(conn, fresh, like, owner, tablespace)
     try:
         testhooks.checkpoint("restore-database-created")
-        if point.kind == catalog.DUMP and not sealed:
+        if the_plan.fill is not None:
+            result.method = f"{the_plan.fill_text} into a new database, then swap names"
+            with timed("streamed copy"):
+                point.tables = the_plan.fill(info.with_db(fresh))
+        elif point.kind == catalog.DUMP and not sealed:
             # The sha256 is checked while pg_restore fills the new database: the target is not
             # touched until the swap, and the swap waits for the verdict.
             with timed("pg_restore and sha256"), ChecksumBeside(point):

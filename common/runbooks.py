@@ -13,6 +13,7 @@ from .cli import Context, same_database
 from .database import ConnInfo, app_name, drop_database
 from .errors import RollbackError, UsageError
 from .locks import DatabaseLock
+from .streamcopy import StreamedCopy
 
 
 def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: bool = False,
@@ -47,24 +48,43 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
     with DatabaseLock(staging, staging.dbname, ctx.script) as lock:
         source = backup.Source.open(v2, app=app_name(ctx.script))
         try:
-            ctx.log.info("Dumping V2 %s (PostgreSQL %s, %d tables) ...", v2.masked(), source.version, len(source.tables))
-            dump_id = catalog.new_id(scratch, f"v2-{v2.dbname}", "reset")
-            point = backup.dump_to_file(source, scratch / f"{dump_id}.dump", pg_bin_dir=ctx.pg_bin_dir)
+            stream = (StreamedCopy.prepare(source, the_plan.server_major, ctx.pg_bin_dir, scratch)
+                      if the_plan.can_create else None)
+            if stream is not None:
+                # One pass, V2 straight into the new database: no dump file to write and read back.
+                ctx.log.info("Copying V2 %s (PostgreSQL %s, %d tables) ...", v2.masked(), source.version,
+                             len(source.tables))
+                the_plan.fill, the_plan.fill_text = stream.fill, stream.describe()
+                result = restore.execute(the_plan, script=ctx.script, folder=folder, pg_bin_dir=ctx.pg_bin_dir,
+                                         drop_previous=drop_previous, lock=lock)
+            else:
+                result = _reset_through_file(ctx, source, the_plan, scratch, drop_previous, lock)
         finally:
             source.close()
-        try:
-            point.description = f"fresh copy of V2 {v2.masked()}"
-            point.created_at = catalog.utc_now().isoformat(timespec="seconds")
-            the_plan.point = point
-            result = restore.execute(the_plan, script=ctx.script, folder=folder, pg_bin_dir=ctx.pg_bin_dir,
-                                     drop_previous=drop_previous, lock=lock)
-        finally:
-            point.path.unlink()
     shutil.rmtree(scratch, ignore_errors=True)
     result.headline = f"Reset {staging.dbname} from V2 {v2.masked()}: it is now a fresh copy of V2."
     result.reference = "V2 as dumped"
     show_result(ctx, result)
     return result
+
+
+def _reset_through_file(ctx: Context, source: backup.Source, the_plan: restore.Plan, scratch: Path,
+                        drop_previous: bool, lock: DatabaseLock) -> restore.Result:
+    """The reset when V2 cannot be streamed (no snapshot, no local pg_dump for its major, or an
+    in-place restore): dump to a file by the first approach that works, then restore the file."""
+    v2 = source.info
+    ctx.log.info("Dumping V2 %s (PostgreSQL %s, %d tables) ...", v2.masked(), source.version, len(source.tables))
+    dump_id = catalog.new_id(scratch, f"v2-{v2.dbname}", "reset")
+    point = backup.dump_to_file(source, scratch / f"{dump_id}.dump", pg_bin_dir=ctx.pg_bin_dir)
+    source.close()  # V2 is not needed while the file is restored
+    try:
+        point.description = f"fresh copy of V2 {v2.masked()}"
+        point.created_at = catalog.utc_now().isoformat(timespec="seconds")
+        the_plan.point = point
+        return restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
+                               pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, lock=lock)
+    finally:
+        point.path.unlink()
 
 
 def show_result(ctx: Context, result: restore.Result) -> None:

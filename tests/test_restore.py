@@ -98,6 +98,29 @@ def test_reset_staging_makes_staging_equal_to_v2_and_only_reads_v2(server, stagi
         pf.drop_database(server, v2)
 
 
+def test_a_reset_whose_copy_fails_midway_leaves_staging_unchanged(server, env_for):
+    """A data stream fails (V2's rows hold characters staging's LATIN1 encoding lacks): the
+    other streams are stopped, the half-filled copy is dropped, staging is as it was."""
+    staging = pf.unique_name("staging")
+    pf.execute(server, "postgres", f"CREATE DATABASE {staging} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+                                   "TEMPLATE template0")
+    pf.execute(server, staging, "CREATE TABLE kept (id int PRIMARY KEY); INSERT INTO kept VALUES (1), (2);")
+    v2 = pf.create_database(server, pf.unique_name("v2"), pf.RICH_SCHEMA + MIGRATION)  # rows beyond Latin-1
+    try:
+        before = pf.fingerprint(server, staging)
+        env = env_for(server, staging, V2_DATABASE_URL=pf.url(server, v2))
+        result = pf.run_script("reset_staging.py", "--yes", env=env)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "copying V2 failed" in result.stderr and "LATIN1" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert pf.fingerprint(server, staging) == before
+        assert leftovers(server, staging, "restore") == [] and leftovers(server, staging, "pre_rollback") == []
+        assert not [p for p in Path(env["BACKUP_DIR"]).rglob("*") if p.is_file() and p.parent.name == ".tmp"]
+    finally:
+        drop_all(server, staging)
+        pf.drop_database(server, v2)
+
+
 def test_quick_rollback_without_points_offers_the_reset_and_from_v2_forces_it(pg_old, staging_old, env_for):
     v2 = pf.create_database(pg_old, pf.unique_name("v2"), "CREATE TABLE only_in_v2 (id int); INSERT INTO only_in_v2 VALUES (7);")
     try:
