@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from .errors import ToolNotFound
 from .log import get_logger
@@ -63,7 +63,12 @@ def version_of(path: str) -> Optional[tuple]:
 
 def candidates(name: str, pg_bin_dir: Optional[str] = None) -> List[Tool]:
     """Every distinct `name` binary in the search folders, in search order."""
-    found, seen = [], set()
+    return list(_each_candidate(name, pg_bin_dir))
+
+
+def _each_candidate(name: str, pg_bin_dir: Optional[str] = None) -> Iterator[Tool]:
+    """The candidates one by one, each asked its version only when reached."""
+    seen = set()
     for d in search_dirs(pg_bin_dir):
         path = os.path.join(d, name)
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
@@ -74,8 +79,7 @@ def candidates(name: str, pg_bin_dir: Optional[str] = None) -> List[Tool]:
         seen.add(real)
         version = version_of(path)
         if version:
-            found.append(Tool(name, path, version[0], version[1]))
-    return found
+            yield Tool(name, path, version[0], version[1])
 
 
 def choose(tools: List[Tool], preferred: int, minimum: int = 0) -> Optional[Tool]:
@@ -91,8 +95,15 @@ def choose(tools: List[Tool], preferred: int, minimum: int = 0) -> Optional[Tool
 def find_tool(name: str, server_major: int, pg_bin_dir: Optional[str] = None,
               minimum: Optional[int] = None, purpose: str = "") -> Tool:
     """pg_dump / pg_restore / psql matching a server's major version, or a clear ToolNotFound."""
-    tools = candidates(name, pg_bin_dir)
     need = max(server_major, minimum or 0) if name == "pg_dump" else (minimum or 0)
+    # The first candidate of exactly the server's major is what choose() would pick from the whole
+    # list, so the search stops there: each further candidate costs a `--version` run (Debian's
+    # /usr/bin ones go through a Perl wrapper, ~0.1 s from a cold cache), paid on every restore.
+    tools: List[Tool] = []
+    for candidate in _each_candidate(name, pg_bin_dir):
+        tools.append(candidate)
+        if candidate.major == server_major and candidate.major >= need:
+            break
     tool = choose(tools, server_major, need)
     if tool is None and name != "pg_dump":
         # pg_restore / psql of an older major can still serve a newer server when nothing better exists.
