@@ -165,6 +165,22 @@ def test_the_newer_server_with_older_tools_on_path_uses_pg_bin_dir(pg_new, new_b
         pf.drop_database(pg_new, db)
 
 
+def test_the_tool_search_picks_the_first_binary_of_the_server_s_major(pg_old, pg_new):
+    """find_tool stops at the first candidate of the server's major (each further one costs a
+    --version run): the pick must still be that first one, whichever major's folder comes first."""
+    from common.pgtools import candidates, find_tool
+
+    for server in (pg_old, pg_new):
+        for first in (pg_old.bindir, pg_new.bindir, None):
+            for name in ("pg_dump", "pg_restore", "psql"):
+                every = candidates(name, first)
+                exact = [t for t in every if t.major == server.major]
+                if not exact and first != server.bindir:
+                    continue  # a pip-installed major is found only through its own PG_BIN_DIR
+                assert exact, f"no {name} {server.major} among {every}"
+                assert find_tool(name, server.major, first) == exact[0], (name, server.major, first)
+
+
 def test_no_usable_pg_dump_is_a_clear_error_or_a_snapshot(pg_new, pg_old, env_for, tmp_path):
     db = pf.create_database(pg_new, pf.unique_name("vnew"), "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
     try:
