@@ -50,7 +50,7 @@ def cmd_list(args, ctx):
     points = [p for p in runbooks.scan(ctx, staging) if p.kind == catalog.SNAPSHOT]
     conn = maintenance_db(staging)
     try:
-        orphans = snapshot.orphans(conn, staging.dbname, points)
+        orphans = snapshot.orphans(conn, staging.dbname, points, ctx.settings.backup_dir)
     finally:
         conn.close()
     if ctx.json:
@@ -78,7 +78,7 @@ def cmd_drop(args, ctx):
         return
     conn = maintenance_db(staging)
     try:
-        if args.name not in snapshot.orphans(conn, staging.dbname, points):
+        if args.name not in snapshot.orphans(conn, staging.dbname, points, ctx.settings.backup_dir):
             raise UsageError(f"no snapshot {args.name!r} of {staging.dbname}. Nothing was changed.")
     finally:
         conn.close()

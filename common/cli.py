@@ -11,7 +11,7 @@ from typing import Callable, List, Optional
 
 import psycopg2
 
-from . import pgbouncer, report, warm
+from . import connections, pgbouncer, report, warm
 from .connections import DEFAULT_WAIT
 from .database import ConnInfo
 from .env import Settings, load_settings
@@ -51,14 +51,25 @@ class Context:
             raise ConfigError("STAGING_DATABASE_URL and V2_DATABASE_URL name the same database: refusing to touch "
                               "what may be production. Nothing was changed. Fix the URLs in "
                               f"{self.settings.env_file} or the environment.")
+        self.repair(staging)
         return staging
+
+    def repair(self, target: ConnInfo) -> None:
+        """Before anything else: give back the connections a killed run left cut (DESIGN §5)."""
+        try:
+            pooler = self.pooler(target)
+        except RollbackError:
+            pooler = None
+        connections.repair(target, self.settings.backup_dir, self.script, pooler)
 
     def db_target(self) -> ConnInfo:
         """database_rollback.py's target: the DB_* variables, or STAGING_DATABASE_URL without DB_NAME."""
         s = self.settings
         if not s.get("DB_NAME"):
             if s.get("STAGING_DATABASE_URL"):
-                return self.conninfo("STAGING_DATABASE_URL")
+                info = self.conninfo("STAGING_DATABASE_URL")
+                self.repair(info)
+                return info
             s.require("DB_NAME")
         try:
             port = int(s.get("DB_PORT") or 5432)
@@ -67,6 +78,7 @@ class Context:
         info = ConnInfo(host=s.get("DB_HOST") or "localhost", port=port, dbname=s.require("DB_NAME"),
                         user=s.get("DB_USER"), password=s.get("DB_PASSWORD") or None)
         register_secret(info.password)
+        self.repair(info)
         return info
 
     def confirm(self, action: str, details: List[str]) -> None:

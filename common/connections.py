@@ -13,7 +13,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import psycopg2
 
@@ -44,6 +44,43 @@ def recover(conn, folder: Path, target: str) -> None:
             db.set_allow_connections(conn, name, True)
             get_logger().warning("Connections to %s had been left cut by an interrupted run: allowed again.", name)
     marker.unlink()
+
+
+def repair(info, folder: Path, script: str, pooler=None) -> None:
+    """What every command does first when a killed run left the target's connections cut (or its
+    PgBouncer paused): allow them again (resume it) under the target's lock, and say so; or, when
+    that run is in fact still going, say that. Costs one file check when nothing was left."""
+    from . import pgbouncer
+    from .errors import LockHeld
+    from .locks import DatabaseLock
+
+    cut_left = marker_path(folder, info.dbname).exists()
+    pause_left = pooler is not None and pgbouncer.marker_path(folder, pooler.database).exists()
+    if not cut_left and not pause_left:
+        return
+    log = get_logger()
+    try:
+        lock = DatabaseLock(info, info.dbname, script).__enter__()
+    except LockHeld as exc:
+        log.warning("warning: connections to %s are cut by a rollback operation that is still running; it allows "
+                    "them again when it ends (%s)", info.dbname, exc)
+        return
+    except RollbackError as exc:  # the server cannot be reached: the command itself says so
+        log.debug("could not check for an interrupted run: %s", exc)
+        return
+    try:
+        pgbouncer.recover(pooler, folder)
+        recover(lock.conn, folder, info.dbname)
+        leftovers = db.databases_like(lock.conn, db.name_prefix(info.dbname, "restore"))
+        if leftovers:
+            log.warning("The interrupted run also left %s; the next restore of %s removes it.",
+                        ", ".join(leftovers), info.dbname)
+    except (RollbackError, psycopg2.Error) as exc:
+        log.warning("warning: an interrupted run left connections to %s cut, and allowing them again failed (%s). "
+                    "Run: ALTER DATABASE %s WITH ALLOW_CONNECTIONS true", info.dbname,
+                    db.reason(exc) if isinstance(exc, psycopg2.Error) else exc, info.dbname)
+    finally:
+        lock.release()
 
 
 def allow_again(conn, name: str) -> bool:
@@ -83,11 +120,27 @@ def cut(conn, folder: Path, target: str, also: List[str] = (), state: Optional["
 
 def cut_sessions(conn, target: str, wait: float = DEFAULT_WAIT) -> int:
     """Refuse new connections to the target and cut its sessions; returns how many were cut.
-    Raises SessionsRemain (connections allowed again) when some cannot be cut within `wait` s."""
+
+    Sessions are cut once. While a session this role may not cut (another superuser's) is there,
+    nobody is cut: the blocker is named, clients keep working, and the cut happens only once it has
+    gone. Cutting the others first and then waiting would cut an application that reconnects again
+    and again (every second, for --wait seconds) for an operation that may then give up. Raises
+    SessionsRemain, with connections allowed, when a blocker is still there after `wait` s."""
     log = get_logger()
     deadline = time.monotonic() + max(0.0, wait)
-    done, announced = 0, False
+    done, announced, told = 0, False, 0.0
     while True:
+        blockers = uncuttable(conn, target)
+        if blockers:
+            if time.monotonic() >= deadline:
+                raise SessionsRemain(target, blockers, wait, done)
+            if time.monotonic() - told >= 5:
+                log.warning("waiting for %d session(s) this role may not cut (up to %.0f s more); nobody is cut "
+                            "meanwhile: %s", len(blockers), deadline - time.monotonic(),
+                            "; ".join(s.describe() for s in blockers))
+                told = time.monotonic()
+            time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+            continue
         db.set_allow_connections(conn, target, False)
         found = db.sessions(conn, target)
         if found and not announced:
@@ -98,23 +151,62 @@ def cut_sessions(conn, target: str, wait: float = DEFAULT_WAIT) -> int:
         done += count
         if not refused:
             return done
-        # Let clients in again while we wait: the session we may not cut may take a while to end.
+        # A blocker connected between the check and the cut: let clients in again and wait for it.
         db.set_allow_connections(conn, target, True)
-        if time.monotonic() >= deadline:
-            raise SessionsRemain(target, refused, wait)
-        log.warning("waiting for %d session(s) this role may not cut (up to %.0f s more): %s", len(refused),
-                    deadline - time.monotonic(), "; ".join(s.describe() for s in refused))
-        time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+
+
+def uncuttable(conn, target: str) -> List[db.Session]:
+    """The target's sessions that this role may not terminate, told before anyone is cut, by the
+    server's own rule: a superuser may end any session; anyone else only those of roles whose
+    privileges it has (or all with pg_signal_backend), and never a superuser's."""
+    found = db.sessions(conn, target)
+    if not found:
+        return []
+    pids = {r[0] for r in db.rows(conn, """
+        SELECT a.pid FROM pg_stat_activity a
+        WHERE a.pid = ANY(%s::int[]) AND NOT (
+            (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+            OR (NOT coalesce((SELECT rolsuper FROM pg_roles r WHERE r.oid = a.usesysid), false)
+                AND (pg_has_role(current_user, a.usesysid, 'USAGE')
+                     OR pg_has_role(current_user, 'pg_signal_backend', 'USAGE'))))""",
+        ([s.pid for s in found],))}
+    return [s for s in found if s.pid in pids]
+
+
+def seal(conn, name: str, own: Sequence = ()) -> int:
+    """Make a copy unchangeable: disallow connections, end every session on it but the toolkit's
+    own `own` connections, and prove that none remains, nor a prepared transaction (which COMMIT
+    PREPARED could still apply). From then on only `own` can change it; nobody can connect, not
+    even a superuser, until connections are allowed again. Returns how many sessions were ended."""
+    db.set_allow_connections(conn, name, False)
+    keep = [c.get_backend_pid() for c in own]
+    ended, _ = db.terminate_sessions(conn, name, exclude=keep)
+    left = db.sessions(conn, name, exclude=keep)
+    prepared = [r[0] for r in db.rows(conn, "SELECT gid FROM pg_prepared_xacts WHERE database = %s", (name,))]
+    if left or prepared:
+        listed = [s.describe() for s in left] + [f"prepared transaction {gid!r}" for gid in prepared]
+        raise SealFailed(f"{name} cannot be sealed: {len(listed)} session(s) or prepared transaction(s) this "
+                         f"role cannot end remain on it ({'; '.join(listed)})")
+    if ended:
+        get_logger().warning("Ended %d session(s) connected to %s while it was being made: nothing may change "
+                             "a copy once it is checked.", ended, name)
+    return ended
+
+
+class SealFailed(RollbackError):
+    pass
 
 
 class SessionsRemain(RollbackError):
     """Sessions of the target that the running role may not terminate, still there after the wait."""
 
-    def __init__(self, target: str, found: List[db.Session], wait: float):
+    def __init__(self, target: str, found: List[db.Session], wait: float, cut: int = 0):
         self.sessions = found
         listed = "\n  ".join(s.describe() for s in found)
+        cut_text = "no session was cut" if not cut else f"{cut} session(s) had been cut before one of these came"
         super().__init__(f"{len(found)} session(s) of {target} cannot be cut by this role and were still there "
-                         f"after {wait:.0f} s:\n  {listed}\n{target} is unchanged and accepts connections. Ask "
+                         f"after {wait:.0f} s ({cut_text}):\n  {listed}\n{target} is unchanged and accepts "
+                         "connections. Ask "
                          "their owner to disconnect (or a superuser to run SELECT pg_terminate_backend(pid)), or "
                          "wait longer with --wait SECONDS, then run this again.")
 

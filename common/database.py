@@ -5,7 +5,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import psycopg2
@@ -172,14 +172,17 @@ def table_row_counts(conn) -> Dict[str, int]:
     return {f"{s}.{t}": _count(conn, s, t) for s, t in sorted(user_tables(conn))}
 
 
-def count_rows_parallel(info: ConnInfo, workers: int = 2, analyze: bool = False) -> Dict[str, int]:
+def count_rows_parallel(info: ConnInfo, workers: int = 2, analyze: bool = False,
+                        opened: Sequence = ()) -> Dict[str, int]:
     """table_row_counts over several connections (largest tables first), for a database nobody
     else writes to; with analyze, an ANALYZE runs beside the counts (a restored database has no
-    planner statistics)."""
+    planner statistics). `opened`: connections to use (and close), for a database that no longer
+    accepts new ones."""
     import queue
     import threading
 
-    first = connect(info)
+    opened = list(opened)
+    first = opened.pop(0) if opened else connect(info)
     jobs: "queue.Queue" = queue.Queue()
     if analyze:
         jobs.put(None)
@@ -204,7 +207,10 @@ def count_rows_parallel(info: ConnInfo, workers: int = 2, analyze: bool = False)
         finally:
             conn.close()
 
-    conns = [first] + [connect(info) for _ in range(max(0, min(workers, jobs.qsize()) - 1))]
+    more = max(0, min(workers, jobs.qsize()) - 1)
+    conns = [first] + opened[:more] + [connect(info) for _ in range(more - len(opened[:more]))]
+    for spare in opened[more:]:
+        spare.close()
     threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in conns]
     for t in threads:
         t.start()
@@ -240,8 +246,9 @@ class Session:
         return f"pid {self.pid} {self.user}{app} from {self.client} ({self.state}, since {self.since}): {self.query}"
 
 
-def sessions(conn, dbname: str) -> List[Session]:
-    """Other sessions connected to a database, longest-running transaction first. Autovacuum
+def sessions(conn, dbname: str, exclude: Sequence[int] = ()) -> List[Session]:
+    """Other sessions connected to a database (but the pids in `exclude`), longest-running
+    transaction first. Autovacuum
     workers are not among them (they have no user, and a non-superuser sees no backend_type of
     theirs): before PostgreSQL 18 a non-superuser may not terminate them, and they need not be,
     since a rename, a TEMPLATE copy or a DROP DATABASE makes them exit by themselves."""
@@ -250,9 +257,9 @@ def sessions(conn, dbname: str) -> List[Session]:
                coalesce(host(client_addr), 'local socket'), coalesce(state, ''),
                coalesce(to_char(coalesce(xact_start, backend_start), 'YYYY-MM-DD HH24:MI:SS'), '?'),
                left(regexp_replace(coalesce(query, ''), '\\s+', ' ', 'g'), 80)
-        FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()
+        FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() AND pid <> ALL(%s::int[])
           AND usesysid IS NOT NULL AND backend_type IS DISTINCT FROM 'autovacuum worker'
-        ORDER BY xact_start NULLS LAST, backend_start""", (dbname,))
+        ORDER BY xact_start NULLS LAST, backend_start""", (dbname, list(exclude)))
     return [Session(*r) for r in found]
 
 
@@ -266,14 +273,14 @@ def allows_connections(conn, dbname: str) -> Optional[bool]:
     return scalar(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (dbname,))
 
 
-def terminate_sessions(conn, dbname: str, wait: float = 5.0) -> Tuple[int, List[Session]]:
+def terminate_sessions(conn, dbname: str, wait: float = 5.0, exclude: Sequence[int] = ()) -> Tuple[int, List[Session]]:
     """Cut every other session of the database that this role may cut, then wait up to `wait` s
     for them to end; returns (how many were cut, the sessions it may not cut, e.g. another
     superuser's). All are signalled first and waited for together, polling every 5 ms:
     pg_terminate_backend(pid, timeout) checks in steps of 100 ms, so cutting 4 clients one by one
     kept staging closed for 440 ms (measured in benchmarks/run.py) instead of a few ms."""
     signalled, refused = [], []
-    for session in sessions(conn, dbname):
+    for session in sessions(conn, dbname, exclude):
         try:
             if scalar(conn, "SELECT pg_terminate_backend(%s)", (session.pid,)):
                 signalled.append(session.pid)

@@ -43,6 +43,8 @@ def check(ctx: cli.Context) -> dict:
         entry: dict = {}
         try:
             info = ConnInfo.parse(s.get(name), what=name)
+            if name == "STAGING_DATABASE_URL":
+                ctx.repair(info)
             conn = connect(info)
             try:
                 major, version = server_version(conn)

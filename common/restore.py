@@ -12,7 +12,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import psycopg2
 from psycopg2 import sql
@@ -93,6 +93,8 @@ class Plan:
     # to check it against, instead of pg_restore from the point's file.
     fill: Optional[Callable[[ConnInfo], Dict[str, int]]] = None
     fill_text: str = ""
+    # Set when the point was read from a sidecar in the catalog: it is read again under the lock.
+    from_catalog: bool = False
 
     def describe(self) -> List[str]:
         p = self.point
@@ -155,6 +157,8 @@ class Result:
     headline: Optional[str] = None
     paused_seconds: Optional[float] = None
     reference: str = "the rollback point"
+    # Steps after the renames had committed that did not finish: the target is restored all the same.
+    unfinished: List[str] = field(default_factory=list)
 
     def summary_lines(self) -> List[str]:
         p = self.point
@@ -171,6 +175,7 @@ class Result:
             lines.append(f"  previous state kept as database {self.kept_as!r} "
                          "(remove with cleanup, or restore it by renaming if this rollback was wrong)")
         lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  warning: {self.target} IS restored, but this did not finish: {u}" for u in self.unfinished]
         return lines
 
     def to_json(self) -> dict:
@@ -178,6 +183,7 @@ class Result:
                 "seconds": round(self.seconds, 3), "unavailable_seconds": round(self.unavailable_seconds, 4),
                 "sessions_cut": self.sessions_cut, "tables_checked": self.tables_checked,
                 "rows_checked": self.rows_checked, "verified": True, "notes": self.notes,
+                "restored": True, "unfinished": self.unfinished,
                 "pgbouncer_paused_seconds": None if self.paused_seconds is None else round(self.paused_seconds, 4)}
 
 
@@ -200,7 +206,10 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
                         db.database_size(conn, info.dbname) if exists else 0,
                         db.sessions(conn, info.dbname) if exists else [],
                         db.can_create_databases(conn), exists, source_text=source_text, pooler=pooler)
+        the_plan.from_catalog = point.folder is not None and point.sidecar.exists()
         snapshot_present = point.kind != catalog.SNAPSHOT or db.database_exists(conn, point.snapshot_database)
+        if point.kind == catalog.SNAPSHOT and snapshot_present and not snapshot.proven_ours(conn, point):
+            raise BackupCorrupt(snapshot.not_ours(point))
         _plan_properties(conn, the_plan)
         if point.kind == catalog.DUMP:
             the_plan.warm_reason = warm.unusable(conn, point)
@@ -222,6 +231,39 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
             raise BackupCorrupt(f"snapshot {point.id} is MISSING: database {point.snapshot_database!r} does "
                                 "not exist. Nothing was changed.")
     return the_plan
+
+
+def refresh(the_plan: Plan, conn) -> List[str]:
+    """Read again, under the lock, what the confirmation showed and the restore will use: the point
+    (its sidecar), the target's properties and the warm copy's state; returns what changed since.
+    A run that waited at its prompt must not set back properties, or use a point, as they were."""
+    info, point = the_plan.info, the_plan.point
+    changed = []
+    if the_plan.from_catalog:
+        try:
+            now = catalog.load_sidecar(point.sidecar)
+        except (OSError, ValueError):
+            raise RestoreFailed(f"rollback point {point.id} was deleted or changed since the confirmation. Nothing "
+                                "was changed; run the command again.") from None
+        if (now.kind, now.file, now.sha256, now.size_bytes, now.snapshot_database, now.tables) != \
+                (point.kind, point.file, point.sha256, point.size_bytes, point.snapshot_database, point.tables):
+            raise RestoreFailed(f"rollback point {point.id} was changed since the confirmation. Nothing was changed; "
+                                "run the command again.")
+        if now.database_properties != point.database_properties:
+            changed.append("the rollback point's recorded database properties")
+        now.status, now.problem = point.status, point.problem
+        the_plan.point = point = now
+    props = lambda: [p.to_json() if p else None for p in (the_plan.current_props, the_plan.wanted_props)]  # noqa: E731
+    shown = props()
+    the_plan.exists = db.database_exists(conn, info.dbname)
+    the_plan.size_bytes = db.database_size(conn, info.dbname) if the_plan.exists else 0
+    the_plan.sessions = db.sessions(conn, info.dbname) if the_plan.exists else []
+    _plan_properties(conn, the_plan)
+    if props() != shown:
+        changed.append(f"the properties of {info.dbname} (another run changed them while this one waited)")
+    if point.kind == catalog.DUMP:
+        the_plan.warm_reason = warm.unusable(conn, point)
+    return changed
 
 
 def _plan_properties(conn, the_plan: Plan) -> None:
@@ -280,22 +322,39 @@ def verify_checksum_with_progress(point: RollbackPoint) -> None:
 
 
 def execute(the_plan: Plan, *, script: str, folder: Path, pg_bin_dir: Optional[str] = None,
-            drop_previous: bool = False, lock: Optional[DatabaseLock] = None) -> Result:
-    """Carry out a confirmed plan under the target's lock (taken here unless the caller holds it)."""
+            drop_previous: bool = False, lock: Optional[DatabaseLock] = None,
+            reconfirm: Optional[Callable[[str, List[str]], None]] = None) -> Result:
+    """Carry out a confirmed plan under the target's lock (taken here unless the caller holds it).
+    The plan is read again under the lock; when what was confirmed changed meanwhile, `reconfirm`
+    (question, details) asks again, and without it the restore is refused."""
     if lock is None:
         with DatabaseLock(the_plan.info, the_plan.info.dbname, script) as own:
             return execute(the_plan, script=script, folder=folder, pg_bin_dir=pg_bin_dir,
-                           drop_previous=drop_previous, lock=own)
+                           drop_previous=drop_previous, lock=own, reconfirm=reconfirm)
     started = time.monotonic()
     conn = lock.conn
     recover_interrupted(conn, the_plan.info.dbname, folder, the_plan.pooler)
+    changed = refresh(the_plan, conn)
+    if changed:
+        question = (f"Changed since the confirmation: {'; '.join(changed)}. Restore {the_plan.info.dbname} with "
+                    "what is there now?")
+        if reconfirm is None:
+            raise RestoreFailed(f"{question[:-1]}: refused, as nobody can be asked. Nothing was changed; run the "
+                                "command again.")
+        reconfirm(question, the_plan.describe())
     if the_plan.can_create:
         result = _restore_by_swap(the_plan, conn, folder, pg_bin_dir, script)
-        result.notes += _property_notes(the_plan)
-        if drop_previous and result.kept_as:
-            db.drop_database(conn, result.kept_as)
-            result.notes.append(f"previous state {result.kept_as!r} dropped (--drop-previous)")
-            result.kept_as = None
+        try:  # the target is restored: what fails from here on is named, not reported as a failed restore
+            testhooks.checkpoint("restore-finishing")
+            result.notes += _property_notes(the_plan)
+            if drop_previous and result.kept_as:
+                db.drop_database(conn, result.kept_as)
+                result.notes.append(f"previous state {result.kept_as!r} dropped (--drop-previous)")
+                result.kept_as = None
+        except Exception as exc:
+            what = db.reason(exc) if isinstance(exc, psycopg2.Error) else (str(exc) or type(exc).__name__)
+            result.unfinished.append(f"finishing after the swap: {what}" +
+                                     (f"; the previous state stays as {result.kept_as!r}" if result.kept_as else ""))
     else:
         result = _restore_in_place(the_plan, conn, pg_bin_dir)
         result.notes += _property_notes(the_plan)
@@ -409,6 +468,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
 
     cut = connections.Cut()
     pause = the_plan.pooler.paused(folder) if the_plan.pooler else nullcontext()
+    swapped = False
     try:
         with pause as paused:
             testhooks.checkpoint("restore-pooler-paused")
@@ -416,19 +476,34 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
             with connections.cut(conn, folder, target, also=[keep_as], state=cut, wait=the_plan.wait):
                 testhooks.checkpoint("restore-connections-cut")
                 db.swap_names(conn, target, fresh, keep_as)
+                swapped = True
                 result.unavailable_seconds = time.monotonic() - cut_at
                 result.sessions_cut, result.kept_as = cut.sessions_cut, keep_as
                 testhooks.checkpoint("restore-swapped")
-        if paused is not None:
-            result.paused_seconds = paused.seconds
+            testhooks.checkpoint("restore-connections-allowed")
+            if paused is not None:
+                result.paused_seconds = paused.seconds
     except BaseException as exc:
-        if result.kept_as is None:
+        if not swapped:
             _drop_quietly(conn, fresh)
-        if isinstance(exc, psycopg2.Error):
-            state = ("accepts connections again" if cut.allowed else
-                     "still refuses connections: run this command again, which allows them first")
-            raise RestoreFailed(f"the swap failed ({db.reason(exc)}); {target} is unchanged and {state}") from None
-        raise
+            if isinstance(exc, psycopg2.Error):
+                state = ("accepts connections again" if cut.allowed else
+                         "still refuses connections: run this command again, which allows them first")
+                raise RestoreFailed(f"the swap failed ({db.reason(exc)}); {target} is unchanged and {state}") from None
+            raise
+        # The renames have committed: the target IS restored, whatever failed after them.
+        what = db.reason(exc) if isinstance(exc, psycopg2.Error) else (str(exc) or type(exc).__name__)
+        if the_plan.pooler is not None and result.paused_seconds is None:
+            result.unfinished.append(
+                f"PgBouncer could not be resumed ({what}): clients through it may still be paused. Resume them "
+                f"with RESUME {the_plan.pooler.database} on its console, or run any restore command again, "
+                "which resumes a pause a run left first")
+        else:
+            result.unfinished.append(f"after the swap: {what}")
+    if swapped and not cut.allowed:
+        result.unfinished.append(
+            f"connections to {target} could not be allowed again: run python3 rollback_manager.py list (any "
+            f"command that connects does it first), or ALTER DATABASE {target} WITH ALLOW_CONNECTIONS true")
     log.info("Swapped: %s is now the restored database; the previous one is %s.", target, keep_as)
     return result
 
@@ -518,10 +593,11 @@ def conninfo_dbname(name: str) -> str:
     return f"dbname='{escaped}'"
 
 
-def check_against_point(target: ConnInfo, point: RollbackPoint) -> tuple:
+def check_against_point(target: ConnInfo, point: RollbackPoint, opened: Sequence = ()) -> tuple:
     """Tables and row counts must equal the sidecar's; returns (tables, rows) checked. (The new
-    database is analysed alongside: pg_restore leaves it without planner statistics.)"""
-    counts = db.count_rows_parallel(target, workers=2, analyze=True)
+    database is analysed alongside: pg_restore leaves it without planner statistics.) `opened`:
+    connections to count on, for a sealed copy that accepts no new ones."""
+    counts = db.count_rows_parallel(target, workers=2, analyze=True, opened=opened)
     problems = diff_counts(point.tables, counts)
     if problems:
         raise RestoreFailed("the restored copy does not match the rollback point (" + "; ".join(problems[:5]) +

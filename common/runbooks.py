@@ -22,8 +22,9 @@ def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: 
     the_plan = restore.plan(info, point, pg_bin_dir=ctx.pg_bin_dir, force=force, pooler=ctx.pooler(info))
     the_plan.wait, the_plan.no_warm = ctx.wait, ctx.no_warm
     ctx.confirm(question or f"Restore {info.dbname} from rollback point {point.id}?", the_plan.describe())
+    testhooks.checkpoint("confirmed")
     result = restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
-                             pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous)
+                             pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, reconfirm=ctx.confirm)
     show_result(ctx, result)
     return result
 
@@ -43,6 +44,7 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
                             pooler=ctx.pooler(staging))
     the_plan.wait = ctx.wait
     ctx.confirm(f"Reset {staging.dbname} from V2?", the_plan.describe())
+    testhooks.checkpoint("confirmed")
     folder = ctx.settings.backup_dir
     scratch = catalog.ensure_dir(folder / ".tmp")
     with DatabaseLock(staging, staging.dbname, ctx.script) as lock:
@@ -56,7 +58,7 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
                              len(source.tables))
                 the_plan.fill, the_plan.fill_text = stream.fill, stream.describe()
                 result = restore.execute(the_plan, script=ctx.script, folder=folder, pg_bin_dir=ctx.pg_bin_dir,
-                                         drop_previous=drop_previous, lock=lock)
+                                         drop_previous=drop_previous, lock=lock, reconfirm=ctx.confirm)
             else:
                 result = _reset_through_file(ctx, source, the_plan, scratch, drop_previous, lock)
         finally:
@@ -82,7 +84,8 @@ def _reset_through_file(ctx: Context, source: backup.Source, the_plan: restore.P
         point.created_at = catalog.utc_now().isoformat(timespec="seconds")
         the_plan.point = point
         return restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
-                               pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, lock=lock)
+                               pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, lock=lock,
+                               reconfirm=ctx.confirm)
     finally:
         point.path.unlink()
 
@@ -119,22 +122,23 @@ def newest_point(ctx: Context, info: ConnInfo) -> Optional[RollbackPoint]:
 
 def delete_point(ctx: Context, point: RollbackPoint, info: Optional[ConnInfo]) -> None:
     """Remove a rollback point: its files, and for a snapshot its database (under the lock)."""
+    dropped = False
     if point.kind == catalog.SNAPSHOT:
         if info is None:
             raise UsageError("deleting a snapshot needs STAGING_DATABASE_URL (its database lives there)")
         with DatabaseLock(info, point.database, ctx.script) as lock:
-            snapshot.drop(lock.conn, point)
+            dropped = snapshot.drop(lock.conn, point)
             catalog.remove_files(point)
     elif point.warm_database and info is not None:
         with DatabaseLock(info, point.database, ctx.script) as lock:
             catalog.remove_files(point)  # the sidecar first: a kill in between leaves an orphan the next run drops
-            warm.drop(lock.conn, point)
+            dropped = warm.drop(lock.conn, point)
     else:
         catalog.remove_files(point)
         if point.warm_database:
             ctx.log.warning("its warm copy %s stays on the server (no STAGING_DATABASE_URL to reach it); the next "
                             "rollback point of %s removes it", point.warm_database, point.database)
-    gone = point.snapshot_database or (point.warm_database if info is not None else None)
+    gone = (point.snapshot_database or point.warm_database) if dropped else None
     ctx.log.info("Deleted rollback point %s%s.", point.id, f" and database {gone}" if gone else "")
 
 
@@ -315,9 +319,13 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
         return f"commit {(state.commit or '-')[:12]} on {state.branch or 'detached HEAD'}; verified"
 
     def database_step() -> str:
-        result = restore.execute(the_plan, script=ctx.script, folder=s.backup_dir, pg_bin_dir=ctx.pg_bin_dir)
+        result = restore.execute(the_plan, script=ctx.script, folder=s.backup_dir, pg_bin_dir=ctx.pg_bin_dir,
+                                 reconfirm=ctx.confirm)
+        for line in result.unfinished:
+            ctx.log.warning("warning: %s IS restored, but this did not finish: %s", staging.dbname, line)
         return (f"{result.method}; {result.tables_checked} tables and {result.rows_checked} rows verified; "
-                f"unavailable {result.unavailable_seconds * 1000:.0f} ms")
+                f"unavailable {result.unavailable_seconds * 1000:.0f} ms" +
+                "".join(f"; WARNING, not finished: {u}" for u in result.unfinished))
 
     def on_step(step: release.Step) -> None:
         progress.record(step)

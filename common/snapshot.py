@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import psycopg2
 
-from . import catalog, connections, dbprops, testhooks
+from . import catalog, connections, dbprops, marks, testhooks
 from . import database as db
 from .catalog import RollbackPoint
 from .connections import DEFAULT_WAIT
@@ -63,14 +63,16 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
                              "again: run this command again, which allows them first")
     log.info("  %s serves again (unavailable for %.0f ms); counting rows in the snapshot ...",
              info.dbname, unavailable * 1000)
+    own = None
     try:
-        snap_conn = db.connect(info.with_db(name))
-        try:
-            tables, head = db.table_row_counts(snap_conn), db.migration_head(snap_conn)
-        finally:
-            snap_conn.close()
-        # Sealed: with connections disallowed, the snapshot keeps exactly the rows counted here.
-        db.set_allow_connections(conn, name, False)
+        marks.put(conn, name, TAG, folder)
+        # Counted on a connection opened before the seal, after every other session was ended (one
+        # may have connected since the copy was made): the rows counted are the rows it keeps.
+        own = db.connect(info.with_db(name))
+        connections.seal(conn, name, [own])
+        testhooks.checkpoint("snapshot-sealed")
+        tables, head = db.table_row_counts(own), db.migration_head(own)
+        own.close()
         point = RollbackPoint(
             id=catalog.new_id(folder, info.dbname, description), kind=catalog.SNAPSHOT, database=info.dbname,
             description=description, created_at=catalog.utc_now().isoformat(timespec="seconds"),
@@ -79,8 +81,11 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
             snapshot_database=name, size_bytes=db.database_size(conn, name), tables=tables, migration_head=head,
             duration_seconds=round(time.monotonic() - started, 3), folder=folder,
             database_properties=props.to_json() if props else None)
+        marks.put(conn, name, TAG, folder, point.id)
         catalog.save(point)
     except BaseException:
+        if own is not None and not own.closed:
+            own.close()
         db.drop_database(conn, name)
         raise
     return point
@@ -97,10 +102,19 @@ def exists_checker(info: ConnInfo):
     return lambda name: name in names
 
 
-def orphans(conn, target: str, points: List[RollbackPoint]) -> List[str]:
-    """Snapshot databases of the target that no sidecar describes."""
+def orphans(conn, target: str, points: List[RollbackPoint], folder: Path) -> List[str]:
+    """Snapshot databases of the target that carry this folder's mark and that no sidecar describes
+    (another BACKUP_DIR's snapshots, and databases the toolkit did not make, are not orphans)."""
     known = {p.snapshot_database for p in points if p.kind == catalog.SNAPSHOT}
-    return [n for n in db.databases_like(conn, db.name_prefix(target, TAG, SEP)) if n not in known]
+    return [n for n in db.databases_like(conn, db.name_prefix(target, TAG, SEP))
+            if n not in known and (mark := marks.read(conn, n)) is not None and mark.is_of(TAG, folder)]
+
+
+def proven_ours(conn, point: RollbackPoint) -> bool:
+    """Whether the snapshot's database carries the mark this toolkit set on it for this point and
+    folder: a sidecar alone may name any database, V2 included."""
+    mark = marks.read(conn, point.snapshot_database) if point.snapshot_database else None
+    return mark is not None and mark.is_of(TAG, point.folder, point.id)
 
 
 def resolve(folder: Path, ref: Optional[str], database: str, points: List[RollbackPoint]) -> RollbackPoint:
@@ -125,13 +139,22 @@ def copy_into(conn, point: RollbackPoint, fresh: str, like: Optional[str], owner
     name = point.snapshot_database
     if not db.database_exists(conn, name):
         raise RollbackError(f"snapshot database {name!r} does not exist (MISSING). Nothing was changed.")
+    if not proven_ours(conn, point):
+        raise RollbackError(not_ours(point))
     db.terminate_sessions(conn, name)
     db.create_database(conn, fresh, template=name, like=like, owner=owner, tablespace=tablespace)
 
 
+def not_ours(point: RollbackPoint) -> str:
+    return (f"database {point.snapshot_database!r}, which snapshot {point.id} names, does not carry the mark this "
+            "toolkit sets on the snapshots it makes (made by an older version, or not by this toolkit): it is not "
+            "used. Nothing was changed.")
+
+
 def is_sealed(conn, point: RollbackPoint) -> bool:
-    """True while nobody can have connected to the snapshot since it was counted."""
-    return db.allows_connections(conn, point.snapshot_database) is False
+    """True while nobody can have connected to the snapshot since it was counted: sessions were
+    ended when it was sealed (its mark says this toolkit sealed it), and connections stay disallowed."""
+    return db.allows_connections(conn, point.snapshot_database) is False and proven_ours(conn, point)
 
 
 def check_tables(info: ConnInfo, point: RollbackPoint) -> tuple:
@@ -153,6 +176,8 @@ def verify(info: ConnInfo, point: RollbackPoint) -> None:
     try:
         if not db.database_exists(conn, point.snapshot_database):
             raise BackupCorrupt(f"snapshot {point.id} is MISSING: database {point.snapshot_database!r} does not exist")
+        if not proven_ours(conn, point):
+            raise BackupCorrupt(not_ours(point))
         if is_sealed(conn, point):
             return
     finally:
@@ -163,6 +188,13 @@ def verify(info: ConnInfo, point: RollbackPoint) -> None:
                             "differ from the sidecar")
 
 
-def drop(conn, point: RollbackPoint) -> None:
-    if point.snapshot_database:
-        db.drop_database(conn, point.snapshot_database)
+def drop(conn, point: RollbackPoint) -> bool:
+    """Drop the snapshot's database, only when this toolkit marked it for this point; False (and a
+    warning) when the sidecar names a database that is not provably the snapshot."""
+    if not point.snapshot_database or not db.database_exists(conn, point.snapshot_database):
+        return False
+    if not proven_ours(conn, point):
+        get_logger().warning("not dropping %s: %s", point.snapshot_database, not_ours(point))
+        return False
+    db.drop_database(conn, point.snapshot_database)
+    return True

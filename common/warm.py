@@ -7,10 +7,14 @@ false. The dump stays the portable, checksummed truth; the warm copy is only a f
 
 How a warm copy is proven unchanged before it is used: nobody can change a database without
 connecting to it, and nobody (superusers included) can connect while its connections are
-disallowed. Allowing them again takes an ALTER DATABASE, which writes a new version of the
-database's pg_database row, with a new xmin (VACUUM's in-place updates of datfrozenxid keep it).
-The sidecar records the OID and that xmin at sealing; the copy is used only while it is still
-sealed with the same OID and xmin. Anything else, and the restore uses the dump."""
+disallowed. Sealing disallows them, ends every session still open on the copy (one may have
+connected while pg_restore filled it), proves that none remains, and only then checks the copy
+against the point, on connections opened before the seal: what was checked is what stays.
+Allowing connections again takes an ALTER DATABASE, which writes a new version of the database's
+pg_database row, with a new xmin (VACUUM's in-place updates of datfrozenxid keep it). The sidecar
+records the OID and that xmin at sealing; the copy is used only while it is still sealed with the
+same OID and xmin, carries this folder's mark for this point (common.marks: copies sealed before
+sessions were ended carry none), and has no session. Anything else, and the restore uses the dump."""
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +27,7 @@ from typing import List, Optional
 
 import psycopg2
 
-from . import catalog, testhooks
+from . import catalog, connections, marks, testhooks
 from . import database as db
 from .catalog import RollbackPoint
 from .database import ConnInfo
@@ -83,6 +87,12 @@ def unusable(conn, point: RollbackPoint) -> str:
     allowed, oid, xmin, _ = state  # not the size: autovacuum may still add a visibility map
     if allowed or oid != point.warm_oid or xmin != point.warm_xmin:
         return f"its warm copy {point.warm_database} was changed since it was sealed"
+    mark = marks.read(conn, point.warm_database)
+    if mark is None or not mark.is_of(TAG, point.folder, point.id):
+        return (f"its warm copy {point.warm_database} does not carry this folder's mark for the point (sealed by "
+                "an older version, which did not end open sessions, or not made by this toolkit)")
+    if db.sessions(conn, point.warm_database):
+        return f"its warm copy {point.warm_database} has a session open"
     return ""
 
 
@@ -114,27 +124,39 @@ def build(conn, info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_
     name = db.derived_name(info.dbname, TAG, catalog.stamp())
     log.info("Warm copy: restoring the point into %s while %s keeps serving ...", name, info.dbname)
     started = time.monotonic()
+    own: list = []
     try:
         db.create_database(conn, name, like=info.dbname)
+        marks.put(conn, name, TAG, point.folder, point.id)
         testhooks.checkpoint("warm-created")
         with timed("warm copy: pg_restore"):
             fill_database(info.with_db(name), point, server_major, pg_bin_dir)
-        with timed("warm copy: check against the point"):
-            check_against_point(info.with_db(name), point)
-        # Sealed: from here on nobody can connect, so it keeps exactly the rows just counted.
-        db.set_allow_connections(conn, name, False)
+        # The check runs on connections opened before the seal, after every other session has
+        # been ended: what it counts is what the copy keeps.
+        own = [db.connect(info.with_db(name)) for _ in range(2)]
+        connections.seal(conn, name, own)
         testhooks.checkpoint("warm-sealed")
+        with timed("warm copy: check against the point"):
+            check_against_point(info.with_db(name), point, opened=own)
         _, oid, xmin, size = seal_state(conn, name)
     except (RollbackError, psycopg2.Error) as exc:
         log.warning("No warm copy for %s (%s). The point is OK; a rollback will restore the dump.", point.id,
                     db.reason(exc) if isinstance(exc, psycopg2.Error) else exc)
+        _close(own)
         _drop_quietly(conn, name)
         return None
     except BaseException:
+        _close(own)
         _drop_quietly(conn, name)
         raise
     log.info("  warm copy %s sealed (%s, %.1f s)", name, human_size(size), time.monotonic() - started)
     return Seal(name, oid, xmin, size, dump_key(point))
+
+
+def _close(conns: list) -> None:
+    for c in conns:
+        if not c.closed:
+            c.close()
 
 
 def record(point: RollbackPoint, seal: Optional[Seal]) -> None:
@@ -147,13 +169,19 @@ def record(point: RollbackPoint, seal: Optional[Seal]) -> None:
 
 def prune(conn, folder: Path, database: str, keep: int) -> List[str]:
     """Drop the warm copies of all but the `keep` newest points of the database (their sidecars
-    say so first: a sidecar never names a copy that is gone)."""
+    say so first: a sidecar never names a copy that is gone). Only copies that carry this folder's
+    mark for that point are dropped: a sidecar naming any other database is not obeyed."""
     dropped = []
     warm_points = [p for p in catalog.scan(folder) if p.database == database and p.warm_database]
     for point in warm_points[keep:]:
         name = point.warm_database
+        mark = marks.read(conn, name)
         record(point, None)
         catalog.save(point)
+        if mark is None or not mark.is_of(TAG, folder, point.id):
+            get_logger().warning("Point %s named %s as its warm copy, which does not carry this folder's mark for "
+                                 "it: left alone, and the point no longer names it.", point.id, name)
+            continue
         _drop_quietly(conn, name)
         dropped.append(name)
         get_logger().info("Dropped the warm copy of older point %s (%s); its dump stays.", point.id, name)
@@ -161,21 +189,33 @@ def prune(conn, folder: Path, database: str, keep: int) -> List[str]:
 
 
 def remove_orphans(conn, folder: Path, database: str) -> List[str]:
-    """Drop `<db>__warm_` databases no sidecar names: left by a run killed while making one
-    (call under the database's lock, so no other run is making one now)."""
+    """Drop `<db>__warm_` databases that carry this folder's mark and that no sidecar of it names:
+    left by a run killed while making one (call under the database's lock, so no other run is
+    making one now). Another BACKUP_DIR's copies, and unmarked ones, are never touched."""
     named = {p.warm_database for p in catalog.scan(folder) if p.warm_database}
     gone = []
     for name in db.databases_like(conn, db.name_prefix(database, TAG)):
-        if name not in named:
-            get_logger().warning("Removing %s, a warm copy no rollback point names (an interrupted run's).", name)
-            _drop_quietly(conn, name)
-            gone.append(name)
+        mark = marks.read(conn, name)
+        if name in named or mark is None or not mark.is_of(TAG, folder):
+            continue
+        get_logger().warning("Removing %s, a warm copy no rollback point names (an interrupted run's).", name)
+        _drop_quietly(conn, name)
+        gone.append(name)
     return gone
 
 
-def drop(conn, point: RollbackPoint) -> None:
-    if point.warm_database:
-        db.drop_database(conn, point.warm_database)
+def drop(conn, point: RollbackPoint) -> bool:
+    """Drop the point's warm copy, only when it carries this folder's mark for the point."""
+    name = point.warm_database
+    if not name or not db.database_exists(conn, name):
+        return False
+    mark = marks.read(conn, name)
+    if mark is None or not mark.is_of(TAG, point.folder, point.id):
+        get_logger().warning("not dropping %s: point %s names it as its warm copy, but it does not carry this "
+                             "folder's mark for that point", name, point.id)
+        return False
+    db.drop_database(conn, name)
+    return True
 
 
 def _drop_quietly(conn, name: str) -> None:

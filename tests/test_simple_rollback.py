@@ -126,11 +126,19 @@ def test_missing_orphan_drop_and_cleanup(pg_old, env_for, tmp_path):
         env = env_for(pg_old, name)
         gone, kept = create(env, "gone"), create(env, "kept")
         pf.drop_database(pg_old, gone["snapshot_database"])
-        orphan = f"{name}_snap_20200101_000000_000"
-        pf.create_database(pg_old, orphan)
+        # An orphan is a snapshot this toolkit made for this BACKUP_DIR whose sidecar is gone; a database
+        # someone else named like a snapshot is not one, and is never dropped.
+        made = create(env, "orphaned")
+        (Path(env["BACKUP_DIR"]) / f"{made['id']}.json").unlink()
+        orphan = made["snapshot_database"]
+        lookalike = f"{name}_snap_20200101_000000_000"
+        pf.create_database(pg_old, lookalike)
         listed = json.loads(pf.run_script("simple_rollback.py", "list", "--json", env=env).stdout)
         status = {p["description"]: p["status"] for p in listed["snapshots"]}
         assert status == {"gone": "MISSING", "kept": "OK"} and listed["orphans"] == [orphan]
+        refused = pf.run_script("simple_rollback.py", "drop", lookalike, "--yes", env=env)
+        assert refused.returncode != 0 and pf.database_exists(pg_old, lookalike)
+        pf.drop_database(pg_old, lookalike)
         table = pf.run_script("simple_rollback.py", "list", env=env).stdout
         assert "MISSING" in table and f"orphan snapshot database (no sidecar): {orphan}" in table
         missing = pf.run_script("simple_rollback.py", "restore", gone["snapshot_database"], "--yes", env=env)
