@@ -150,7 +150,7 @@ class Step:
 
     def to_json(self) -> dict:
         return {"component": self.component, "ok": self.ok, "seconds": round(self.seconds, 3),
-                "rto_seconds": self.rto_seconds, "error": self.error}
+                "rto_seconds": self.rto_seconds, "error": self.error, "detail": self.detail}
 
     def line(self) -> str:
         state = {True: "OK", False: "FAILED", None: "not run"}[self.ok]

@@ -468,7 +468,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
 
     cut = connections.Cut()
     pause = the_plan.pooler.paused(folder) if the_plan.pooler else nullcontext()
-    swapped = False
+    swapped = resuming = False
     try:
         with pause as paused:
             testhooks.checkpoint("restore-pooler-paused")
@@ -483,6 +483,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
             testhooks.checkpoint("restore-connections-allowed")
             if paused is not None:
                 result.paused_seconds = paused.seconds
+            resuming = the_plan.pooler is not None  # what fails from here on is PgBouncer's RESUME
     except BaseException as exc:
         if not swapped:
             _drop_quietly(conn, fresh)
@@ -493,7 +494,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
             raise
         # The renames have committed: the target IS restored, whatever failed after them.
         what = db.reason(exc) if isinstance(exc, psycopg2.Error) else (str(exc) or type(exc).__name__)
-        if the_plan.pooler is not None and result.paused_seconds is None:
+        if resuming:
             result.unfinished.append(
                 f"PgBouncer could not be resumed ({what}): clients through it may still be paused. Resume them "
                 f"with RESUME {the_plan.pooler.database} on its console, or run any restore command again, "

@@ -23,9 +23,13 @@ def checkpoint(step: str) -> None:
     spec = os.environ.get(VARIABLE)
     if not spec:
         return
-    wanted, _, path = spec.partition(":")
-    if wanted != step or not path:
-        return
+    for item in spec.split(";"):  # several "<step>:<file>" pairs may be given
+        wanted, _, path = item.partition(":")
+        if wanted == step and path:
+            _pause(path)
+
+
+def _pause(path: str) -> None:
     with open(path, "w") as fh:
         fh.write(str(os.getpid()))
     deadline = time.monotonic() + 300

@@ -100,3 +100,30 @@ def test_an_unreachable_pgbouncer_is_refused_before_anything_changes(pg_old, env
         assert "PgBouncer is configured" in refused.stderr and "cannot be reached" in refused.stderr
         assert "Confirmed" not in refused.stdout and "secret-pw" not in refused.stdout + refused.stderr
         assert pf.fingerprint(pg_old, rd.name) == migrated
+
+
+def test_pgbouncer_dying_after_the_swap_is_reported_as_a_restore_that_happened(pg_old, env_for, tmp_path):
+    """Review defect 2: RESUME failing after the renames had committed read as 'the swap failed;
+    staging is unchanged'."""
+    from tests.realistic import database_fingerprint, differences
+    with RealisticDatabase(pg_old) as rd, Bouncer(pg_old, {rd.name: (rd.owner, rd.password)}) as bouncer:
+        env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url, PGBOUNCER_ADMIN_URL=bouncer.admin_url)
+        before = database_fingerprint(pg_old, rd.name)
+        assert pf.run_script("create_rollback_point.py", "before", env=env).returncode == 0
+        rd.migrate()
+        proc, flag = pf.start_paused("quick_rollback.py", "--yes", env=env, step="restore-swapped", folder=tmp_path)
+        bouncer.proc.kill()
+        bouncer.proc.wait(10)
+        flag.unlink()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + err
+        assert "swap failed" not in out + err and "is unchanged" not in out + err
+        assert f"{rd.name} IS restored, but this did not finish: PgBouncer could not be resumed" in out
+        assert differences(before, database_fingerprint(pg_old, rd.name)) == []
+        conn = connect(pg_old.info)
+        try:
+            kept = scalar(conn, "SELECT count(*) FROM pg_database WHERE datname LIKE %s",
+                          (rd.name + "\\_\\_pre\\_rollback\\_%",))
+        finally:
+            conn.close()
+        assert kept == 1

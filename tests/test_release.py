@@ -205,3 +205,21 @@ def test_cleanup_removes_a_release_whole_and_never_the_newest(release_world):
         assert not Path(first["parts"][part]["path"]).exists() and Path(second["parts"][part]["path"]).exists()
     code_cleanup = pf.run_script("code_rollback.py", "cleanup", "0", "--yes", env=w["env"])
     assert code_cleanup.returncode == 0 and Path(second["parts"]["code"]["path"]).exists()
+
+
+def test_a_failure_after_the_database_swap_reports_the_step_done_with_a_warning(release_world):
+    """Review defect 2: a release whose database had been swapped said 'the failed step itself changed nothing'."""
+    w = release_world
+    before, db_before = state(w), database_fingerprint(w["server"], w["rd"].name)
+    create(w["env"])
+    change_everything(w)
+    result = pf.run_script("rollback_manager.py", "restore", "--all", "--latest", "--yes", "--json",
+                           env=dict(w["env"], ROLLBACK_TEST_FAIL_AT="restore-finishing"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = {s["component"]: s for s in json.loads(result.stdout)["steps"]}
+    assert all(steps[c]["ok"] for c in ("config", "code", "database"))
+    assert "WARNING, not finished" in steps["database"]["detail"] and "injected" in steps["database"]["detail"]
+    assert "IS restored, but this did not finish" in result.stderr
+    assert "changed nothing" not in result.stderr
+    assert state(w) == before
+    assert differences(db_before, database_fingerprint(w["server"], w["rd"].name)) == []

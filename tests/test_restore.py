@@ -337,3 +337,165 @@ def test_nothing_touches_v2_even_when_staging_is_misconfigured_as_v2(pg_old, sta
     assert rows(watcher, "SELECT 1") == [(1,)]  # its connection was not cut
     watcher.close()
     assert pf.fingerprint(pg_old, staging_old) == before
+
+
+@pytest.mark.parametrize("step", ["restore-swapped", "restore-connections-allowed", "restore-finishing"])
+def test_a_failure_after_the_swap_is_reported_as_a_restore_that_happened(pg_old, staging_old, env_for, step):
+    """Review defect 2: once the renames have committed, nothing later is 'the swap failed'."""
+    env = env_for(pg_old, staging_old)
+    before = pf.fingerprint(pg_old, staging_old)
+    make_point(env)
+    pf.execute(pg_old, staging_old, MIGRATION)
+    result = pf.run_script("quick_rollback.py", "--yes", "--drop-previous", env=dict(env, ROLLBACK_TEST_FAIL_AT=step))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "swap failed" not in out and "is unchanged" not in out
+    assert f"{staging_old} IS restored, but this did not finish" in out and f"injected at {step}" in out
+    assert pf.fingerprint(pg_old, staging_old) == before
+    # --drop-previous runs after these steps: a failure before it keeps the replaced database
+    assert bool(leftovers(pg_old, staging_old, "pre_rollback")) == (step == "restore-finishing")
+    assert leftovers(pg_old, staging_old, "restore") == []
+    conn = connect(pg_old.info)
+    assert rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (staging_old,)) == [(True,)]
+    conn.close()
+
+
+def test_a_session_that_cannot_be_cut_is_named_before_anyone_is_cut(pg_old, env_for):
+    """Review defect 3: with a superuser's idle session on staging, --wait used to cut an
+    application that reconnects again and again, then give up."""
+    import threading
+    import time
+
+    from common.database import ConnInfo
+    with pf.OwnedDatabase(pg_old, createdb=True) as (name, url):
+        owner = connect(ConnInfo.parse(url))
+        rows(owner, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 50) RETURNING 1")
+        owner.close()
+        env = env_for(pg_old, name, STAGING_DATABASE_URL=url)
+        make_point(env)
+        pf.execute(pg_old, name, "DELETE FROM t WHERE id > 10")
+        migrated = pf.fingerprint(pg_old, name)
+        blocker = connect(pg_old.info, name, app="superuser-idle")
+        cuts, stop = [], threading.Event()
+
+        def application():
+            app = None
+            while not stop.is_set():
+                try:
+                    app = app or connect(ConnInfo.parse(url), app="reconnecting-app")
+                    rows(app, "SELECT count(*) FROM t")
+                except Exception:  # cut, or refused while connections are disallowed
+                    cuts.append(time.monotonic())
+                    app = None
+                time.sleep(0.02)
+            if app is not None:
+                app.close()
+
+        thread = threading.Thread(target=application, daemon=True)
+        thread.start()
+        try:
+            time.sleep(0.3)
+            refused = pf.run_script("quick_rollback.py", "--yes", "--wait", "3", env=env)
+            cut_while_refused = len(cuts)
+        finally:
+            stop.set()
+            thread.join(10)
+        out = refused.stdout + refused.stderr
+        assert refused.returncode == 1, out
+        assert "no session was cut" in out and f"pid {blocker.get_backend_pid()} " in out
+        assert cut_while_refused == 0, "the application was cut by an operation that gave up"
+        assert pf.fingerprint(pg_old, name) == migrated
+        blocker.close()
+        done = pf.run_script("quick_rollback.py", "--yes", "--wait", "3", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ("create_rollback_point.py", "after the kill"), ("database_rollback.py", "status"),
+    ("rollback_manager.py", "list"), ("database_rollback.py", "verify"), ("simple_rollback.py", "list"),
+    ("setup_and_run.sh", "2")], ids=lambda c: " ".join(c))
+def test_every_command_gives_back_the_connections_a_killed_run_left_cut(pg_old, staging_old, env_for, tmp_path,
+                                                                         command):
+    """Review defect 4: after a kill with connections cut, read-only commands failed to connect."""
+    import subprocess
+    env = env_for(pg_old, staging_old)
+    make_point(env, "first", "--no-warm")
+    pf.execute(pg_old, staging_old, MIGRATION)
+    proc, _ = pf.start_paused("quick_rollback.py", "--yes", env=env, step="restore-connections-cut", folder=tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    conn = connect(pg_old.info)
+    assert rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (staging_old,)) == [(False,)]
+    if command[0] == "setup_and_run.sh":
+        result = subprocess.run([str(pf.ROOT / "setup_and_run.sh"), *command[1:]], env=env, capture_output=True,
+                                text=True, timeout=120, stdin=subprocess.DEVNULL)
+    else:
+        result = pf.run_script(*command, env=env)
+    out = result.stdout + result.stderr
+    assert "left cut by an interrupted run: allowed again" in out, out
+    assert "cannot connect" not in out, out
+    assert rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (staging_old,)) == [(True,)]
+    conn.close()
+    assert not list(Path(env["BACKUP_DIR"]).glob(".inflight_*"))
+
+
+def test_a_kill_during_a_snapshot_s_copy_is_repaired_by_a_listing(pg_old, staging_old, env_for, tmp_path):
+    env = env_for(pg_old, staging_old)
+    proc, _ = pf.start_paused("simple_rollback.py", "create", "killed", env=env, step="snapshot-copied",
+                              folder=tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    result = pf.run_script("rollback_manager.py", "list", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "allowed again" in result.stdout + result.stderr
+    conn = connect(pg_old.info)
+    assert rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (staging_old,)) == [(True,)]
+    conn.close()
+
+
+def _comment(server, name):
+    conn = connect(server.info)
+    try:
+        return rows(conn, "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                    (name,))[0][0]
+    finally:
+        conn.close()
+
+
+def test_a_reset_that_waited_at_its_prompt_keeps_staging_s_properties_as_they_are_under_the_lock(
+        pg_old, staging_old, env_for, tmp_path):
+    """Review defect 5: the reset set back the comment it had read before its confirmation."""
+    v2 = pf.create_database(pg_old, pf.unique_name("v2"), pf.RICH_SCHEMA + MIGRATION)
+    try:
+        env = env_for(pg_old, staging_old, V2_DATABASE_URL=pf.url(pg_old, v2))
+        pf.execute(pg_old, "postgres", f"COMMENT ON DATABASE {staging_old} IS 'at the point'")
+        make_point(env)
+        pf.execute(pg_old, "postgres", f"COMMENT ON DATABASE {staging_old} IS 'after the point'")
+        reset, flag = pf.start_paused("reset_staging.py", "--yes", env=env, step="confirmed", folder=tmp_path)
+        quick = pf.run_script("quick_rollback.py", "--yes", env=env)  # runs while the reset waits
+        assert quick.returncode == 0, quick.stdout + quick.stderr
+        assert _comment(pg_old, staging_old) == "at the point"
+        flag.unlink()
+        out, err = reset.communicate(timeout=120)
+        assert reset.returncode == 0, out + err
+        assert "Changed since the confirmation" in out and "another run changed them" in out
+        assert _comment(pg_old, staging_old) == "at the point"
+        assert pf.fingerprint(pg_old, staging_old) == pf.fingerprint(pg_old, v2)
+    finally:
+        pf.drop_database(pg_old, v2)
+
+
+def test_a_point_deleted_while_the_restore_waited_is_refused_with_nothing_changed(pg_old, staging_old, env_for,
+                                                                                  tmp_path):
+    env = env_for(pg_old, staging_old)
+    point, sidecar = make_point(env, "soon deleted", "--no-warm")
+    pf.execute(pg_old, staging_old, MIGRATION)
+    migrated = pf.fingerprint(pg_old, staging_old)
+    proc, flag = pf.start_paused("quick_rollback.py", "--yes", env=env, step="confirmed", folder=tmp_path)
+    deleted = pf.run_script("rollback_manager.py", "delete", "--file", point["id"], "--yes", env=env)
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    flag.unlink()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out + err
+    assert "deleted or changed since the confirmation" in err and "Nothing was changed" in err
+    assert pf.fingerprint(pg_old, staging_old) == migrated

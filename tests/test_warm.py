@@ -166,3 +166,101 @@ def test_a_kill_while_using_a_warm_copy_leaves_staging_whole_and_the_copy_sealed
         assert result.returncode == 0, result.stdout + result.stderr
         assert "copy of the warm copy" in result.stdout
         assert differences(before, database_fingerprint(pg_old, rd.name)) == []
+
+
+def _pause_at(env, folder, *steps):
+    """The environment of a run that pauses at each step in turn (common.testhooks), and its flags."""
+    flags = [folder / f"paused-at-{step}" for step in steps]
+    spec = ";".join(f"{step}:{flag}" for step, flag in zip(steps, flags))
+    return dict(env, ROLLBACK_TEST_PAUSE_AT=spec), flags
+
+
+def _wait_for(flag, proc, seconds=120):
+    import time
+    deadline = time.monotonic() + seconds
+    while not flag.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"the run never reached {flag.name}"
+        time.sleep(0.02)
+
+
+def test_a_session_open_on_the_warm_copy_is_ended_by_the_seal_and_its_rows_never_reach_staging(pg_old, env_for,
+                                                                                                tmp_path):
+    """Review defect 1: a client connected while pg_restore filled the copy could write after the seal."""
+    import psycopg2
+
+    from common.database import ConnInfo, connect
+    with RealisticDatabase(pg_old) as rd:
+        env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
+        before = database_fingerprint(pg_old, rd.name)
+        paused_env, (created, sealed) = _pause_at(env, tmp_path, "warm-created", "warm-sealed")
+        proc = pf.start_script("create_rollback_point.py", "sealed", env=paused_env)
+        _wait_for(created, proc)
+        [name] = warm_databases(pg_old, rd.name)
+        intruder = connect(ConnInfo.parse(rd.url).with_db(name), app="intruder")  # the owner's own role
+        created.unlink()
+        _wait_for(sealed, proc)
+        with pytest.raises(psycopg2.Error):  # ended at the seal: it can change nothing any more
+            intruder.cursor().execute("INSERT INTO app.audit (tbl, op, row_id, at) "
+                                      "SELECT 'intruder', 'insert', i, now() FROM generate_series(1, 100) i")
+        intruder.close()
+        sealed.unlink()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + err
+        assert "Ended 1 session(s) connected to" in out + err
+        [point] = points(env)
+        assert point["warm"] and point["status"] == "OK"
+        rd.migrate()
+        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "proven unchanged" in result.stdout
+        assert differences(before, database_fingerprint(pg_old, rd.name)) == []
+
+
+def test_a_session_the_owner_may_not_end_leaves_the_point_without_a_warm_copy(pg_old, env_for, tmp_path):
+    from common.database import connect
+    with RealisticDatabase(pg_old) as rd:
+        env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
+        before = database_fingerprint(pg_old, rd.name)
+        proc, flag = pf.start_paused("create_rollback_point.py", "superuser inside", env=env, step="warm-created",
+                                     folder=tmp_path)
+        [name] = warm_databases(pg_old, rd.name)
+        superuser = connect(pg_old.info, name, app="superuser-session")
+        pid = superuser.get_backend_pid()
+        flag.unlink()
+        out, err = proc.communicate(timeout=120)
+        superuser.close()
+        assert proc.returncode == 0, out + err
+        assert "cannot be sealed" in err and f"pid {pid} " in err
+        [point] = points(env)
+        assert point["status"] == "OK" and not point["warm"]
+        rd.migrate()
+        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "restored from the dump" in result.stdout
+        assert differences(before, database_fingerprint(pg_old, rd.name)) == []
+        assert warm_databases(pg_old, rd.name) == []  # the copy that could not be sealed is gone
+
+
+def test_a_second_backup_dir_never_drops_the_first_one_s_warm_copies(pg_old, env_for, tmp_path):
+    """Review defect 6: a copy is an orphan only when it carries this BACKUP_DIR's mark."""
+    with RealisticDatabase(pg_old) as rd:
+        first = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
+        second = dict(first, BACKUP_DIR=str(tmp_path / "other-backups"))
+        before = database_fingerprint(pg_old, rd.name)
+        a = make_point(first, "in the first folder")
+        b = make_point(second, "in the second folder")
+        a2 = make_point(first, "first folder again")  # prunes the first folder's older copy, and only that
+        lookalike = f"{rd.name}__warm_20200101_000000_000"  # named like a copy, made by nobody here
+        pf.create_database(pg_old, lookalike)
+        make_point(second, "second folder again")
+        assert set(warm_databases(pg_old, rd.name)) == {a2["warm_database"], lookalike,
+                                                        points(second)[0]["warm_database"]}
+        assert a["warm_database"] not in warm_databases(pg_old, rd.name)
+        assert b["warm_database"] not in warm_databases(pg_old, rd.name)
+        rd.migrate()
+        result = pf.run_script("quick_rollback.py", "--yes", env=first)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "copy of the warm copy" in result.stdout and "proven unchanged" in result.stdout
+        assert differences(before, database_fingerprint(pg_old, rd.name)) == []
+        assert pf.database_exists(pg_old, lookalike)
