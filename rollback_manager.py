@@ -89,7 +89,7 @@ def staging_or_none(ctx, args):
 
 def cmd_list(args, ctx):
     points = runbooks.scan(ctx, staging_or_none(ctx, args))
-    releases = release.scan(ctx.settings.backup_dir, points)
+    releases = runbooks.releases(ctx, points)
     interrupted = release.interrupted(ctx.settings.backup_dir)
     if ctx.json:
         ctx.emit_json({"backup_dir": str(ctx.settings.backup_dir), "points": [p.summary() for p in points],
@@ -108,7 +108,7 @@ def cmd_list(args, ctx):
 def cmd_info(args, ctx):
     if args.file.startswith("release_"):
         points = runbooks.scan(ctx, staging_or_none(ctx, args))
-        found = [r for r in release.scan(ctx.settings.backup_dir, points) if args.file in (r.id, r.sidecar.name)]
+        found = [r for r in runbooks.releases(ctx, points) if args.file in (r.id, r.sidecar.name)]
         if not found:
             raise UsageError(f"no release {args.file!r} (see: python3 rollback_manager.py list). Nothing was changed.")
         if ctx.json:

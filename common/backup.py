@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import catalog, dbprops, snapshot, testhooks, warm
+from . import catalog, dbprops, snapshot, testhooks, trust, warm
 from .catalog import RollbackPoint
 from .database import ConnInfo, connect, migration_head, rows, scalar, server_version, table_row_counts
 from .errors import BackupFailed, ConfigError, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
@@ -189,6 +189,7 @@ def _pg_dump(source: Source, partial: Path, pg_bin_dir: Optional[str], compress:
 
     log = get_logger()
     log.info("  %s, compression %s, into %s", tool.describe(), compression, partial.parent)
+    trust.create_file(partial, binary=True).close()  # pg_dump then writes our own file, never through a link
     proc = Process(argv, password=source.info.password, env=source.info.libpq_env(), on_stderr_line=on_line)
     try:
         testhooks.checkpoint("backup-dump-started")
@@ -242,8 +243,7 @@ def _docker(source: Source, partial: Path, pg_bin_dir: Optional[str], compress: 
     except DockerException as exc:
         raise ToolNotFound(f"cannot start a {image} container: {exc}") from None
     try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
+        with trust.create_file(partial, binary=True) as fh:
             for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=False):
                 fh.write(chunk)
         source.counts()
@@ -327,7 +327,7 @@ def remove_stale_partials(folder: Path, database: str, quiet_seconds: int = 600)
     prefix = catalog.slug(database) + "_"
     now = time.time()
     for leftover in folder.glob(f"{prefix}*.partial"):
-        if now - leftover.stat().st_mtime > quiet_seconds:
+        if leftover.is_symlink() or now - leftover.lstat().st_mtime > quiet_seconds:
             get_logger().info("Removing the leftover of an interrupted backup: %s", leftover.name)
             _remove(leftover)
 

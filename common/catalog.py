@@ -11,10 +11,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from . import trust
 from .errors import BackupCorrupt, UsageError
 
 FORMAT_VERSION = 1
-OK, CORRUPT, MISSING, INCOMPLETE = "OK", "CORRUPT", "MISSING", "INCOMPLETE"
+OK, CORRUPT, MISSING, INCOMPLETE, INVALID = "OK", "CORRUPT", "MISSING", "INCOMPLETE", "INVALID"
 DUMP, SNAPSHOT = "dump", "snapshot"
 _REQUIRED = ("format_version", "id", "kind", "database", "created_at")
 
@@ -54,6 +55,7 @@ class RollbackPoint:
     folder: Optional[Path] = field(default=None, repr=False, compare=False)
     status: str = OK
     problem: str = ""
+    listed_file: Optional[Path] = field(default=None, repr=False, compare=False)  # an INVALID item's own file
 
     @property
     def path(self) -> Optional[Path]:
@@ -71,7 +73,7 @@ class RollbackPoint:
 
     def to_json(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("folder", "status", "problem")}
+                if f.name not in ("folder", "status", "problem", "listed_file")}
         return data
 
     def summary(self) -> dict:
@@ -99,11 +101,10 @@ def stamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S", time.localtime(t)) + f"_{int(t * 1000) % 1000:03d}"
 
 
-def ensure_dir(folder: Path) -> Path:
-    """The backup folder, created 0700: backups hold data."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder, 0o700)
-    return folder
+def ensure_dir(folder: Path, what: str = "BACKUP_DIR") -> Path:
+    """The backup folder (or one inside it), created 0700 (backups hold data), refused when it is
+    a link or another user could write it (common.trust)."""
+    return trust.ensure_folder(folder, what)
 
 
 def new_id(folder: Path, database: str, description: str = "", now: Optional[datetime] = None) -> str:
@@ -136,8 +137,7 @@ def fsync_file(path: Path) -> None:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write to *.partial, fsync, rename, fsync the folder: a reader sees the old file or the new."""
     tmp = path.with_name(path.name + ".partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    with trust.create_file(tmp) as fh:
         json.dump(data, fh, indent=2, sort_keys=True, ensure_ascii=False)
         fh.write("\n")
         fh.flush()
@@ -152,20 +152,79 @@ def save(point: RollbackPoint) -> None:
 
 
 def load_sidecar(path: Path) -> RollbackPoint:
-    """A point from its sidecar; raises ValueError when the sidecar is not a valid one."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    """A point from its sidecar; raises ValueError saying why when the sidecar is not one this
+    toolkit could have written: every field is checked before anything uses it (DESIGN §3)."""
+    data = trust.read_json(path)
     if not isinstance(data, dict) or any(k not in data for k in _REQUIRED):
         raise ValueError("sidecar lacks required fields")
     if data["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"unknown sidecar format_version {data['format_version']}")
+        raise ValueError(f"unknown sidecar format_version {data['format_version']!r}")
     if data["id"] != path.stem:
         raise ValueError(f"sidecar id {data['id']!r} does not match its file name")
     known = {f.name for f in fields(RollbackPoint)}
     point = RollbackPoint(**{k: v for k, v in data.items() if k in known})
-    if point.kind == DUMP and not point.file:
-        raise ValueError("dump sidecar names no file")
     point.folder = path.parent
+    _validate(point)
     return point
+
+
+_STRINGS = ("id", "kind", "database", "description", "created_at", "source_url", "server_version", "method", "tool",
+            "tool_version", "compression")
+_DERIVED = re.compile(r"^\d{8}_\d{6}_\d{3}$")  # catalog.stamp()
+
+
+def _validate(point: RollbackPoint) -> None:
+    """Types, names and paths of a sidecar: a bad one makes its point INVALID, never an action."""
+    from .database import name_prefix  # database imports nothing of the catalog's; kept local all the same
+    for name in _STRINGS:
+        if not isinstance(getattr(point, name), str):
+            raise ValueError(f"{name} must be text")
+    if point.kind not in (DUMP, SNAPSHOT):
+        raise ValueError(f"unknown kind {point.kind!r}")
+    if not point.database or "\x00" in point.database:
+        raise ValueError("it names no database")
+    try:
+        datetime.fromisoformat(point.created_at)
+    except ValueError:
+        raise ValueError(f"created_at {point.created_at!r} is not a date") from None
+    for name in ("size_bytes", "warm_oid", "warm_size_bytes", "format_version"):
+        value = getattr(point, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a whole number")
+    if isinstance(point.duration_seconds, bool) or not isinstance(point.duration_seconds, (int, float)):
+        raise ValueError("duration_seconds must be a number")
+    if not isinstance(point.tables, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in point.tables.items()):
+        raise ValueError("tables must map table names to row counts")
+    for name in ("sha256", "migration_head", "warm_xmin", "warm_dump_key", "file", "snapshot_database",
+                 "warm_database"):
+        if getattr(point, name) is not None and not isinstance(getattr(point, name), str):
+            raise ValueError(f"{name} must be text")
+    if point.database_properties is not None and not isinstance(point.database_properties, dict):
+        raise ValueError("database_properties must be an object")
+    if point.kind == DUMP:
+        if point.file != f"{point.id}.dump":
+            raise ValueError(f"file {point.file!r} is not the point's own {point.id}.dump in its folder")
+        trust.inside(point.folder, point.file, "file")
+        if not isinstance(point.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", point.sha256):
+            raise ValueError("sha256 is not a checksum")
+        if point.snapshot_database is not None:
+            raise ValueError("a dump point names a snapshot database")
+    elif point.file is not None or point.warm_database is not None:
+        raise ValueError("a snapshot point names a file or a warm copy")
+    # Databases the point names must be the toolkit's own names derived from its database: a
+    # sidecar can never make the toolkit touch V2, or any database it did not make.
+    for name, tag, sep in (("warm_database", "warm", "__"), ("snapshot_database", "snap", "_")):
+        value = getattr(point, name)
+        if value is None:
+            if name == "snapshot_database" and point.kind == SNAPSHOT:
+                raise ValueError("a snapshot point names no snapshot database")
+            continue
+        prefix = name_prefix(point.database, tag, sep)
+        if not value.startswith(prefix) or not _DERIVED.match(value[len(prefix):]):
+            raise ValueError(f"{name} {value!r} is not a name this toolkit derives from {point.database!r} "
+                             f"({prefix}<timestamp>)")
 
 
 def quick_check(point: RollbackPoint, snapshot_exists: Optional[Callable[[str], Optional[bool]]] = None) -> RollbackPoint:
@@ -198,7 +257,7 @@ def scan(folder: Path, snapshot_exists: Optional[Callable[[str], Optional[bool]]
         try:
             point = load_sidecar(sidecar)
         except (ValueError, TypeError, OSError) as exc:
-            points.append(_incomplete(sidecar, f"sidecar unreadable: {exc}"))
+            points.append(_invalid(sidecar, f"sidecar not used: {exc}"))
             claimed.add(sidecar.stem + ".dump")
             continue
         if point.file:
@@ -207,18 +266,33 @@ def scan(folder: Path, snapshot_exists: Optional[Callable[[str], Optional[bool]]
     for leftover in list(folder.glob("*.dump")) + list(folder.glob("*.partial")):
         if leftover.name in claimed or leftover.name.endswith(".json.partial") or leftover.name.startswith("."):
             continue
+        if leftover.is_symlink():
+            points.append(_invalid(leftover, "a symbolic link, not a file this toolkit wrote"))
+            continue
         reason = "interrupted backup (partial file)" if leftover.suffix == ".partial" else "no sidecar"
         points.append(_incomplete(leftover, reason))
     points.sort(key=lambda p: (p.created_at, p.id), reverse=True)
     return points
 
 
-def _incomplete(path: Path, reason: str) -> RollbackPoint:
-    stat = path.stat()
-    created = datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(timespec="seconds")
+def _incomplete(path: Path, reason: str, status: str = INCOMPLETE) -> RollbackPoint:
+    try:
+        st = os.lstat(path)
+        created = datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat(timespec="seconds")
+        size = st.st_size
+    except OSError:
+        created, size = "", 0
     stem = path.name.split(".")[0]
     return RollbackPoint(id=stem, file=path.name if path.suffix != ".json" else None, created_at=created,
-                         size_bytes=stat.st_size, folder=path.parent, status=INCOMPLETE, problem=reason)
+                         size_bytes=size, folder=path.parent, status=status, problem=reason)
+
+
+def _invalid(path: Path, reason: str) -> RollbackPoint:
+    """A sidecar (or file) that failed a check: listed with the reason, never acted on."""
+    point = _incomplete(path, reason, INVALID)
+    point.file = None  # nothing it names is touched, not even by cleanup: only the listed file itself
+    point.listed_file = path
+    return point
 
 
 def newest_ok(points: List[RollbackPoint], database: str) -> Optional[RollbackPoint]:
@@ -291,17 +365,19 @@ def age_days(point: RollbackPoint, now: Optional[float] = None) -> float:
 
 
 def remove_files(point: RollbackPoint) -> List[Path]:
-    """Delete a point's dump and sidecar (the sidecar first, so a crash leaves no listed-OK point)."""
+    """Delete a point's dump and sidecar (the sidecar first, so a crash leaves no listed-OK point);
+    of an INVALID item only its own listed file. Links are removed, never followed."""
     removed = []
-    targets = [point.sidecar] if point.status != INCOMPLETE else []
-    if point.path:
-        targets.append(point.path)
+    if point.status == INVALID:
+        targets = [point.listed_file] if point.listed_file else []
+    else:
+        targets = [point.sidecar] if point.status != INCOMPLETE else []
+        if point.path:
+            targets.append(point.path)
     for path in targets:
-        if path.exists():
+        if os.path.lexists(path):
             path.unlink()
             removed.append(path)
     if removed:
         fsync_dir(removed[0].parent)
     return removed
-
-

@@ -25,12 +25,24 @@ class CleanupPlan:
     releases: list = field(default_factory=list)
 
     def lines(self) -> List[str]:
-        out = [f"release {r.id} ({r.description or '-'}, created {r.created_at}) with its configuration and code "
-               "backups and its database point" for r in self.releases]
-        out += [f"rollback point {p.id} ({p.kind}, {p.status}, created {p.created_at}, {p.description or '-'})"
-                for p in self.points]
+        """What will be destroyed, by name: files, folders and databases, not only ids."""
+        out = [f"release {r.id} ({r.description or '-'}, created {r.created_at}): its document {r.sidecar}, the "
+               f"folders {r.parts['config']['path']} and {r.parts['code']['path']}, and its database point"
+               for r in self.releases]
+        for p in self.points:
+            doomed = [str(f) for f in _files_of(p)]
+            doomed += [f"database {d}" for d in (p.snapshot_database, p.warm_database) if d]
+            out.append(f"rollback point {p.id} ({p.kind}, {p.status}, created {p.created_at}, "
+                       f"{p.description or '-'}): {', '.join(doomed) or 'nothing on disk'}")
         out += [f"database {name}" for name in self.databases]
         return out or ["nothing"]
+
+
+def _files_of(point: RollbackPoint) -> List:
+    if point.status == catalog.INVALID:
+        return [point.listed_file] if point.listed_file else []
+    found = [point.sidecar] if point.status != catalog.INCOMPLETE else []
+    return found + ([point.path] if point.path else [])
 
 
 def plan_points(points: List[RollbackPoint], older_than_days: Optional[float], keep: Optional[int],
@@ -67,7 +79,7 @@ def plan_releases(plan: CleanupPlan, releases: list, older_than_days: Optional[f
     going = {p.id for p in plan.points}
     by_id = {p.id: p for p in plan.kept}
     for r in releases:
-        if r is newest_ok:
+        if r is newest_ok or r.status == catalog.INVALID:  # an INVALID document is listed, never acted on
             continue
         old = older_than_days is not None and catalog.age_days(r, now) > older_than_days
         if old or r.parts["database"]["id"] in going:

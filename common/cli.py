@@ -11,7 +11,7 @@ from typing import Callable, List, Optional
 
 import psycopg2
 
-from . import connections, pgbouncer, report, warm
+from . import connections, pgbouncer, report, trust, warm
 from .connections import DEFAULT_WAIT
 from .database import ConnInfo
 from .env import Settings, load_settings
@@ -149,6 +149,14 @@ _AREAS = {
 }
 
 
+def check_folders(settings: Settings) -> None:
+    """Every folder the toolkit reads or writes (and PG_BIN_DIR's tools) must be the running user's
+    or root's and not writable by others, before anything is read from it (DESIGN §3)."""
+    for name in trust.FOLDER_SETTINGS:
+        if settings.get(name):
+            trust.check_folder(settings.path(name), name)
+
+
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -199,6 +207,8 @@ def execute(script: str, parser: argparse.ArgumentParser, handler: Callable[[arg
         machine = bool(getattr(args, "json", False))
         log_path = setup_logging(script, settings.log_dir, verbose=getattr(args, "verbose", False),
                                  machine_output=machine)
+        if script != "check_configuration":  # the configuration check reports every folder itself
+            check_folders(settings)
         ctx = Context(script, settings, log_path, yes=getattr(args, "yes", False), json=machine,
                       wait=max(0.0, DEFAULT_WAIT if getattr(args, "wait", None) is None else args.wait),
                       no_warm=bool(getattr(args, "no_warm", False)),

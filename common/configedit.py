@@ -149,6 +149,11 @@ def _plan_env(path: Path, before: str, patch: Dict[str, Any]) -> Edit:
         if isinstance(value, (dict, list)) or not re.match(r"^[A-Za-z_][A-Za-z0-9_.]*$", key):
             raise UsageError(f"an env file takes KEY: value pairs with plain values; {key!r} cannot be set to "
                              f"{json.dumps(value)}. Nothing was changed.")
+        # A newline (or another control character) would read as a second line, a second KEY=, to
+        # every line-based reader of the file, and the masked preview would hide it.
+        if value is not None and re.search(r"[\x00-\x1f\x7f]", env_value(value)):
+            raise UsageError(f"the value for {key} holds a newline or another control character, which an env "
+                             "file cannot carry safely; refused. Nothing was changed.")
     current = parse_text("env", before)
     intended = dict(current)
     changes = []

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 from dotenv.parser import parse_stream
 
-from . import files, testhooks
+from . import files, testhooks, trust
 from .errors import UsageError
 
 PREFIX, MANIFEST = "config", "manifest.json"
@@ -97,14 +97,39 @@ def backup(config_dir: Path, env_file: Optional[Path], parent: Path, reason: str
     return files.finish_backup_dir(partial, MANIFEST, meta)
 
 
+def safe_mode(mode: int) -> int:
+    """The permission bits a restored file gets: never setuid, setgid or sticky (DESIGN §3)."""
+    return mode & 0o777
+
+
+def _valid_entry(e: Entry) -> Entry:
+    """A manifest entry as this toolkit writes it: a relative path that stays in its folder."""
+    if e.area not in ("config", "env") or not isinstance(e.path, str) or not isinstance(e.sha256, str):
+        raise ValueError("unknown area or path")
+    parts = Path(e.path).parts
+    if not parts or os.path.isabs(e.path) or any(p in ("..", ".") for p in parts) or "\x00" in e.path:
+        raise ValueError(f"path {e.path!r} leaves its folder")
+    if e.area == "env" and len(parts) != 1:
+        raise ValueError(f"env entry {e.path!r} is not a plain file name")
+    if not re.fullmatch(r"[0-9a-f]{64}", e.sha256):
+        raise ValueError(f"{e.path}: sha256 is not a checksum")
+    for value in (e.mode, e.size):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{e.path}: mode and size must be whole numbers")
+    return e
+
+
 def load_backup(path: Path) -> dict:
-    """The manifest, after checking every file of the backup against it (nothing is changed on a mismatch)."""
+    """The manifest, after checking every entry (paths that stay in their folder, types) and every
+    file of the backup against it (nothing is changed on a mismatch)."""
     try:
-        meta = json.loads((path / MANIFEST).read_text())
-        entries = [Entry(**e) for e in meta["files"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"{path} is not a configuration backup (no valid {MANIFEST}). Nothing was changed.") from None
+        meta = trust.read_json(path / MANIFEST)
+        entries = [_valid_entry(Entry(**e)) for e in meta["files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path} is not a configuration backup this toolkit wrote (its {MANIFEST}: {exc}). "
+                         "Nothing was changed.") from None
     for e in entries:
+        trust.inside(path / "files" / e.area, Path(e.path).parts[0], "backup file")
         copy_path = path / "files" / e.area / e.path
         if not copy_path.is_file() or files.sha256_of(copy_path) != e.sha256:
             raise UsageError(f"backup {path} does not match its manifest ({e.area}/{e.path} is missing or "
@@ -137,15 +162,16 @@ def restore(backup_path: Path, meta: dict, config_dir: Path, env_file: Optional[
     for key, e in wanted.items():
         target = _target(e, config_dir, env_file)
         have = now.get(key)
-        if have and have[1].sha256 == e.sha256 and have[1].mode == e.mode:
+        if have and have[1].sha256 == e.sha256 and have[1].mode == safe_mode(e.mode):
             result.unchanged += 1
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        todo.append((target, (backup_path / "files" / e.area / e.path).read_bytes(), e.mode))
+        todo.append((target, (backup_path / "files" / e.area / e.path).read_bytes(), safe_mode(e.mode)))
         result.written.append(f"{e.area}/{e.path}")
     files.replace_many(todo, on_each=lambda _: testhooks.checkpoint("config-restore-file-written"))
+    holds_env = any(area == "env" for area, _ in wanted)
     for key, (path, _) in now.items():
-        if key not in wanted:
+        if key not in wanted and (key[0] == "config" or holds_env):  # ENV_FILE goes only when the backup holds one
             path.unlink()
             result.removed.append(f"{key[0]}/{key[1]}")
     for target, data, _ in todo:
@@ -282,9 +308,12 @@ class Drift:
 def drift(meta: dict, config_dir: Path, env_file: Optional[Path]) -> Drift:
     wanted = {(e["area"], e["path"]): e for e in meta["files"]}
     now = current_entries(config_dir, env_file)
+    if not any(area == "env" for area, _ in wanted):  # a backup without ENV_FILE leaves it alone
+        now = {k: v for k, v in now.items() if k[0] != "env"}
     d = Drift()
     d.added = sorted(f"{a}/{p}" for (a, p) in now if (a, p) not in wanted)
     d.removed = sorted(f"{a}/{p}" for (a, p) in wanted if (a, p) not in now)
     d.changed = sorted(f"{a}/{p}" for (a, p), (_, e) in now.items()
-                       if (a, p) in wanted and (e.sha256, e.mode) != (wanted[(a, p)]["sha256"], wanted[(a, p)]["mode"]))
+                       if (a, p) in wanted and (e.sha256, e.mode) != (wanted[(a, p)]["sha256"],
+                                                                       safe_mode(wanted[(a, p)]["mode"])))
     return d

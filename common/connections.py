@@ -8,7 +8,6 @@ under the same lock reads it and allows them first."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import psycopg2
 
-from . import catalog
+from . import catalog, trust
 from . import database as db
 from .errors import RollbackError
 from .log import get_logger
@@ -36,10 +35,12 @@ def recover(conn, folder: Path, target: str) -> None:
     if not marker.exists():
         return
     try:
-        names = json.loads(marker.read_text()).get("databases", [])
-    except (OSError, ValueError):
+        names = trust.read_json(marker).get("databases", [])
+    except (OSError, ValueError, AttributeError):
         names = [target]
-    for name in names:
+    # Only the target and the databases a restore of it names: a marker cannot point anywhere else.
+    names = [n for n in names if isinstance(n, str) and (n == target or n.startswith(db.name_prefix(target, "pre_rollback")))]
+    for name in names or [target]:
         if db.allows_connections(conn, name) is False:
             db.set_allow_connections(conn, name, True)
             get_logger().warning("Connections to %s had been left cut by an interrupted run: allowed again.", name)

@@ -10,7 +10,7 @@ import shutil
 import sys
 from typing import List, Optional
 
-from . import cli, pgbouncer
+from . import cli, pgbouncer, trust
 from .database import ConnInfo, connect, database_size, server_version
 from .env import DEFAULTS
 from .errors import RollbackError, VerifyProblems
@@ -36,6 +36,17 @@ def check(ctx: cli.Context) -> dict:
         report["variables"][name] = {"value": shown, "origin": origin if value is not None else "missing"}
         if value is None and name in REQUIRED:
             report["problems"].append(f"{name} is not set (add {name}=postgresql://... to {s.env_file})")
+    report["folders"] = {}
+    for name in trust.FOLDER_SETTINGS:
+        if not s.get(name):
+            continue
+        try:
+            trust.check_folder(s.path(name), name)
+            report["folders"][name] = {"path": str(s.path(name)), "ok": True}
+        except RollbackError as exc:
+            report["folders"][name] = {"path": str(s.path(name)), "ok": False, "error": str(exc)}
+            report["problems"].append(str(exc))
+    folders_ok = all(f["ok"] for f in report["folders"].values())
     staging_size: Optional[int] = None
     for name in REQUIRED:
         if not s.get(name):
@@ -43,7 +54,7 @@ def check(ctx: cli.Context) -> dict:
         entry: dict = {}
         try:
             info = ConnInfo.parse(s.get(name), what=name)
-            if name == "STAGING_DATABASE_URL":
+            if name == "STAGING_DATABASE_URL" and folders_ok:
                 ctx.repair(info)
             conn = connect(info)
             try:
@@ -67,7 +78,11 @@ def check(ctx: cli.Context) -> dict:
             report["problems"].append(f"{name}: {exc}")
         report["servers"][name] = entry
     for tool in ("pg_dump", "pg_restore", "psql"):
-        report["tools"][tool] = [t.describe() for t in candidates(tool, s.get("PG_BIN_DIR"))]
+        try:
+            report["tools"][tool] = [t.describe() for t in candidates(tool, s.get("PG_BIN_DIR"))]
+        except RollbackError as exc:
+            report["tools"][tool] = []
+            report["problems"].append(str(exc))
     if s.get("PGBOUNCER_ADMIN_URL") and s.get("STAGING_DATABASE_URL"):
         try:
             pooler = pgbouncer.from_settings(s, ConnInfo.parse(s.get("STAGING_DATABASE_URL")).dbname)
@@ -97,6 +112,8 @@ def show(ctx: cli.Context, report: dict) -> None:
         log.info("%s: %s, PostgreSQL %s, %s", name, entry["url"], entry["version"], human_size(entry["size_bytes"]))
         for tool in ("pg_dump", "pg_restore"):
             log.info("  %-10s %s", tool, entry.get(tool) or "NONE that matches")
+    for name, f in report["folders"].items():
+        log.info("%-18s %s: %s", name, f["path"], "owner and mode OK" if f["ok"] else "NOT TRUSTED (see below)")
     for tool, found in report["tools"].items():
         log.info("%s found: %s", tool, "; ".join(found) or "none")
     if "pgbouncer" in report:

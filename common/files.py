@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
+from . import trust
 from .catalog import fsync_dir, stamp, utc_now, write_json_atomic
 from .errors import LockHeld, UsageError
 
@@ -19,9 +20,8 @@ from .errors import LockHeld, UsageError
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Temporary file in the same folder, fsync, rename over the target, fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with trust.create_file(tmp, mode, binary=True) as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -58,8 +58,7 @@ def replace_many(items: List[tuple], on_each=None) -> None:
     try:
         for path, data, mode in items:
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-            with os.fdopen(fd, "wb") as fh:
+            with trust.create_file(tmp, mode, binary=True) as fh:
                 fh.write(data)
             os.chmod(tmp, mode)  # the umask must not narrow the mode we restore
             temps.append((tmp, path))
@@ -126,8 +125,7 @@ class BackupDir:
 
 def new_backup_dir(parent: Path, prefix: str) -> Path:
     """`<parent>/<prefix>_<ts>.partial`, 0700; rename it to finish (see finish_backup_dir)."""
-    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(parent, 0o700)
+    trust.ensure_folder(parent, "backup folder")
     while True:
         path = parent / f"{prefix}_{stamp()}.partial"
         try:
@@ -198,8 +196,8 @@ class FolderLock:
 
     def __enter__(self) -> "FolderLock":
         import fcntl
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        trust.ensure_folder(self.path.parent, "backup folder")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -63,10 +63,11 @@ def setup_logging(script: str, log_dir: Path, verbose: bool = False, machine_out
     """Start this run's log file `<log_dir>/<script>_<YYYYmmdd_HHMMSS>.log` and the console."""
     logger = console_only(verbose, machine_output)
 
+    from .trust import ensure_folder  # refuses a LOG_DIR another user could write, or a link
     log_path = log_dir / f"{script}_{time.strftime('%Y%m%d_%H%M%S')}.log"
+    ensure_folder(log_dir, "LOG_DIR")
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         stream = os.fdopen(fd, "a", encoding="utf-8")
         file_handler = logging.StreamHandler(stream)
         file_handler.setLevel(logging.DEBUG)

@@ -7,7 +7,6 @@ ones, so no client transaction meets the cut or the rename. The pause is bounded
 and always resumed; a marker in $BACKUP_DIR lets the next run resume a pause a killed run left."""
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -142,13 +141,9 @@ def recover(pooler: Optional[Pooler], folder: Path) -> None:
     marker = marker_path(folder, pooler.database)
     if not marker.exists():
         return
-    try:
-        data = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        data = {}
     conn = pooler.console()
     try:
-        pooler.command(conn, f"RESUME {data.get('database', pooler.database)}")
+        pooler.command(conn, f"RESUME {pooler.database}")  # the configured name, never one read from the marker
         get_logger().warning("PgBouncer had been left paused for %s by an interrupted run: resumed.", pooler.database)
     except psycopg2.Error as exc:
         if "not paused" not in str(exc):

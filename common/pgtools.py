@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+from . import trust
 from .errors import ToolNotFound
 from .log import get_logger
 from .runner import run
@@ -73,6 +74,10 @@ def _each_candidate(name: str, pg_bin_dir: Optional[str] = None) -> Iterator[Too
         path = os.path.join(d, name)
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             continue
+        if pg_bin_dir and d == pg_bin_dir:
+            why = trust.executable(path)  # a tool another user could replace never runs (with PGPASSWORD)
+            if why:
+                raise trust.UntrustedPath(f"PG_BIN_DIR's {name}: {why}. It is not run. Nothing was changed.")
         real = os.path.realpath(path)
         if real in seen:
             continue

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from . import catalog, configfiles, files
+from . import catalog, configfiles, files, trust
 from .catalog import RollbackPoint
 from .errors import RollbackError, UsageError
 from .log import mask
@@ -48,6 +48,8 @@ class Release:
 
     def lines(self) -> List[str]:
         p = self.parts
+        if self.status == catalog.INVALID:
+            return [f"release {self.id}: INVALID ({self.problem})"]
         return [f"release {self.id} ({self.description or '-'}, created {self.created_at}): {self.status}"
                 + (f" ({self.problem})" if self.problem else ""),
                 f"  config:   {p['config']['path']}",
@@ -81,9 +83,10 @@ def record(backup_dir: Path, description: str, parts: Dict[str, dict]) -> Releas
     return release
 
 
-def scan(backup_dir: Path, points: List[RollbackPoint]) -> List[Release]:
+def scan(backup_dir: Path, points: List[RollbackPoint], part_folders: Optional[Dict[str, Path]] = None) -> List[Release]:
     """Every release, newest first, OK only when its three parts are there and match their checksums
-    (the database part: its rollback point is OK)."""
+    (the database part: its rollback point is OK). A release whose document names a part outside
+    its folder (part_folders: CONFIG_BACKUP_DIR and CODE_BACKUP_DIR) is INVALID and never acted on."""
     folder = folder_of(backup_dir)
     if not folder.is_dir():
         return []
@@ -91,14 +94,37 @@ def scan(backup_dir: Path, points: List[RollbackPoint]) -> List[Release]:
     found = []
     for path in folder.glob("release_*.json"):
         try:
-            data = json.loads(path.read_text())
+            data = trust.read_json(path)
             release = Release(**{k: v for k, v in data.items() if k in Release.__dataclass_fields__}, folder=folder)
-        except (OSError, ValueError, TypeError):
+            validate(release, part_folders)
+        except (OSError, ValueError, TypeError) as exc:
+            found.append(Release(path.stem, created_at="", folder=folder, status=catalog.INVALID,
+                                 problem=f"release document not used: {exc}"))
             continue
         release.status, release.problem = check(release, by_id)
         found.append(release)
     found.sort(key=lambda r: (r.created_at, r.id), reverse=True)
     return found
+
+
+def validate(release: Release, part_folders: Optional[Dict[str, Path]]) -> None:
+    """The parts a release document names: each a `<kind>_<timestamp>` folder directly inside its
+    own backup folder, no link; the database part a point id."""
+    if not isinstance(release.parts, dict) or not all(isinstance(release.parts.get(k), dict) for k in ORDER):
+        raise ValueError("it does not name its three parts")
+    if not isinstance(release.created_at, str) or not isinstance(release.description, str):
+        raise ValueError("created_at and description must be text")
+    for kind in ("config", "code"):
+        given = release.parts[kind].get("path")
+        if not isinstance(given, str) or not os.path.isabs(given):
+            raise ValueError(f"its {kind} part names no absolute folder")
+        part = Path(given)
+        trust.plain_name(part.name, f"{kind} part")
+        if not part.name.startswith(f"{kind}_") or part.is_symlink():
+            raise ValueError(f"its {kind} part {given} is not a {kind} backup folder")
+        if part_folders is not None and part.parent.resolve() != Path(part_folders[kind]).resolve():
+            raise ValueError(f"its {kind} part {given} is not inside {part_folders[kind]}")
+    trust.plain_name(release.parts["database"].get("id"), "database part")
 
 
 def check(release: Release, points: Dict[str, RollbackPoint]) -> tuple:

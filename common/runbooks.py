@@ -159,7 +159,7 @@ def cleanup(ctx: Context, info: Optional[ConnInfo], older_than: Optional[float],
         raise UsageError("DAYS must be 0 or more and --keep at least 1. Nothing was changed.")
     points = scan(ctx, info)
     the_plan = cleaning.plan_points(points, older_than, keep)
-    cleaning.plan_releases(the_plan, release.scan(ctx.settings.backup_dir, points), older_than)
+    cleaning.plan_releases(the_plan, releases(ctx, points), older_than)
     lock = None
     try:
         if info is not None:
@@ -189,8 +189,7 @@ def cleanup_backup_folders(ctx: Context, parent, prefix: str, metadata: str, day
     """Cleanup of code and config backups older than `days` (never the newest): list, confirm, remove."""
     doomed = files.old_backups(files.list_backups(parent, prefix, metadata), days)
     # The parts of the newest OK release stay with it (rollback_manager.py cleanup removes a release whole).
-    releases = release.scan(ctx.settings.backup_dir, catalog.scan(ctx.settings.backup_dir))
-    newest_ok = next((r for r in releases if r.status == catalog.OK), None)
+    newest_ok = next((r for r in releases(ctx, catalog.scan(ctx.settings.backup_dir)) if r.status == catalog.OK), None)
     if newest_ok is not None:
         parts = {str(Path(newest_ok.parts[k]["path"]).resolve()) for k in ("config", "code")}
         doomed = [b for b in doomed if str(Path(b.path).resolve()) not in parts]
@@ -205,6 +204,12 @@ def cleanup_backup_folders(ctx: Context, parent, prefix: str, metadata: str, day
     for b in doomed:
         shutil.rmtree(b.path)
     ctx.log.info("Removed %d %s(s); the newest backup is always kept.", len(doomed), what)
+
+
+def releases(ctx: Context, points: List[RollbackPoint]) -> List[release.Release]:
+    """The release rollback points, each part checked to lie in its configured backup folder."""
+    s = ctx.settings
+    return release.scan(s.backup_dir, points, {"config": s.path("CONFIG_BACKUP_DIR"), "code": s.path("CODE_BACKUP_DIR")})
 
 
 def release_lock(ctx: Context) -> files.FolderLock:
@@ -274,7 +279,7 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
     config_dir, env_file, config_backups = s.path("CONFIG_DIR"), s.path("ENV_FILE"), s.path("CONFIG_BACKUP_DIR")
     repo_path, code_backups = s.path("REPO_PATH"), s.path("CODE_BACKUP_DIR")
     points = scan(ctx, staging)
-    chosen = release.resolve(release.scan(s.backup_dir, points), ref)
+    chosen = release.resolve(releases(ctx, points), ref)
     parts = chosen.parts
     # Everything is checked before anything changes: both backups against their checksums, the
     # database point and its restore plan (tools, properties, PgBouncer).

@@ -33,8 +33,8 @@ def test_statuses_from_cheap_checks(tmp_path):
     found = {p.id: p.status for p in catalog.scan(tmp_path)}
     assert found == {"staging_20260101_000000_ok": "OK", "staging_20260102_000000_short": "CORRUPT",
                      "staging_20260103_000000_gone": "MISSING", "orphan": "INCOMPLETE", "killed": "INCOMPLETE",
-                     "broken": "INCOMPLETE"}
-    ordered = [p.id for p in catalog.scan(tmp_path) if p.status != "INCOMPLETE"]
+                     "broken": "INVALID"}
+    ordered = [p.id for p in catalog.scan(tmp_path) if p.status not in ("INCOMPLETE", "INVALID")]
     assert ordered[0] == "staging_20260103_000000_gone"  # newest first
 
 
