@@ -60,10 +60,32 @@ def cmd_backup(args, ctx):
                  f"{len(meta['dirty_files'])} uncommitted file(s)" if meta["dirty"] else "clean")
 
 
-def auto_backup(ctx, repo_path: Path, backups: Path, why: str) -> None:
+def auto_backup(ctx, repo_path: Path, backups: Path, why: str, include_ignored=()) -> None:
     if (repo_path / ".git").exists():
-        path = coderepo.backup(coderepo.open_repo(repo_path), backups, reason=why)
-        ctx.log.info("Automatic backup of the current state: %s", path)
+        path = coderepo.backup(coderepo.open_repo(repo_path), backups, reason=why, include_ignored=include_ignored)
+        ctx.log.info("Automatic backup of the current state (every file as it is on disk%s): %s",
+                     f", {len(include_ignored)} ignored file(s) that will be written over included"
+                     if include_ignored else "", path)
+
+
+def at_risk_lines(preview: dict) -> list:
+    """The confirmation's lines for what a restore writes over beyond tracked and untracked files."""
+    lines = []
+    for key, text in (("ignored", "ignored file(s) the backup has at the same path: replaced"),
+                      ("nested", "nested repositories: put back as the backup has them"),
+                      ("submodules", "submodule working trees: put back as the backup has them")):
+        if preview[key]:
+            lines.append(f"{len(preview[key])} {text} (the current ones go into the automatic backup first): "
+                         + ", ".join(preview[key][:10]) + (" ..." if len(preview[key]) > 10 else ""))
+    return lines
+
+
+def _cwd_inside(repo_path: Path) -> bool:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return False
+    return cwd == repo_path.resolve() or repo_path.resolve() in cwd.parents
 
 
 def publish(ctx, repo_path: Path, deploy: Path) -> None:
@@ -76,15 +98,22 @@ def cmd_restore(args, ctx):
     repo_path, backups, deploy = settings_paths(ctx)
     source = Path(args.path).expanduser().resolve()
     meta = coderepo.load_backup(source)
+    coderepo.refuse_layout(repo_path.resolve())
     ctx.confirm(f"Restore {repo_path} from {source}?", [
-        f"commit {(meta['commit'] or '(none)')[:12]} on {meta['branch'] or 'detached HEAD'}, "
+        f"commit {(meta['commit'] or '(none yet)')[:12]} on {meta['branch'] or 'detached HEAD'}, "
         f"{len(meta['dirty_files'])} uncommitted file(s), backed up {meta['created_at']}",
-        "the current state is backed up first; ignored files are kept"])
+        "the current state is backed up first (every file as it is on disk); other ignored files are kept",
+        *at_risk_lines(coderepo.restore_preview(repo_path, source, meta))])
+    inside = _cwd_inside(repo_path)
+    why = f"automatic before restore of {source.name}"
     with files.FolderLock(backups, ctx.script):
-        auto_backup(ctx, repo_path, backups, f"automatic before restore of {source.name}")
-        coderepo.restore(repo_path, source, meta)
+        coderepo.restore(repo_path, source, meta,
+                         backup_first=lambda at_risk: auto_backup(ctx, repo_path, backups, why, at_risk))
     ctx.log.info("Restored %s to %s on %s (%d uncommitted file(s)).", repo_path, (meta["commit"] or "-")[:12],
                  meta["branch"] or "detached HEAD", len(meta["dirty_files"]))
+    if inside:
+        ctx.log.warning("Your shell's current folder was inside %s, which was swapped for the restored one: run "
+                        "`cd %s` to see the restored files.", repo_path, repo_path)
     if deploy:
         publish(ctx, repo_path, deploy)
 
@@ -98,16 +127,24 @@ def cmd_rollback(args, ctx):
     if commit == head:
         ctx.log.info("%s is already at %s. Nothing to do.", repo.head.ref.name, commit[:12])
         return
-    ctx.confirm(f"Reset branch {repo.head.ref.name} from {head[:12]} to {commit[:12]}?", [
-        f"target: {commit[:12]} {repo.commit(commit).summary}",
-        "local changes are stashed; the old head is kept under refs/rollback/<ts>"])
+    at_risk = coderepo.rollback_at_risk(repo, commit)
+    flagged = coderepo.flagged_edits(repo)
+    lines = [f"target: {commit[:12]} {repo.commit(commit).summary}",
+             "local changes are stashed; the old head is kept under refs/rollback/<ts>; every file is in the "
+             "automatic backup first"]
+    if at_risk:
+        lines.append(f"{len(at_risk)} ignored file(s) the target commit tracks will be overwritten (in the automatic "
+                     f"backup first): {', '.join(at_risk[:10])}")
+    if flagged:
+        lines.append(f"{len(flagged)} edited file(s) marked assume-unchanged or skip-worktree, which a stash does not "
+                     f"save (in the automatic backup): {', '.join(p for p, _ in flagged[:10])}")
+    ctx.confirm(f"Reset branch {repo.head.ref.name} from {head[:12]} to {commit[:12]}?", lines)
     with files.FolderLock(backups, ctx.script):
-        auto_backup(ctx, repo_path, backups, f"automatic before rollback to {commit[:12]}")
-        result = coderepo.rollback(repo, commit)
+        auto_backup(ctx, repo_path, backups, f"automatic before rollback to {commit[:12]}", at_risk)
+        result = coderepo.rollback(repo, commit, expected_head=head)
     ctx.log.info("Rolled %s back from %s to %s.", result.branch, result.old_head[:12], result.new_head[:12])
     ctx.log.info("  old head kept as %s (git checkout -B %s %s to undo)", result.kept_ref, result.branch, result.kept_ref)
-    ctx.log.info("  local changes: %s", f"stashed as {result.stash} (git stash pop to recover)"
-                 if result.stash else "none")
+    ctx.log.info("  local changes: %s", f"stashed as {result.stash}" if result.stash else "none stashed")
     if deploy:
         publish(ctx, repo_path, deploy)
 

@@ -2,6 +2,7 @@
 working tree, restores that swap the whole folder at once, rollbacks that lose nothing."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,16 +10,16 @@ import tarfile
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import git
 
-from . import files, testhooks
+from . import files, testhooks, trust, worktree
 from .catalog import stamp, utc_now
-from .errors import RollbackError, UsageError
+from .errors import LockHeld, RollbackError, UsageError
 from .log import get_logger
 
-PREFIX, METADATA, BUNDLE = "code", "metadata.json", "repo.bundle"
+PREFIX, METADATA, BUNDLE, INDEX = "code", "metadata.json", "repo.bundle", "index"
 KEEP_RELEASES = 5
 _TMP_REFS = "refs/rollback-backup"
 _IDENTITY = {"GIT_AUTHOR_NAME": "rollback-toolkit", "GIT_AUTHOR_EMAIL": "rollback-toolkit@localhost",
@@ -50,21 +51,31 @@ def open_repo(path: Path) -> git.Repo:
         raise UsageError(f"{path} is not a git repository (set REPO_PATH). Nothing was changed.") from None
 
 
+# Every git command of the toolkit runs without hooks, without the fsmonitor command and without
+# recursing into submodules: it often runs as root, in repositories whose hooks anyone with write
+# access to them wrote, and a recursing reset would discard a submodule's uncommitted work.
+SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "submodule.recurse=false")
+
+
 def _git(repo: git.Repo, *args: str, env: Optional[dict] = None, **kwargs) -> str:
-    """One git command; its failure becomes an error a user can read."""
+    """One git command (hooks and fsmonitor off); its failure becomes an error a user can read."""
     try:
-        if env is not None:
-            kwargs["env"] = {**os.environ, **env}
-        return repo.git.execute(["git", *args], **kwargs)
+        kwargs["env"] = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", **(env or {})}
+        return repo.git.execute(["git", *SAFE, *args], **kwargs)
     except git.GitCommandError as exc:
         detail = (exc.stderr or "").strip().replace("stderr: ", "").strip("'\n ") or str(exc)
         raise GitFailed(f"git {args[0]} failed: {detail}") from None
 
 
-def refuse_unsafe(repo: git.Repo, allow_detached: bool = True) -> None:
+def refuse_unsafe(repo: git.Repo, allow_detached: bool = True, lock_held: bool = False) -> None:
     """A merge or rebase in progress, a stale index.lock, a detached HEAD: say how to fix, change nothing."""
     gitdir = Path(repo.git_dir)
-    if (gitdir / "index.lock").exists():
+    _remove_our_stale_lock(gitdir / "index.lock")
+    holder = _lock_owner(gitdir / "index.lock")
+    if holder is not None and holder != os.getpid():
+        raise LockHeld(f"a code restore of {repo.working_tree_dir} is running (it holds {gitdir / 'index.lock'}: "
+                       f"rollback-toolkit pid={holder}). Nothing was changed. Wait for it to finish, then run this again.")
+    if not lock_held and (gitdir / "index.lock").exists() and not _ours(gitdir / "index.lock"):
         raise UsageError(f"{gitdir / 'index.lock'} exists: another git process is running, or one crashed. "
                          "If no git command is running, remove that file. Nothing was changed.")
     for marker, what, fix in (("MERGE_HEAD", "a merge", "git merge --abort"),
@@ -81,117 +92,296 @@ def refuse_unsafe(repo: git.Repo, allow_detached: bool = True) -> None:
 
 
 def capture(repo: git.Repo) -> RepoState:
-    """The exact state as trees: the index, and the working tree (untracked files included,
-    ignored ones not), written as git objects without touching the user's index."""
+    """The state as git sees it: HEAD, branch, the index as a tree, and every changed path, those
+    whose edits git is told to ignore (--assume-unchanged, --skip-worktree) included."""
     commit = repo.head.commit.hexsha if repo.head.is_valid() else None
     branch = None if repo.head.is_detached else repo.head.ref.name
-    index_tree = _git(repo, "write-tree")
-    with tempfile.TemporaryDirectory(prefix="rollback-index-") as tmp:
-        index = Path(tmp) / "index"
-        real = Path(repo.git_dir) / "index"
-        if real.exists():
-            shutil.copy2(real, index)  # keeps stat data: unchanged files are not hashed again
-        env = {"GIT_INDEX_FILE": str(index)}
-        _git(repo, "add", "--all", "--", ".", env=env)
-        worktree_tree = _git(repo, "write-tree", env=env)
+    try:
+        index_tree = _git(repo, "write-tree")
+    except GitFailed:  # e.g. intent-to-add entries: the index file itself is kept byte for byte
+        index_tree = ""
     head_tree = repo.head.commit.tree.hexsha if commit else None
     status = _git(repo, "status", "--porcelain=v1", "--untracked-files=all", "-z")
     dirty = [entry[3:] for entry in status.split("\0") if len(entry) > 3]
-    return RepoState(commit, branch, index_tree, worktree_tree, head_tree, dirty)
+    dirty += [f"{path} (edited, marked {flag})" for path, flag in flagged_edits(repo)]
+    return RepoState(commit, branch, index_tree, "", head_tree, dirty)
 
 
-def backup(repo: git.Repo, parent: Path, reason: str = "") -> Path:
-    """`<parent>/code_<ts>/`: a bundle of every ref plus commits holding the index and working tree."""
+def flagged_edits(repo: git.Repo) -> List[tuple]:
+    """Files marked --assume-unchanged or --skip-worktree whose content on disk differs from the
+    index: git status does not show them, and `git stash` does not save them."""
+    found = []
+    root = Path(repo.working_tree_dir)
+    for line in _git(repo, "ls-files", "-v", "-s", "-z").split("\0"):
+        if not line:
+            continue
+        tag, rest = line[0], line[2:]
+        meta, _, path = rest.partition("\t")
+        flag = "assume-unchanged" if tag.islower() else "skip-worktree" if tag == "S" else None
+        if flag is None:
+            continue
+        blob = meta.split()[1]
+        disk = root / path
+        if not disk.is_file() and not disk.is_symlink():
+            continue
+        if disk.is_symlink() or _git(repo, "hash-object", "--", path) != blob:
+            found.append((path, flag))
+    return found
+
+
+def ignored_paths(repo: git.Repo, folders: bool = True) -> List[str]:
+    """Ignored files of the working tree (with folders=True, a wholly ignored folder as 'name/')."""
+    args = ["ls-files", "-z", "--others", "--ignored", "--exclude-standard"] + (["--directory"] if folders else [])
+    return [p for p in _git(repo, *args).split("\0") if p]
+
+
+def backup(repo: git.Repo, parent: Path, reason: str = "", include_ignored: Iterable[str] = ()) -> Path:
+    """`<parent>/code_<ts>/`: a bundle of every ref (the history), the index file byte for byte
+    (flags and intent-to-add entries included), and the working tree as it is on disk (common.worktree);
+    ignored files only those named in include_ignored (those a restore or rollback would write over)."""
     refuse_unsafe(repo)
     state = capture(repo)
+    gitdir = Path(repo.git_dir)
     partial = files.new_backup_dir(parent, PREFIX)
-    tag = stamp()
-    refs = {}
-    try:
-        parents = ["-p", state.commit] if state.commit else []
-        for name, tree in (("index", state.index_tree), ("worktree", state.worktree_tree)):
-            sha = _git(repo, "commit-tree", tree, *parents, "-m", f"rollback-toolkit {name} at {tag}", env=_IDENTITY)
-            refs[name] = sha
-            _git(repo, "update-ref", f"{_TMP_REFS}/{tag}/{name}", sha)
+    shallow = (gitdir / "shallow").exists()
+    if state.commit:
         _git(repo, "bundle", "create", str(partial / BUNDLE), "--all")
-    finally:
-        for name in refs:
-            _git(repo, "update-ref", "-d", f"{_TMP_REFS}/{tag}/{name}")
-    os.chmod(partial / BUNDLE, 0o600)
-    meta = {"format_version": 1, "kind": "code", "repo_path": str(repo.working_tree_dir), "reason": reason,
-            **asdict(state), "dirty": state.dirty, "index_commit": refs["index"], "worktree_commit": refs["worktree"],
-            "bundle_sha256": files.sha256_of(partial / BUNDLE), "bundle_size": (partial / BUNDLE).stat().st_size}
+    else:
+        (partial / BUNDLE).write_bytes(b"")  # no commit yet: nothing for a bundle to hold
+    include = sorted(set(include_ignored))
+    entries = worktree.write(Path(repo.working_tree_dir), partial / worktree.ARCHIVE,
+                             worktree.Ignored(ignored_paths(repo)), include, gitdir)
+    if (gitdir / "index").exists():
+        shutil.copyfile(gitdir / "index", partial / INDEX)
+    for name in (BUNDLE, worktree.ARCHIVE, INDEX):
+        if (partial / name).exists():
+            os.chmod(partial / name, 0o600)
+    meta = {"format_version": 2, "kind": "code", "repo_path": str(repo.working_tree_dir), "reason": reason,
+            **asdict(state), "dirty": state.dirty, "shallow": shallow, "ignored_included": include,
+            "bundle_sha256": files.sha256_of(partial / BUNDLE), "bundle_size": (partial / BUNDLE).stat().st_size,
+            "worktree_sha256": files.sha256_of(partial / worktree.ARCHIVE), "worktree_entries": entries,
+            "index_sha256": files.sha256_of(partial / INDEX) if (partial / INDEX).exists() else None}
     return files.finish_backup_dir(partial, METADATA, meta)
 
 
 def load_backup(path: Path) -> dict:
-    """A backup's metadata, after checking that its bundle is whole."""
+    """A backup's metadata, after checking its bundle, working-tree archive and index file."""
     meta_path = path / METADATA
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        raise UsageError(f"{path} is not a code backup (no readable {METADATA}). Nothing was changed.") from None
-    bundle = path / BUNDLE
-    if not bundle.is_file() or files.sha256_of(bundle) != meta.get("bundle_sha256"):
-        raise UsageError(f"the bundle in {path} is missing or does not match its checksum. Nothing was changed.")
+        meta = trust.read_json(meta_path)
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} is not a code backup ({METADATA}: {exc}). Nothing was changed.") from None
+    checks = [(BUNDLE, "bundle_sha256")]
+    if meta.get("format_version", 1) >= 2:
+        checks += [(worktree.ARCHIVE, "worktree_sha256")] + ([(INDEX, "index_sha256")] if meta.get("index_sha256") else [])
+    for name, key in checks:
+        part = path / name
+        if not part.is_file() or part.is_symlink() or files.sha256_of(part) != meta.get(key):
+            raise UsageError(f"the {name} in {path} is missing or does not match its checksum. Nothing was changed.")
     return meta
 
 
-def restore(repo_path: Path, backup_path: Path, meta: dict) -> None:
-    """Build the backed-up repository beside repo_path, then swap the two folders in one step.
-    Ignored files (build output, local settings) are carried over by hard links."""
-    repo_path = repo_path.resolve()
-    remove_leftovers(repo_path)
-    tmp = repo_path.parent / f".{repo_path.name}.rollback-{stamp()}"
-    existing = None
-    if (repo_path / ".git").exists():
-        existing = open_repo(repo_path)
-        refuse_unsafe(existing)
-        files.link_or_copy_tree(Path(existing.git_dir), tmp / ".git")
-        (tmp / ".git" / "index").unlink(missing_ok=True)
-    else:
-        tmp.mkdir()
-        git.Repo.init(tmp)
+def refuse_layout(repo_path: Path) -> None:
+    """Layouts a folder swap would break, refused with nothing changed: a git folder elsewhere
+    (--separate-git-dir, a linked worktree), a sparse checkout, and, as root, another user's repository."""
+    dot_git = repo_path / ".git"
+    if dot_git.is_file():
+        raise UsageError(f"{repo_path}/.git is a file pointing to a git folder elsewhere (--separate-git-dir or a "
+                         "linked worktree): a restore by folder swap would copy that git folder and leave the real "
+                         "one stale. Restore it by hand from the backup's bundle. Nothing was changed.")
+    if not dot_git.is_dir():
+        return
+    sparse = _git(git.Repo(repo_path), "config", "--bool", "core.sparseCheckout", with_exceptions=False).strip()
+    if sparse == "true":
+        raise UsageError(f"{repo_path} is a sparse checkout: a restore would write out every file and clear the "
+                         "sparse flags. Run `git sparse-checkout disable` first, or restore by hand. Nothing was changed.")
+    owner = repo_path.stat().st_uid
+    if os.geteuid() == 0 and owner != 0:
+        who = trust.owner_name(owner)
+        raise UsageError(f"{repo_path} belongs to {who}: as root, a restore would leave its new files root's. Run "
+                         f"it as {who} (sudo -u {who} ...). Nothing was changed.")
+
+
+def restore_preview(repo_path: Path, backup_path: Path, meta: dict) -> dict:
+    """What a restore would write over beyond tracked files, for the confirmation: ignored files the
+    backup has at the same path, untracked nested repositories and submodule working trees."""
+    found = {"ignored": [], "nested": [], "submodules": []}
+    if not (repo_path / ".git").is_dir():
+        return found
+    repo = open_repo(repo_path)
+    archived = set(worktree.names(backup_path / worktree.ARCHIVE)) if meta.get("format_version", 1) >= 2 else set()
+    found["ignored"] = sorted(set(ignored_paths(repo, folders=False)) & archived)
+    found["nested"] = sorted(p.rstrip("/") for p in _git(repo, "ls-files", "-z", "--others", "--directory",
+                                                           "--exclude-standard").split("\0")
+                             if p.endswith("/") and (repo_path / p / ".git").exists())
+    found["submodules"] = sorted(line.split("\t", 1)[1] for line in _git(repo, "ls-files", "-s", "-z").split("\0")
+                                 if line.startswith("160000 "))
+    return found
+
+
+_LOCK_TEXT = "rollback-toolkit restore pid="
+
+
+def _lock_owner(lock: Path) -> Optional[int]:
+    """The pid of the toolkit run that holds a repository's index.lock (None: git's own, or none)."""
     try:
-        _build(git.Repo(tmp), backup_path / BUNDLE, meta, fresh=existing is None)
-        if existing is not None:
-            _carry_ignored(existing, tmp)
-        testhooks.checkpoint("code-restore-built")
-        if repo_path.exists():
-            files.exchange(tmp, repo_path)
-        else:
-            os.rename(tmp, repo_path)
-            files.fsync_dir(repo_path.parent)
-        testhooks.checkpoint("code-restore-swapped")
+        with open(lock, "rb") as fh:
+            head = fh.read(64).decode("ascii", "replace")
+    except OSError:
+        return None
+    if not head.startswith(_LOCK_TEXT):
+        return None
+    try:
+        return int(head[len(_LOCK_TEXT):].split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def _ours(lock: Path) -> bool:
+    return _lock_owner(lock) == os.getpid()
+
+
+def _remove_our_stale_lock(lock: Path) -> None:
+    """An index.lock left by a toolkit restore that was killed (its pid is gone) is removed."""
+    pid = _lock_owner(lock)
+    if pid is None or pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
+        return
+    get_logger().warning("Removing %s, left by an interrupted restore (pid %d).", lock, pid)
+    lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(repo_path: Path):
+    """Git's own index.lock, held for a whole restore: a `git commit` (or any index change) in the
+    repository fails at once instead of landing in the state the swap then replaces."""
+    lock = repo_path / ".git" / "index.lock"
+    if not (repo_path / ".git").is_dir():
+        yield
+        return
+    _remove_our_stale_lock(lock)
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        raise UsageError(f"{lock} exists: another git process is running, or one crashed. If no git command is "
+                         "running, remove that file. Nothing was changed.") from None
+    os.write(fd, f"{_LOCK_TEXT}{os.getpid()}\n".encode())  # git only ever creates it with O_EXCL, never reads it
+    os.close(fd)
+    try:
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # after the swap it holds the old state (backed up first)
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass  # swapped away with the old tree
 
 
-def _build(repo: git.Repo, bundle: Path, meta: dict, fresh: bool) -> None:
+def _refs(repo_path: Path) -> str:
+    repo = git.Repo(repo_path)
+    head = (repo_path / ".git" / "HEAD").read_text()
+    return head + _git(repo, "for-each-ref", "--format=%(refname) %(objectname)")
+
+
+def restore(repo_path: Path, backup_path: Path, meta: dict,
+            backup_first: Optional[Callable[[List[str]], Path]] = None) -> bool:
+    """Build the backed-up repository beside repo_path, then swap the two folders in one step,
+    holding the repository's index.lock throughout (backup_first(ignored files at risk) takes the
+    automatic backup under it). Ignored files are carried over by hard links, those the backup has
+    at the same path being in the automatic backup. Returns whether the folder was swapped."""
+    repo_path = repo_path.resolve()
+    refuse_layout(repo_path)
+    remove_leftovers(repo_path)
+    if meta.get("shallow") and not (repo_path / ".git").is_dir():
+        raise UsageError(f"the backup is of a shallow clone: its bundle cannot rebuild a repository where none is. "
+                         f"Clone the repository into {repo_path} first, then restore. Nothing was changed.")
+    if repo_path.is_dir() and not (repo_path / ".git").exists() and any(repo_path.iterdir()):
+        raise UsageError(f"{repo_path} is not a git repository and is not empty: a restore would replace files no "
+                         "backup holds. Move them away, or set REPO_PATH to the repository. Nothing was changed.")
+    with locked(repo_path):
+        existing = open_repo(repo_path) if (repo_path / ".git").exists() else None
+        if existing is not None:
+            refuse_unsafe(existing, lock_held=True)
+        if backup_first is not None and existing is not None:
+            backup_first(restore_preview(repo_path, backup_path, meta)["ignored"])
+        before = _refs(repo_path) if existing is not None else None
+        tmp = repo_path.parent / f".{repo_path.name}.rollback-{stamp()}"
+        if existing is not None:
+            _copy_git_dir(Path(existing.git_dir), tmp / ".git")
+        else:
+            tmp.mkdir()
+            _git(git.Repo.init(tmp), "config", "core.bare", "false")
+        try:
+            _build(git.Repo(tmp), backup_path, meta, fresh=existing is None)
+            if existing is not None:
+                _carry_ignored(existing, tmp)
+            testhooks.checkpoint("code-restore-built")
+            if existing is not None and _refs(repo_path) != before:
+                raise RollbackError(f"{repo_path} changed while the restore was being built (a commit, a branch or "
+                                    "a tag moved): nothing was changed. Run the restore again.")
+            if repo_path.exists():
+                files.exchange(tmp, repo_path)
+            else:
+                os.rename(tmp, repo_path)
+                files.fsync_dir(repo_path.parent)
+            testhooks.checkpoint("code-restore-swapped")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # after the swap it holds the old state (backed up first)
+    return True
+
+
+def _copy_git_dir(src: Path, dst: Path) -> None:
+    """A copy of the git folder for the new tree: objects by hard link (git never rewrites them),
+    everything else (reflogs, refs, config) copied, so a failed restore leaves the live one untouched."""
+    def copy(s: str, d: str) -> None:
+        if os.path.basename(s) == "index.lock":
+            return
+        if os.path.commonpath([s, str(src / "objects")]) == str(src / "objects"):
+            try:
+                os.link(s, d)
+                return
+            except OSError:
+                pass
+        shutil.copy2(s, d)
+    shutil.copytree(src, dst, symlinks=True, copy_function=copy)
+    (dst / "index").unlink(missing_ok=True)
+
+
+def _build(repo: git.Repo, backup_path: Path, meta: dict, fresh: bool) -> None:
+    bundle = backup_path / BUNDLE
     ns = "refs/rollback-restore"
-    _git(repo, "fetch", "--quiet", "--no-tags", str(bundle), f"+refs/*:{ns}/*")
-    if fresh:  # an empty folder: the repository comes back whole, every branch and tag
-        _git(repo, "fetch", "--quiet", str(bundle), "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
+    if bundle.stat().st_size:
+        _git(repo, "fetch", "--quiet", "--no-tags", str(bundle), f"+refs/*:{ns}/*")
+        if fresh:  # an empty folder: the repository comes back whole, every branch and tag
+            _git(repo, "fetch", "--quiet", str(bundle), "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
     if meta["branch"]:
         if meta["commit"]:
             _git(repo, "update-ref", f"refs/heads/{meta['branch']}", meta["commit"])
         _git(repo, "symbolic-ref", "HEAD", f"refs/heads/{meta['branch']}")
     elif meta["commit"]:
         _git(repo, "update-ref", "--no-deref", "HEAD", meta["commit"])
-    with tempfile.TemporaryDirectory(prefix="rollback-index-") as tmpdir:
-        env = {"GIT_INDEX_FILE": str(Path(tmpdir) / "index")}
-        _git(repo, "read-tree", meta["worktree_tree"], env=env)
-        _git(repo, "checkout-index", "--all", "--force", env=env)
-    _git(repo, "read-tree", meta["index_tree"])
-    _git(repo, "update-index", "-q", "--refresh", with_exceptions=False)
+    root = Path(repo.working_tree_dir)
+    if meta.get("format_version", 1) >= 2:
+        # The working tree as it was on disk, and the index file as it was (flags and all).
+        worktree.extract(backup_path / worktree.ARCHIVE, root)
+        if meta.get("index_sha256"):
+            shutil.copyfile(backup_path / INDEX, root / ".git" / "index")
+            _git(repo, "update-index", "-q", "--refresh", with_exceptions=False)
+    else:  # a backup made before the archive: its trees, checked out
+        with tempfile.TemporaryDirectory(prefix="rollback-index-") as tmpdir:
+            env = {"GIT_INDEX_FILE": str(Path(tmpdir) / "index")}
+            _git(repo, "read-tree", meta["worktree_tree"], env=env)
+            _git(repo, "checkout-index", "--all", "--force", env=env)
+        _git(repo, "read-tree", meta["index_tree"])
+        _git(repo, "update-index", "-q", "--refresh", with_exceptions=False)
     for ref in _git(repo, "for-each-ref", "--format=%(refname)", ns).split():
         _git(repo, "update-ref", "-d", ref)
 
 
 def _carry_ignored(old: git.Repo, tmp: Path) -> None:
-    listing = _git(old, "ls-files", "-z", "--others", "--ignored", "--exclude-standard")
+    """Ignored files of the live tree into the new one by hard link, where the backup put nothing."""
     root = Path(old.working_tree_dir)
-    for rel in filter(None, listing.split("\0")):
+    for rel in ignored_paths(old, folders=False):
         src, dst = root / rel, tmp / rel
         if dst.exists() or dst.is_symlink():
             continue
@@ -229,18 +419,32 @@ class RollbackResult:
     stash: Optional[str] = None
 
 
-def rollback(repo: git.Repo, commit: str) -> RollbackResult:
-    """Stash local changes (named), keep the old head under refs/rollback/<ts>, reset the branch."""
+def rollback_at_risk(repo: git.Repo, commit: str) -> List[str]:
+    """Ignored files that `reset --hard` to the commit would write over: those at a path it tracks
+    (a file once committed, now ignored, such as a local config holding a password)."""
+    tracked = set(_git(repo, "ls-tree", "-r", "-z", "--name-only", commit).split("\0"))
+    return sorted(set(ignored_paths(repo, folders=False)) & tracked)
+
+
+def rollback(repo: git.Repo, commit: str, expected_head: Optional[str] = None) -> RollbackResult:
+    """Stash local changes (the stash is named by its own object, never by position), keep the old
+    head under refs/rollback/<ts>, reset the branch. Refused when HEAD moved since it was planned."""
     tag = stamp()
     old = repo.head.commit.hexsha
+    if expected_head and old != expected_head:
+        raise RollbackError(f"HEAD moved from {expected_head[:12]} to {old[:12]} since the confirmation (a commit was "
+                            "made meanwhile): nothing was changed. Run the rollback again.")
     branch = repo.head.ref.name
     kept = f"refs/rollback/{tag}"
     _git(repo, "update-ref", kept, old)
     stash = None
     if capture(repo).dirty:
         message = f"rollback-toolkit {tag}: local changes before rollback to {commit[:12]}"
+        previous = _git(repo, "rev-parse", "-q", "--verify", "refs/stash", with_exceptions=False).strip()
         _git(repo, "stash", "push", "--include-untracked", "-m", message, env=_IDENTITY)
-        stash = f"stash@{{0}} ({_git(repo, 'rev-parse', 'stash@{0}')[:12]}: {message})"
+        made = _git(repo, "rev-parse", "-q", "--verify", "refs/stash", with_exceptions=False).strip()
+        if made and made != previous and message in _git(repo, "log", "-1", "--format=%s", made):
+            stash = f"{made[:12]} ({message}; git stash apply {made[:12]})"
     _git(repo, "reset", "--hard", "--quiet", commit)
     return RollbackResult(old, commit, branch, kept, stash)
 
@@ -254,12 +458,14 @@ def publish(repo: git.Repo, deploy_dir: Path, commit: str) -> Path:
     partial = releases / f".{name}.partial"
     partial.mkdir()
     with tempfile.TemporaryFile() as archive:
-        repo.git.archive(commit, format="tar", output_stream=archive)
+        repo.git.execute(["git", *SAFE, "archive", "--format=tar", commit], output_stream=archive)
         archive.seek(0)
         with tarfile.open(fileobj=archive) as tar:
             safe = {"filter": "tar"} if hasattr(tarfile, "data_filter") else {}  # Python 3.9.17+/3.11.4+
             tar.extractall(partial, **safe)
-    files.write_json_atomic(partial / ".release.json", {"commit": commit, "created_at": utc_now().isoformat()})
+            written = sorted(m.name.rstrip("/") for m in tar.getmembers() if not m.isdir())
+    files.write_json_atomic(partial / ".release.json", {"commit": commit, "created_at": utc_now().isoformat(),
+                                                        "made_by": "rollback-toolkit", "files": written})
     final = releases / name
     os.rename(partial, final)
     link_tmp = deploy_dir / f".current.tmp-{os.getpid()}"
@@ -276,13 +482,42 @@ def current_release(deploy_dir: Path) -> Optional[Path]:
     return (deploy_dir / os.readlink(link)).resolve() if link.is_symlink() else None
 
 
+def _written_by_us(release: Path) -> Optional[List[str]]:
+    """The files the toolkit wrote into a release folder, from its .release.json; None for a folder
+    it did not make (it is never pruned, nor taken for a release)."""
+    try:
+        data = trust.read_json(release / ".release.json")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("made_by") != "rollback-toolkit" or not isinstance(data.get("files"), list):
+        return None
+    return data["files"]
+
+
 def prune_releases(deploy_dir: Path, keep: int = KEEP_RELEASES) -> None:
-    releases = sorted((p for p in (deploy_dir / "releases").iterdir() if p.is_dir() and not p.name.startswith(".")),
-                      key=lambda p: p.name, reverse=True)
+    """Keep the newest releases the toolkit made and the current one. A folder it did not make is
+    never pruned; one holding files it did not write is kept, with a warning naming them."""
+    log = get_logger()
+    ours = []
+    for p in (deploy_dir / "releases").iterdir():
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith("."):
+            written = _written_by_us(p)
+            if written is None:
+                log.warning("%s was not made by this toolkit: it is left alone and not counted as a release.", p)
+            else:
+                ours.append((p, written))
+    ours.sort(key=lambda item: item[0].name, reverse=True)
     current = current_release(deploy_dir)
-    for old in releases[keep:]:
-        if current is None or old.resolve() != current:
-            shutil.rmtree(old, ignore_errors=True)
+    for old, written in ours[keep:]:
+        if current is not None and old.resolve() == current:
+            continue
+        present = {str(f.relative_to(old)) for f in old.rglob("*") if not f.is_dir()} - {".release.json"}
+        extra = sorted(present - set(written))
+        if extra:
+            log.warning("Not removing old release %s: it holds %d file(s) this toolkit did not write (%s). Move them, "
+                        "then delete the folder.", old, len(extra), ", ".join(extra[:5]))
+            continue
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def release_commit(release: Optional[Path]) -> Optional[str]:
@@ -296,7 +531,7 @@ def release_commit(release: Optional[Path]) -> Optional[str]:
 
 def fsck(repo: git.Repo) -> List[str]:
     try:
-        repo.git.execute(["git", "fsck", "--no-progress", "--no-dangling"])
+        repo.git.execute(["git", *SAFE, "fsck", "--no-progress", "--no-dangling"])
         return []
     except git.GitCommandError as exc:
         return [line for line in (exc.stderr or "").splitlines() if line.strip()][-10:] or [str(exc)]

@@ -313,9 +313,11 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
 
     def code_step() -> str:
         with files.FolderLock(code_backups, ctx.script):
-            if (repo_path / ".git").exists():
-                coderepo.backup(coderepo.open_repo(repo_path), code_backups, reason=f"automatic before release {chosen.id}")
-            coderepo.restore(repo_path, code_path, code_meta)
+            def backup_first(at_risk):
+                auto = coderepo.backup(coderepo.open_repo(repo_path), code_backups, include_ignored=at_risk,
+                                       reason=f"automatic before release {chosen.id}")
+                ctx.log.info("  automatic backup of the code as it was: %s", auto)
+            coderepo.restore(repo_path, code_path, code_meta, backup_first=backup_first)
         state = coderepo.capture(coderepo.open_repo(repo_path))
         broken = coderepo.fsck(coderepo.open_repo(repo_path))
         if state.commit != code_meta["commit"] or state.branch != code_meta["branch"] or broken:

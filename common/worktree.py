@@ -1,0 +1,95 @@
+"""A repository's working tree as it is on disk, in one tar archive (code backups, DESIGN §8).
+
+Git's own objects cannot hold what a user may lose: a file marked --assume-unchanged is skipped by
+`git add`, modes other than 644 and 755, owners, hard links, empty folders, CRLF files under
+`text=auto` and `$Id$` under `ident` (checkout rewrites both), nested repositories, submodule
+working trees. A tar archive keeps every one of them byte for byte. Ignored files stay out (build
+output can be huge), but for those a restore or rollback would write over, which the caller names."""
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable, List, Optional, Set
+
+ARCHIVE = "worktree.tar"
+MODULES = ".git/modules"  # submodules' own git folders: backed up beside their working trees
+
+
+class Ignored:
+    """The ignored paths of a working tree, as `git ls-files --others --ignored --directory` lists
+    them: whole folders end in '/'."""
+
+    def __init__(self, listing: Iterable[str]):
+        self.files: Set[str] = set()
+        self.dirs: Set[str] = set()
+        for entry in listing:
+            if entry.endswith("/"):
+                self.dirs.add(entry.rstrip("/"))
+            elif entry:
+                self.files.add(entry)
+
+    def covers(self, rel: str) -> bool:
+        if rel in self.files or rel in self.dirs:
+            return True
+        parts = rel.split("/")
+        return any("/".join(parts[:i]) in self.dirs for i in range(1, len(parts)))
+
+
+def write(root: Path, dest: Path, ignored: Ignored, include: Iterable[str] = (), git_dir: Optional[Path] = None) -> int:
+    """Archive every file, folder and link under root except the top-level .git and the ignored
+    ones (but those in `include`); with git_dir, its modules/ folder too. Returns the entries."""
+    include = set(include)
+    below = {"/".join(p.split("/")[:i]) for p in include for i in range(1, p.count("/") + 1)}
+    count = 0
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+        for current, dirs, names in os.walk(root):
+            rel_dir = os.path.relpath(current, root)
+            prefix = "" if rel_dir == "." else rel_dir + "/"
+            descend = []
+            for name in sorted(dirs):
+                rel, full = prefix + name, os.path.join(current, name)
+                if rel == ".git":
+                    continue  # the repository's own git folder: the bundle and the index file hold it
+                if ignored.covers(rel) and rel not in include:
+                    if rel in below:
+                        descend.append(name)  # an ignored folder with a file the caller includes
+                    continue
+                tar.add(full, arcname=rel, recursive=False)  # a link to a folder is kept as the link
+                count += 1
+                if not os.path.islink(full):
+                    descend.append(name)
+            dirs[:] = descend
+            for name in sorted(names):
+                rel = prefix + name
+                if rel == ".git" or (ignored.covers(rel) and rel not in include):
+                    continue
+                tar.add(os.path.join(current, name), arcname=rel, recursive=False)
+                count += 1
+        if git_dir is not None and (git_dir / "modules").is_dir():
+            tar.add(str(git_dir / "modules"), arcname=MODULES, recursive=True)
+    return count
+
+
+def names(archive: Path) -> List[str]:
+    with tarfile.open(archive) as tar:
+        return tar.getnames()
+
+
+def extract(archive: Path, dest: Path) -> None:
+    """Unpack into dest exactly: bytes, modes, links, hard links, empty folders, and (as root) owners.
+    The archive was written by write() and its checksum verified; its names are checked all the same."""
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        seen = set()
+        for m in members:
+            parts = Path(m.name).parts
+            if m.name.startswith("/") or ".." in parts or not parts:
+                raise ValueError(f"{archive} holds an entry outside the repository: {m.name!r}")
+            if m.islnk() and m.linkname not in seen:
+                raise ValueError(f"{archive} holds a hard link to an entry it does not have: {m.linkname!r}")
+            seen.add(m.name)
+        kwargs = {"numeric_owner": True}
+        if hasattr(tarfile, "fully_trusted_filter"):  # Python 3.12+ (and backports): keep every mode as written
+            kwargs["filter"] = "fully_trusted"
+        tar.extractall(dest, members=members, **kwargs)
