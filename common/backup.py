@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import catalog, dbprops, snapshot, testhooks, trust, warm
+from . import catalog, dbprops, marks, snapshot, testhooks, trust, warm
 from .catalog import RollbackPoint
 from .database import ConnInfo, connect, migration_head, rows, scalar, server_version, table_row_counts
 from .errors import BackupFailed, ConfigError, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
@@ -316,6 +316,7 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
         if seal is not None:
             warm.record(point, seal)
             catalog.save(point)
+            marks.forget(folder, seal.database)  # the sidecar names it now
             testhooks.checkpoint("warm-recorded")
         warm.prune(lock.conn, folder, info.dbname, warm_copies)
     return point

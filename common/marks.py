@@ -7,7 +7,9 @@ drops a copy as an orphan, or uses one, only when the mark says it is this folde
 copy does not carry a database comment, so a restore made from a marked copy is not marked.)"""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -50,3 +52,44 @@ def read(conn, name: str) -> Optional[Mark]:
     if not all(isinstance(f, str) for f in fields):
         return None
     return Mark(*fields)
+
+
+def _intent_path(folder: Path, name: str) -> Path:
+    return Path(folder) / f".making_{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
+
+
+def intend(folder: Path, name: str, kind: str) -> Path:
+    """Before CREATE DATABASE: a note in BACKUP_DIR that this run is making `name`, so that a kill
+    before the mark is set still leaves the database provably this folder's (removed with forget)."""
+    from .catalog import write_json_atomic
+    path = _intent_path(folder, name)
+    write_json_atomic(path, {"made_by": MAKER, "kind": kind, "database": name})
+    return path
+
+
+def forget(folder: Path, name: str) -> None:
+    try:
+        os.unlink(_intent_path(folder, name))
+    except FileNotFoundError:
+        pass
+
+
+def intended(folder: Path, kind: str) -> set:
+    """Databases of that kind a run of this folder began to make (and may have been killed making)."""
+    from .trust import read_json
+    names = set()
+    for path in Path(folder).glob(".making_*.json"):
+        try:
+            data = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("made_by") == MAKER and data.get("kind") == kind \
+                and isinstance(data.get("database"), str) and path == _intent_path(folder, data["database"]):
+            names.add(data["database"])
+    return names
+
+
+def ours(conn, name: str, kind: str, folder: Path) -> bool:
+    """Whether this folder's runs made the database: its mark says so, or a run noted it was making it."""
+    mark = read(conn, name)
+    return (mark is not None and mark.is_of(kind, folder)) or name in intended(folder, kind)

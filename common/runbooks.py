@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from . import backup, catalog, configfiles, files, metrics, release, restore, snapshot, testhooks, warm
+from . import backup, catalog, configfiles, files, marks, metrics, release, restore, snapshot, testhooks, warm
 from . import cleanup as cleaning
 from .catalog import RollbackPoint
 from .cli import Context, same_database
@@ -146,6 +146,7 @@ def drop_orphan(ctx: Context, info: ConnInfo, name: str) -> None:
     """Drop a snapshot database that no sidecar describes (under the target's lock)."""
     with DatabaseLock(info, info.dbname, ctx.script) as lock:
         drop_database(lock.conn, name)
+    marks.forget(ctx.settings.backup_dir, name)
     ctx.log.info("Dropped orphan snapshot database %s.", name)
 
 

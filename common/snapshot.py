@@ -50,6 +50,7 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
     log.info("Creating snapshot %s of %s (PostgreSQL %s) ...", name, info.masked(), version)
     connections.recover(conn, folder, info.dbname)
     props = dbprops.read(conn, info.dbname)
+    marks.intend(folder, name, TAG)  # a kill before the mark still leaves it provably this folder's
     with connections.cut(conn, folder, info.dbname, wait=wait) as cut:
         try:
             db.create_database(conn, name, template=info.dbname, like=info.dbname)
@@ -83,10 +84,12 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
             database_properties=props.to_json() if props else None)
         marks.put(conn, name, TAG, folder, point.id)
         catalog.save(point)
+        marks.forget(folder, name)
     except BaseException:
         if own is not None and not own.closed:
             own.close()
         db.drop_database(conn, name)
+        marks.forget(folder, name)
         raise
     return point
 
@@ -107,7 +110,7 @@ def orphans(conn, target: str, points: List[RollbackPoint], folder: Path) -> Lis
     (another BACKUP_DIR's snapshots, and databases the toolkit did not make, are not orphans)."""
     known = {p.snapshot_database for p in points if p.kind == catalog.SNAPSHOT}
     return [n for n in db.databases_like(conn, db.name_prefix(target, TAG, SEP))
-            if n not in known and (mark := marks.read(conn, n)) is not None and mark.is_of(TAG, folder)]
+            if n not in known and marks.ours(conn, n, TAG, folder)]
 
 
 def proven_ours(conn, point: RollbackPoint) -> bool:

@@ -125,6 +125,7 @@ def build(conn, info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_
     log.info("Warm copy: restoring the point into %s while %s keeps serving ...", name, info.dbname)
     started = time.monotonic()
     own: list = []
+    marks.intend(point.folder, name, TAG)  # a kill before the mark still leaves it provably ours
     try:
         db.create_database(conn, name, like=info.dbname)
         marks.put(conn, name, TAG, point.folder, point.id)
@@ -143,11 +144,11 @@ def build(conn, info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_
         log.warning("No warm copy for %s (%s). The point is OK; a rollback will restore the dump.", point.id,
                     db.reason(exc) if isinstance(exc, psycopg2.Error) else exc)
         _close(own)
-        _drop_quietly(conn, name)
+        _drop_quietly(conn, name, point.folder)
         return None
     except BaseException:
         _close(own)
-        _drop_quietly(conn, name)
+        _drop_quietly(conn, name, point.folder)
         raise
     log.info("  warm copy %s sealed (%s, %.1f s)", name, human_size(size), time.monotonic() - started)
     return Seal(name, oid, xmin, size, dump_key(point))
@@ -194,13 +195,17 @@ def remove_orphans(conn, folder: Path, database: str) -> List[str]:
     making one now). Another BACKUP_DIR's copies, and unmarked ones, are never touched."""
     named = {p.warm_database for p in catalog.scan(folder) if p.warm_database}
     gone = []
-    for name in db.databases_like(conn, db.name_prefix(database, TAG)):
-        mark = marks.read(conn, name)
-        if name in named or mark is None or not mark.is_of(TAG, folder):
+    present = db.databases_like(conn, db.name_prefix(database, TAG))
+    for name in present:
+        if name in named or not marks.ours(conn, name, TAG, folder):
             continue
         get_logger().warning("Removing %s, a warm copy no rollback point names (an interrupted run's).", name)
-        _drop_quietly(conn, name)
+        _drop_quietly(conn, name, folder)
         gone.append(name)
+    prefix = db.name_prefix(database, TAG)
+    for name in marks.intended(folder, TAG):
+        if name.startswith(prefix) and (name in named or name not in present):
+            marks.forget(folder, name)  # made and recorded, or never made: the note has done its work
     return gone
 
 
@@ -218,8 +223,11 @@ def drop(conn, point: RollbackPoint) -> bool:
     return True
 
 
-def _drop_quietly(conn, name: str) -> None:
+def _drop_quietly(conn, name: str, folder: Optional[Path] = None) -> None:
     try:
         db.drop_database(conn, name)
     except psycopg2.Error as exc:
         get_logger().warning("could not drop %s (%s); the next run removes it", name, db.reason(exc))
+        return
+    if folder is not None:
+        marks.forget(folder, name)
