@@ -21,12 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pg_dump --compress value (default: lz4 where pg_dump has it, else 0)")
     cli.common_flags(parser, destructive=False, machine=True)
     cli.warm_flag(parser, making=True)
+    cli.yes_flag(parser)
     return parser
 
 
 def handle(args, ctx: cli.Context) -> int:
     staging = ctx.staging()
-    ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
+    ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description, confirm=ctx.confirm,
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress,
                                        warm_copies=ctx.warm_copies))
 

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress", metavar="SPEC")
     cli.common_flags(p, destructive=False, machine=True)
     cli.warm_flag(p, making=True)
+    cli.yes_flag(p)
     p = sub.add_parser("migrate", help="apply pending SQL migrations in order (up to TARGET)")
     p.add_argument("target", nargs="?", help="version (001) or name (001_initial_schema) to stop at")
     p.add_argument("--migrations-dir", metavar="DIR", help="default: $MIGRATIONS_DIR")
@@ -123,9 +124,9 @@ def cmd_rollback(args, ctx):
     with DatabaseLock(target, target.dbname, ctx.script) as lock:
         if migrations.to_revert(read_status(ctx, target), args.target) != todo:
             raise UsageError("the migrations changed while you confirmed; run the command again. Nothing was changed.")
-        point = backup.create_point(target, ctx.settings.backup_dir, ctx.script, f"automatic before rollback to "
-                                    f"{goal.full_name}", pg_bin_dir=ctx.pg_bin_dir, lock=lock,
-                                    warm_copies=ctx.warm_copies)
+        point = backup.create_point(target, ctx.settings.backup_dir, ctx.script,
+                                    f"automatic before rollback to {goal.full_name}", pg_bin_dir=ctx.pg_bin_dir,
+                                    lock=lock, warm_copies=ctx.warm_copies, confirm=ctx.confirm)
         ctx.log.info("Automatic rollback point: %s", point.id)
         testhooks.checkpoint("rollback-point-taken")
         for n, m in enumerate(todo, 1):
@@ -170,7 +171,7 @@ def cmd_cleanup(args, ctx):
 
 def cmd_backup(args, ctx):
     target = ctx.db_target()
-    ctx.show_point(backup.create_point(target, ctx.settings.backup_dir, ctx.script, args.description,
+    ctx.show_point(backup.create_point(target, ctx.settings.backup_dir, ctx.script, args.description, confirm=ctx.confirm,
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress,
                                        warm_copies=ctx.warm_copies))
 

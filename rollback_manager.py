@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress", metavar="SPEC")
     cli.common_flags(p, destructive=False, machine=True)
     cli.warm_flag(p, making=True)
+    cli.yes_flag(p)
     p = sub.add_parser("restore", help="restore staging from a rollback point")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--file", help="dump file, sidecar or id")
@@ -88,15 +89,22 @@ def staging_or_none(ctx, args):
 
 
 def cmd_list(args, ctx):
-    points = runbooks.scan(ctx, staging_or_none(ctx, args))
+    staging = staging_or_none(ctx, args)
+    points = runbooks.scan(ctx, staging)
     releases = runbooks.releases(ctx, points)
     interrupted = release.interrupted(ctx.settings.backup_dir)
+    held = runbooks.server_inventory(ctx, staging, points)
     if ctx.json:
         ctx.emit_json({"backup_dir": str(ctx.settings.backup_dir), "points": [p.summary() for p in points],
-                       "releases": [r.summary() for r in releases], "interrupted_releases": interrupted})
+                       "releases": [r.summary() for r in releases], "interrupted_releases": interrupted,
+                       "server": held})
         return
+    if held["reachable"] is False:
+        print(f"WARNING: the server cannot be reached ({held['error']}): snapshots, warm copies and replaced "
+              "databases are shown as unknown.")
     print(f"Rollback points in {ctx.settings.backup_dir}:")
-    print(report.points_table(points))
+    print(report.points_table(points, server_known=held["reachable"] is not False))
+    print("\n".join(report.held_lines(held, staging.dbname if staging else None)))
     if releases:
         print("\nRelease rollback points (configuration, code, database), newest first:")
         for r in releases:
@@ -118,6 +126,7 @@ def cmd_info(args, ctx):
         return
     point = catalog.resolve(ctx.settings.backup_dir, args.file)
     catalog.quick_check(point, runbooks.scan_checker(ctx, staging_or_none(ctx, args)))
+    runbooks.check_restorable(ctx, point)
     if ctx.json:
         ctx.emit_json(point.summary())
     else:
@@ -129,7 +138,7 @@ def cmd_create(args, ctx):
     if args.all:
         runbooks.create_release(ctx, staging, args.description)
         return
-    ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
+    ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description, confirm=ctx.confirm,
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress,
                                        warm_copies=ctx.warm_copies))
 

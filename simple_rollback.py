@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("create", help="snapshot staging (its connections are cut for the copy)")
     p.add_argument("description", nargs="?", default="")
     cli.common_flags(p, destructive=False, machine=True)
+    cli.yes_flag(p)
     p = sub.add_parser("list", help="snapshots of staging, and snapshot databases without a sidecar")
     cli.common_flags(p, destructive=False, machine=True)
     p = sub.add_parser("restore", help="restore staging from a snapshot (newest by default)")
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_create(args, ctx):
     staging = ctx.staging()
-    ctx.show_point(snapshot.create_snapshot(staging, ctx.settings.backup_dir, ctx.script, args.description,
+    ctx.show_point(snapshot.create_snapshot(staging, ctx.settings.backup_dir, ctx.script, args.description, confirm=ctx.confirm,
                                             wait=ctx.wait))
 
 

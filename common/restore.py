@@ -7,9 +7,10 @@ restored; the next run removes leftovers and re-allows connections an interrupte
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -17,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import psycopg2
 from psycopg2 import sql
 
-from . import catalog, connections, dbprops, pgbouncer, snapshot, testhooks, warm
+from . import catalog, connections, dbprops, pgbouncer, snapshot, testhooks, trust, warm
 from . import database as db
 from .catalog import RollbackPoint
 from .connections import DEFAULT_WAIT
@@ -159,6 +160,7 @@ class Result:
     reference: str = "the rollback point"
     # Steps after the renames had committed that did not finish: the target is restored all the same.
     unfinished: List[str] = field(default_factory=list)
+    dropped_replaced: List[str] = field(default_factory=list)  # older replaced databases dropped (retention)
 
     def summary_lines(self) -> List[str]:
         p = self.point
@@ -174,6 +176,8 @@ class Result:
         if self.kept_as:
             lines.append(f"  previous state kept as database {self.kept_as!r} "
                          "(remove with cleanup, or restore it by renaming if this rollback was wrong)")
+        if self.dropped_replaced:
+            lines.append(f"  older replaced databases dropped (ROLLBACK_KEEP_REPLACED): {', '.join(self.dropped_replaced)}")
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  warning: {self.target} IS restored, but this did not finish: {u}" for u in self.unfinished]
         return lines
@@ -183,7 +187,7 @@ class Result:
                 "seconds": round(self.seconds, 3), "unavailable_seconds": round(self.unavailable_seconds, 4),
                 "sessions_cut": self.sessions_cut, "tables_checked": self.tables_checked,
                 "rows_checked": self.rows_checked, "verified": True, "notes": self.notes,
-                "restored": True, "unfinished": self.unfinished,
+                "restored": True, "unfinished": self.unfinished, "dropped_replaced": self.dropped_replaced,
                 "pgbouncer_paused_seconds": None if self.paused_seconds is None else round(self.paused_seconds, 4)}
 
 
@@ -323,14 +327,15 @@ def verify_checksum_with_progress(point: RollbackPoint) -> None:
 
 def execute(the_plan: Plan, *, script: str, folder: Path, pg_bin_dir: Optional[str] = None,
             drop_previous: bool = False, lock: Optional[DatabaseLock] = None,
-            reconfirm: Optional[Callable[[str, List[str]], None]] = None) -> Result:
+            reconfirm: Optional[Callable[[str, List[str]], None]] = None,
+            keep_replaced: Optional[int] = None) -> Result:
     """Carry out a confirmed plan under the target's lock (taken here unless the caller holds it).
     The plan is read again under the lock; when what was confirmed changed meanwhile, `reconfirm`
     (question, details) asks again, and without it the restore is refused."""
     if lock is None:
         with DatabaseLock(the_plan.info, the_plan.info.dbname, script) as own:
             return execute(the_plan, script=script, folder=folder, pg_bin_dir=pg_bin_dir,
-                           drop_previous=drop_previous, lock=own, reconfirm=reconfirm)
+                           drop_previous=drop_previous, lock=own, reconfirm=reconfirm, keep_replaced=keep_replaced)
     started = time.monotonic()
     conn = lock.conn
     recover_interrupted(conn, the_plan.info.dbname, folder, the_plan.pooler)
@@ -351,6 +356,8 @@ def execute(the_plan: Plan, *, script: str, folder: Path, pg_bin_dir: Optional[s
                 db.drop_database(conn, result.kept_as)
                 result.notes.append(f"previous state {result.kept_as!r} dropped (--drop-previous)")
                 result.kept_as = None
+            if keep_replaced is not None:
+                result.dropped_replaced = prune_replaced(conn, the_plan.info.dbname, keep_replaced)
         except Exception as exc:
             what = db.reason(exc) if isinstance(exc, psycopg2.Error) else (str(exc) or type(exc).__name__)
             result.unfinished.append(f"finishing after the swap: {what}" +
@@ -360,6 +367,17 @@ def execute(the_plan: Plan, *, script: str, folder: Path, pg_bin_dir: Optional[s
         result.notes += _property_notes(the_plan)
     result.seconds = time.monotonic() - started
     return result
+
+
+def prune_replaced(conn, target: str, keep: int) -> List[str]:
+    """Drop all but the `keep` newest `<target>__pre_rollback_<ts>` databases (after a successful
+    rollback or reset); returns the names dropped."""
+    names = sorted(db.databases_like(conn, db.name_prefix(target, PREVIOUS_TAG)), reverse=True)
+    dropped = []
+    for name in names[max(0, keep):]:
+        db.drop_database(conn, name)
+        dropped.append(name)
+    return dropped
 
 
 def _property_notes(the_plan: Plan) -> List[str]:
@@ -566,9 +584,36 @@ def _drop_quietly(conn, name: str) -> None:
         get_logger().warning("could not drop %s (%s); the next run removes it", name, db.reason(exc))
 
 
-def fill_database(target: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str]) -> None:
-    """pg_restore the dump into an empty database (parallel jobs: the custom format allows it)."""
+# Settings a newer pg_restore sets on its connection that an older server does not know: pg_restore
+# 17+ sends `SET transaction_timeout = 0`, which PostgreSQL 15 and 16 refuse ("unrecognized
+# configuration parameter"). Such a restore goes through pg_restore's script, without these lines, into psql.
+_NEWER_SETTINGS = {17: ("transaction_timeout",)}
+
+
+def unknown_settings(tool_major: int, server_major: int) -> tuple:
+    return tuple(name for major, names in _NEWER_SETTINGS.items() if tool_major >= major > server_major for name in names)
+
+
+def restorer(point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str]) -> str:
+    """How this machine restores the point into a server of that major ('' for a snapshot), or a
+    ToolNotFound saying why it cannot: a point is OK only when something here can restore it."""
+    if point.kind != catalog.DUMP:
+        return ""
     tool = restore_tool(point, server_major, pg_bin_dir)
+    if unknown_settings(tool.major, server_major):
+        psql = find_tool("psql", server_major, pg_bin_dir)
+        return f"{tool.describe()} through {psql.describe()}"
+    return tool.describe()
+
+
+def fill_database(target: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str],
+                  tool: Optional[Tool] = None) -> None:
+    """pg_restore the dump into an empty database (parallel jobs: the custom format allows it); a
+    pg_restore newer than the server goes through its script into psql (see _NEWER_SETTINGS)."""
+    tool = tool or restore_tool(point, server_major, pg_bin_dir)
+    if unknown_settings(tool.major, server_major):
+        _fill_through_psql(target, point, tool, find_tool("psql", server_major, pg_bin_dir), server_major)
+        return
     jobs = max(2, min(4, os.cpu_count() or 2))
     progress = Progress("restoring", total=len(point.tables))
 
@@ -586,6 +631,47 @@ def fill_database(target: ConnInfo, point: RollbackPoint, server_major: int, pg_
         raise RestoreFailed(f"{exc}. The target was not touched.") from None
     finally:
         progress.done()
+
+
+def _fill_through_psql(target: ConnInfo, point: RollbackPoint, tool: Tool, psql: Tool, server_major: int) -> None:
+    """pg_restore --file=- | (without the SETs the server does not know) | psql, one stream."""
+    get_logger().info("  %s through %s (pg_restore %d sets what PostgreSQL %d does not know: %s)", tool.describe(),
+                      psql.describe(), tool.major, server_major, ", ".join(unknown_settings(tool.major, server_major)))
+    producer = Process([tool.path, "--file=-", str(point.path)], env=target.libpq_env())
+    try:
+        with without_settings(producer, unknown_settings(tool.major, server_major)) as source:
+            run([psql.path, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password", "--dbname",
+                 conninfo_dbname(target.dbname)], password=target.password, env=target.libpq_env(), stdin=source,
+                what=f"psql {psql.version} (restore of pg_restore {tool.version}'s script)")
+        producer.wait(what=f"pg_restore {tool.version}")
+    except ToolFailed as exc:
+        producer.kill()
+        raise RestoreFailed(f"{exc}. The target was not touched.") from None
+
+
+@contextmanager
+def without_settings(producer: Process, names: tuple):
+    """A readable file of the producer's stdout without its `SET <name> ...` lines (none: as it is)."""
+    if not names:
+        yield producer.proc.stdout
+        return
+    drop = re.compile(rb"^SET (" + b"|".join(re.escape(n.encode()) for n in names) + rb") ")
+    read_fd, write_fd = os.pipe()
+
+    def relay() -> None:
+        try:
+            with os.fdopen(write_fd, "wb") as sink:
+                for line in producer.proc.stdout:
+                    if not drop.match(line):
+                        sink.write(line)
+        except OSError:
+            pass  # the reader went away: its own error says why
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    with os.fdopen(read_fd, "rb") as source:
+        yield source
+    thread.join(timeout=5)
 
 
 def conninfo_dbname(name: str) -> str:
@@ -634,14 +720,15 @@ def _restore_in_place(the_plan: Plan, conn, pg_bin_dir: Optional[str]) -> Result
     preamble = extra_objects_sql(info, tool, point) + _property_sql(conn, the_plan)
     cut_at = time.monotonic()
     producer = Process([tool.path, "--clean", "--if-exists", "--file=-", str(point.path)], env=info.libpq_env())
+    unknown = unknown_settings(tool.major, the_plan.server_major)
     preamble_file = point.folder / f".inplace_{os.getpid()}.sql"
-    fd = os.open(preamble_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
+    with trust.create_file(preamble_file) as fh:
         fh.write(preamble)
     try:
-        run([psql.path, "-X", "-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "--no-password",
-             "-f", str(preamble_file), "-f", "-"], password=info.password, env=info.libpq_env(),
-            stdin=producer.proc.stdout, what=f"psql {psql.version} (in-place restore)")
+        with without_settings(producer, unknown) as source:
+            run([psql.path, "-X", "-q", "--single-transaction", "-v", "ON_ERROR_STOP=1", "--no-password",
+                 "-f", str(preamble_file), "-f", "-"], password=info.password, env=info.libpq_env(),
+                stdin=source, what=f"psql {psql.version} (in-place restore)")
         producer.wait(what=f"pg_restore {tool.version}")
     except ToolFailed as exc:
         producer.kill()

