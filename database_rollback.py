@@ -15,9 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import backup, catalog, cli, health, metrics, migrations, runbooks, testhooks  # noqa: E402
+from common import backup, catalog, cli, migrations, runbooks, testhooks  # noqa: E402
 from common.database import connect  # noqa: E402
-from common.errors import RollbackError, UsageError, VerifyProblems  # noqa: E402
+from common.errors import RollbackError, UsageError  # noqa: E402
 from common.locks import DatabaseLock  # noqa: E402
 
 
@@ -51,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-previous", action="store_true", help="do not keep the replaced database")
     cli.common_flags(p, machine=True)
     cli.warm_flag(p, making=False)
-    p = sub.add_parser("verify", help="health and drift report (exit 4 on problems)")
+    p = sub.add_parser("verify", help="health, and drift from the point it was restored from (exit 4 on problems)")
     p.add_argument("--strict", action="store_true",
-                   help="count drift from the newest rollback point as a problem")
+                   help="count any difference from the rollback point as a problem (exit 4)")
+    p.add_argument("--file", metavar="ID", help="compare with this rollback point instead")
+    p.add_argument("--quick", action="store_true", help="compare tables and row counts only")
     cli.common_flags(p, destructive=False, machine=True)
     p = sub.add_parser("cleanup", help="remove rollback points older than DAYS (the newest OK one stays)")
     p.add_argument("days", type=float)
@@ -149,20 +151,7 @@ def cmd_restore(args, ctx):
 
 
 def cmd_verify(args, ctx):
-    target = ctx.db_target()
-    report = health.check(target, runbooks.newest_point(ctx, target))
-    problems = report.problems(args.strict)
-    # The documents' key metrics against their alert thresholds: reported, not counted as problems
-    # (a busy machine is not a broken database); the release rollback acts on them.
-    observed = metrics.sample(target, metrics.thresholds(ctx.settings), window=1.0)
-    if ctx.json:
-        ctx.emit_json({**report.to_json(args.strict), "metrics": observed.to_json()})
-    else:
-        for line in report.lines(args.strict):
-            ctx.log.info("%s", line)
-        ctx.log.info("metrics:        %s", observed.line())
-    if problems:
-        raise VerifyProblems(f"{len(problems)} problem(s) found in {target.dbname}")
+    runbooks.verify_database(ctx, ctx.db_target(), args.file, quick=args.quick, strict=args.strict)
 
 
 def cmd_cleanup(args, ctx):

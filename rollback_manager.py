@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, metavar="N", help="keep the N newest OK points of each database")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed")
     cli.common_flags(p)
-    p = sub.add_parser("verify", help="full checksum and readability check (exit 4 on problems)")
-    p.add_argument("--file", required=True)
+    p = sub.add_parser("verify", help="staging against the point it was restored from (content, schema); with "
+                                      "--file, that point's dump: checksum and readability (exit 4 on problems)")
+    p.add_argument("--file", help="check this rollback point's backup instead")
+    p.add_argument("--strict", action="store_true", help="count any difference from the point as a problem (exit 4)")
+    p.add_argument("--quick", action="store_true", help="compare tables and row counts only")
     cli.common_flags(p, destructive=False, machine=True)
     p = sub.add_parser("delete", help="remove a rollback point (its dump and sidecar)")
     p.add_argument("--file", required=True)
@@ -144,6 +147,9 @@ def cmd_create(args, ctx):
 
 
 def cmd_verify(args, ctx):
+    if args.file is None:
+        runbooks.verify_database(ctx, ctx.staging(), None, quick=args.quick, strict=args.strict)
+        return
     point = catalog.resolve(ctx.settings.backup_dir, args.file)
     try:
         restore.verify_point(point, ctx.pg_bin_dir, staging_or_none(ctx, args))

@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import catalog, dbprops, marks, snapshot, testhooks, trust, warm
+import psycopg2
+import psycopg2.extensions
+
+from . import catalog, dbprops, fingerprint, marks, snapshot, testhooks, trust, warm
 from .catalog import RollbackPoint
-from .database import ConnInfo, connect, migration_head, rows, scalar, server_version, table_row_counts
+from .database import ConnInfo, connect, migration_head, reason, rows, scalar, server_version, table_row_counts
 from .errors import BackupFailed, ConfigError, NotConfirmed, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
 from .locks import DatabaseLock
 from .log import get_logger
@@ -37,6 +40,7 @@ class Source:
     tables: List[str]
     data_bytes: int
     _counts: Optional[Dict[str, int]] = field(default=None, repr=False)
+    fingerprint: Optional[dict] = field(default=None, repr=False)
 
     @classmethod
     def open(cls, info: ConnInfo, app: str) -> "Source":
@@ -64,8 +68,22 @@ class Source:
         return cls(info, conn, major, version, snapshot_id, tables, data_bytes)
 
     def counts(self) -> Dict[str, int]:
+        """Row counts, and the fingerprint (content and schema) they come with, in the snapshot
+        pg_dump imports; a fingerprint that cannot be taken leaves the counts alone."""
         if self._counts is None:
-            self._counts = table_row_counts(self.conn)
+            try:
+                self.conn.cursor().execute("SAVEPOINT fingerprint")
+                self.fingerprint = fingerprint.take(self.conn)
+                self._counts = fingerprint.counts(self.fingerprint)
+                self.conn.cursor().execute("RELEASE SAVEPOINT fingerprint")
+            except psycopg2.Error as exc:
+                if self.conn.closed or self.conn.get_transaction_status() not in (
+                        psycopg2.extensions.TRANSACTION_STATUS_INERROR, psycopg2.extensions.TRANSACTION_STATUS_INTRANS):
+                    raise
+                self.conn.cursor().execute("ROLLBACK TO SAVEPOINT fingerprint")
+                get_logger().warning("no fingerprint for this point (%s): it records row counts only", reason(exc))
+                self.fingerprint = None
+                self._counts = table_row_counts(self.conn)
         return self._counts
 
     def count_beside(self, proc: Process, what: str) -> None:
@@ -164,7 +182,7 @@ def dump_to_file(source: Source, dest: Path, *, pg_bin_dir: Optional[str] = None
             id=dest.stem, kind=catalog.DUMP, database=source.info.dbname,
             source_url=source.info.masked().replace(":***", ""), server_version=source.version,
             method=name, tool=tool_desc, tool_version=tool_version, compression=used_compress,
-            file=dest.name, size_bytes=size, sha256=sha, tables=counts,
+            file=dest.name, size_bytes=size, sha256=sha, tables=counts, fingerprint=source.fingerprint,
             migration_head=migration_head(source.conn), duration_seconds=round(time.monotonic() - started, 3),
             folder=dest.parent)
     error = BackupFailed("every backup approach failed; nothing was written:\n  " + "\n  ".join(failures))

@@ -54,6 +54,8 @@ class RollbackPoint:
     warm_dump_key: Optional[str] = None  # the dump as it was when the copy was sealed (warm.dump_key)
     # Set when restoring the dump failed (its warm copy could not be built from it): the point is not OK.
     restore_problem: Optional[str] = None
+    # Content and schema, taken in the dump's snapshot (common.fingerprint); None in points made before.
+    fingerprint: Optional[dict] = None
     format_version: int = FORMAT_VERSION
     # Not stored: where the catalog found it and what the last check said.
     folder: Optional[Path] = field(default=None, repr=False, compare=False)
@@ -210,6 +212,9 @@ def _validate(point: RollbackPoint) -> None:
             raise ValueError(f"{name} must be text")
     if point.database_properties is not None and not isinstance(point.database_properties, dict):
         raise ValueError("database_properties must be an object")
+    if point.fingerprint is not None and not (isinstance(point.fingerprint, dict)
+                                              and isinstance(point.fingerprint.get("tables"), dict)):
+        raise ValueError("fingerprint must be an object with tables")
     if point.kind == DUMP:
         if point.file != f"{point.id}.dump":
             raise ValueError(f"file {point.file!r} is not the point's own {point.id}.dump in its folder")

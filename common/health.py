@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from . import database as db
+from . import fingerprint
 from .catalog import RollbackPoint
 from .database import ConnInfo
 from .progress import human_size
-from .restore import diff_counts
+from .restore import diff_counts, fingerprint_of
 
 LONG_TRANSACTION_MINUTES = 10
 
@@ -21,6 +22,8 @@ class HealthReport:
     tables: Dict[str, int] = field(default_factory=dict)
     migration_head: Optional[str] = None
     point: Optional[str] = None
+    reference: str = ""  # why that point: the one restored from, the newest, or --file
+    compared: str = ""  # what was compared: content and schema, or row counts only
     drift: List[str] = field(default_factory=list)
     blocked: List[str] = field(default_factory=list)
     long_transactions: List[str] = field(default_factory=list)
@@ -42,12 +45,14 @@ class HealthReport:
                f"tables:         {len(self.tables)} ({sum(self.tables.values())} rows)",
                f"migration head: {self.migration_head or '-'}"]
         if self.point is None:
-            out.append("drift:          no OK rollback point of this database to compare with")
-        elif self.drift:
-            out.append(f"drift against {self.point}: {len(self.drift)} difference(s)")
-            out += [f"  {d}" for d in self.drift]
+            out.append(f"drift:          not compared: {self.reference or 'no OK rollback point of this database'}")
         else:
-            out.append(f"drift:          none: tables and row counts match rollback point {self.point}")
+            out.append(f"compared with:  rollback point {self.point} ({self.reference}); {self.compared}")
+            if self.drift:
+                out.append(f"drift:          {len(self.drift)} difference(s)")
+                out += [f"  {d}" for d in self.drift]
+            else:
+                out.append(f"drift:          none: {self.compared} identical to rollback point {self.point}")
         problems = self.problems(strict)
         out.append("problems:       " + ("none" if not problems else str(len(problems))))
         out += [f"  {p}" for p in problems]
@@ -56,13 +61,17 @@ class HealthReport:
     def to_json(self, strict: bool = False) -> dict:
         return {"database": self.database, "server_version": self.server_version, "size_bytes": self.size_bytes,
                 "tables": self.tables, "migration_head": self.migration_head, "compared_with": self.point,
+                "reference": self.reference, "compared": self.compared,
                 "drift": self.drift, "blocked": self.blocked, "long_transactions": self.long_transactions,
                 "invalid_indexes": self.invalid_indexes, "connections_allowed": self.connections_allowed,
                 "problems": self.problems(strict), "ok": not self.problems(strict)}
 
 
-def check(info: ConnInfo, newest: Optional[RollbackPoint]) -> HealthReport:
-    report = HealthReport(info.dbname)
+def check(info: ConnInfo, point: Optional[RollbackPoint], reference: str = "", quick: bool = False) -> HealthReport:
+    """Health of the database, and its drift from `point` (the one it was restored from, as the
+    caller chose it and says in `reference`): content and schema by fingerprint, or with quick (or
+    a point made before fingerprints) tables and row counts."""
+    report = HealthReport(info.dbname, reference=reference)
     conn = db.connect(info)
     try:
         _, report.server_version = db.server_version(conn)
@@ -83,10 +92,16 @@ def check(info: ConnInfo, newest: Optional[RollbackPoint]) -> HealthReport:
             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid""")]
     finally:
         conn.close()
-    if newest is not None:
-        report.point = newest.id
-        report.drift = diff_counts(newest.tables, report.tables)
-        if newest.migration_head != report.migration_head:
+    if point is not None:
+        report.point = point.id
+        if quick or not point.fingerprint:
+            report.compared = "tables and row counts only" + (" (--quick)" if quick else
+                                                              " (this point records no fingerprint)")
+            report.drift = diff_counts(point.tables, report.tables)
+        else:
+            report.compared = "content and schema (row hashes, definitions, sequences, large objects)"
+            report.drift = fingerprint.differences(point.fingerprint, fingerprint_of(info))
+        if point.migration_head != report.migration_head:
             report.drift.append(f"migration head is {report.migration_head or '-'}, the rollback point's is "
-                                f"{newest.migration_head or '-'}")
+                                f"{point.migration_head or '-'}")
     return report

@@ -18,13 +18,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import psycopg2
 from psycopg2 import sql
 
-from . import catalog, connections, dbprops, pgbouncer, snapshot, testhooks, trust, warm
+from . import catalog, connections, dbprops, fingerprint, journal, pgbouncer, snapshot, testhooks, trust, warm
 from . import database as db
 from .catalog import RollbackPoint
 from .connections import DEFAULT_WAIT
 from .database import ConnInfo
 from .dbprops import DatabaseProperties
-from .errors import BackupCorrupt, RestoreFailed, ToolFailed, UsageError
+from .errors import BackupCorrupt, RestoreFailed, RollbackError, ToolFailed, UsageError
 from .locks import DatabaseLock
 from .log import get_logger
 from .pgbouncer import Pooler
@@ -161,6 +161,8 @@ class Result:
     # Steps after the renames had committed that did not finish: the target is restored all the same.
     unfinished: List[str] = field(default_factory=list)
     dropped_replaced: List[str] = field(default_factory=list)  # older replaced databases dropped (retention)
+    objects_checked: int = 0
+    proof: str = "counts"  # "fingerprint": content and schema compared; "sealed": the seal proves it; "counts"
 
     def summary_lines(self) -> List[str]:
         p = self.point
@@ -168,7 +170,7 @@ class Result:
                  f"  method:       {self.method}",
                  f"  took:         {self.seconds:.1f} s; {self.target} was unavailable for "
                  f"{self.unavailable_seconds * 1000:.0f} ms",
-                 f"  verification: OK, {self.tables_checked} tables and {self.rows_checked} rows match {self.reference}",
+                 f"  verification: {self.verification()}",
                  f"  connections cut: {self.sessions_cut}"]
         if self.paused_seconds is not None:
             lines.append(f"  PgBouncer:    clients paused for {self.paused_seconds * 1000:.0f} ms, then resumed "
@@ -182,8 +184,19 @@ class Result:
         lines += [f"  warning: {self.target} IS restored, but this did not finish: {u}" for u in self.unfinished]
         return lines
 
+    def verification(self) -> str:
+        what = f"{self.tables_checked} tables, {self.rows_checked} rows, {self.objects_checked} schema objects"
+        if self.proof == "fingerprint":
+            return f"OK, content and schema identical to {self.reference}: {what} (row hashes and definitions compared)"
+        if self.proof == "sealed" and self.objects_checked:
+            return (f"OK, content and schema identical to {self.reference}: {what} (checked against its fingerprint "
+                    "when sealed; nobody can have changed it since)")
+        return (f"OK, {self.tables_checked} tables and {self.rows_checked} rows match {self.reference} (row counts "
+                "only: it records no fingerprint)")
+
     def to_json(self) -> dict:
         return {"target": self.target, "point": self.point.id, "method": self.method, "kept_as": self.kept_as,
+                "proof": self.proof, "objects_checked": self.objects_checked,
                 "seconds": round(self.seconds, 3), "unavailable_seconds": round(self.unavailable_seconds, 4),
                 "sessions_cut": self.sessions_cut, "tables_checked": self.tables_checked,
                 "rows_checked": self.rows_checked, "verified": True, "notes": self.notes,
@@ -365,6 +378,11 @@ def execute(the_plan: Plan, *, script: str, folder: Path, pg_bin_dir: Optional[s
     else:
         result = _restore_in_place(the_plan, conn, pg_bin_dir)
         result.notes += _property_notes(the_plan)
+    try:
+        journal.record(folder, the_plan.info.dbname, None if the_plan.source_text else the_plan.point.id,
+                       the_plan.source_text or f"rollback point {the_plan.point.id}")
+    except (OSError, RollbackError) as exc:
+        result.unfinished.append(f"the restore journal (which verify reads) could not be written: {exc}")
     result.seconds = time.monotonic() - started
     return result
 
@@ -467,11 +485,14 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
         testhooks.checkpoint("restore-filled")
         with timed("check against the rollback point"):
             if sealed:
-                # Nobody could connect to the snapshot since its rows were counted, and a TEMPLATE
-                # copy is block for block (planner statistics included): the table list is the check.
+                # Nobody could connect to the sealed copy since it was checked against the point, and a
+                # TEMPLATE copy is block for block (planner statistics included): the table list is the check.
                 result.tables_checked, result.rows_checked = snapshot.check_tables(info.with_db(fresh), point)
+                result.proof = "sealed"
             else:
-                result.tables_checked, result.rows_checked = check_against_point(info.with_db(fresh), point)
+                result.tables_checked, result.rows_checked, objects = check_against_point(info.with_db(fresh), point)
+                result.proof = "fingerprint" if objects else "counts"
+            result.objects_checked = len(point.fingerprint.get("objects", {})) if point.fingerprint else 0
         if wanted is not None:
             with timed("database properties"):
                 dbprops.apply(conn, fresh, wanted)
@@ -681,15 +702,53 @@ def conninfo_dbname(name: str) -> str:
 
 
 def check_against_point(target: ConnInfo, point: RollbackPoint, opened: Sequence = ()) -> tuple:
-    """Tables and row counts must equal the sidecar's; returns (tables, rows) checked. (The new
-    database is analysed alongside: pg_restore leaves it without planner statistics.) `opened`:
-    connections to count on, for a sealed copy that accepts no new ones."""
-    counts = db.count_rows_parallel(target, workers=2, analyze=True, opened=opened)
-    problems = diff_counts(point.tables, counts)
+    """The new database against the point, refused (target untouched) when it differs; returns
+    (tables, rows, objects) checked. See compare_with_point."""
+    problems, checked = compare_with_point(target, point, opened)
     if problems:
-        raise RestoreFailed("the restored copy does not match the rollback point (" + "; ".join(problems[:5]) +
-                            "). The target was not touched.")
-    return len(counts), sum(counts.values())
+        raise RestoreFailed(f"the restored copy differs from the rollback point in {len(problems)} place(s) (" +
+                            "; ".join(problems[:5]) + "). The target was not touched.")
+    return checked
+
+
+def compare_with_point(target: ConnInfo, point: RollbackPoint, opened: Sequence = ()) -> tuple:
+    """With a fingerprint, content and schema (every row's hash, every object's definition,
+    sequences, large objects); a point made before has its tables and row counts only. Returns
+    (differences, (tables, rows, objects)). The database is analysed alongside (pg_restore leaves
+    it without planner statistics). `opened`: connections to use, for a sealed copy."""
+    if not point.fingerprint:
+        counts = db.count_rows_parallel(target, workers=2, analyze=True, opened=opened)
+        return diff_counts(point.tables, counts), (len(counts), sum(counts.values()), 0)
+    actual = fingerprint_of(target, opened, analyze=True)
+    return (fingerprint.differences(point.fingerprint, actual),
+            (len(actual["tables"]), sum(fingerprint.counts(actual).values()), len(actual["objects"])))
+
+
+def fingerprint_of(target: ConnInfo, opened: Sequence = (), analyze: bool = False) -> dict:
+    """The fingerprint of a database, with an ANALYZE beside it on a second connection."""
+    conns = list(opened) or [db.connect(target)] + ([db.connect(target)] if analyze else [])
+    failure: List[BaseException] = []
+
+    def run_analyze() -> None:
+        try:
+            db.execute(conns[1], "ANALYZE")
+        except BaseException as exc:  # re-raised below
+            failure.append(exc)
+
+    worker = threading.Thread(target=run_analyze, daemon=True) if analyze and len(conns) > 1 else None
+    try:
+        if worker:
+            worker.start()
+        taken = fingerprint.take(conns[0])
+        if worker:
+            worker.join()
+    finally:
+        for c in conns:
+            if not c.closed:
+                c.close()
+    if failure:
+        raise failure[0]
+    return taken
 
 
 def diff_counts(expected: Dict[str, int], actual: Dict[str, int]) -> List[str]:
@@ -737,7 +796,8 @@ def _restore_in_place(the_plan: Plan, conn, pg_bin_dir: Optional[str]) -> Result
         preamble_file.unlink()
     result.unavailable_seconds = time.monotonic() - cut_at
     result.notes.append("in place: the database was locked for the whole restore")
-    result.tables_checked, result.rows_checked = _check_after_in_place(info, point)
+    result.tables_checked, result.rows_checked, result.objects_checked = _check_after_in_place(info, point)
+    result.proof = "fingerprint" if result.objects_checked else "counts"
     return result
 
 
@@ -750,17 +810,11 @@ def _property_sql(conn, the_plan: Plan) -> str:
 
 
 def _check_after_in_place(info: ConnInfo, point: RollbackPoint) -> tuple:
-    conn = db.connect(info)
-    try:
-        counts = db.table_row_counts(conn)
-        db.execute(conn, "ANALYZE")
-    finally:
-        conn.close()
-    problems = diff_counts(point.tables, counts)
+    problems, checked = compare_with_point(info, point)
     if problems:
-        raise RestoreFailed(f"{info.dbname} was restored in place but does not match the rollback point (" +
-                            "; ".join(problems[:5]) + "). Check it before use.")
-    return len(counts), sum(counts.values())
+        raise RestoreFailed(f"{info.dbname} was restored in place but differs from the rollback point in "
+                            f"{len(problems)} place(s) (" + "; ".join(problems[:5]) + "). Check it before use.")
+    return checked
 
 
 def extra_objects_sql(info: ConnInfo, tool: Tool, point: RollbackPoint) -> str:
@@ -777,6 +831,8 @@ def extra_objects_sql(info: ConnInfo, tool: Tool, point: RollbackPoint) -> str:
             kind, rest = "VIEW", rest[1:]
         if kind == "SCHEMA":
             in_archive.add(("SCHEMA", rest[1], ""))
+        elif kind == "EXTENSION":  # e.g. "12; 3079 16400 EXTENSION - citext"
+            in_archive.add(("EXTENSION", rest[1], ""))
         elif kind in ("TABLE", "VIEW", "SEQUENCE") and rest[0] not in ("DATA", "SET", "OWNED"):
             in_archive.add(("REL", rest[0], rest[1]))
     conn = db.connect(info)
@@ -785,6 +841,10 @@ def extra_objects_sql(info: ConnInfo, tool: Tool, point: RollbackPoint) -> str:
         schemas = db.rows(conn, """SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%'
                                    AND nspname NOT IN ('information_schema', 'public')""")
         gone = set()
+        # Extensions made since the point: --clean leaves them (the archive does not name them).
+        for (name,) in db.rows(conn, "SELECT extname FROM pg_extension WHERE extname <> 'plpgsql'"):
+            if ("EXTENSION", name, "") not in in_archive:
+                statements.append(sql.SQL("DROP EXTENSION IF EXISTS {} CASCADE;").format(sql.Identifier(name)))
         for (schema,) in schemas:
             if ("SCHEMA", schema, "") not in in_archive:
                 gone.add(schema)

@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from . import backup, catalog, configfiles, files, marks, metrics, release, restore, snapshot, testhooks, warm
+from . import backup, catalog, configfiles, files, journal, marks, metrics, release, restore, snapshot, testhooks, warm
 from . import cleanup as cleaning
 from .catalog import RollbackPoint
 from .cli import Context, same_database
 from .database import ConnInfo, app_name, databases_like, drop_database, maintenance_db, name_prefix, rows
-from .errors import RollbackError, UsageError
+from .errors import RollbackError, UsageError, VerifyProblems
 from .locks import DatabaseLock
 from .streamcopy import StreamedCopy
 
@@ -169,6 +169,48 @@ def _server_major(point: RollbackPoint) -> int:
         return int(point.server_version.split(".")[0])
     except ValueError:
         return 0
+
+
+def reference_point(ctx: Context, info: ConnInfo, ref: Optional[str] = None) -> tuple:
+    """The point `verify` compares a database with, and why: --file, else the one it was last
+    restored from (the restore journal), else the newest OK point; (None, why not) when none."""
+    if ref:
+        point = catalog.resolve(ctx.settings.backup_dir, ref)
+        return point, "chosen with --file"
+    last = journal.last(ctx.settings.backup_dir, info.dbname)
+    points = scan(ctx, info)
+    if last is not None:
+        if last.get("point") is None:
+            return None, (f"{info.dbname} was last reset ({last.get('source')}) at {last['at']}; pass --file ID to "
+                          "compare it with a rollback point")
+        found = next((p for p in points if p.id == last["point"]), None)
+        if found is not None:
+            return found, f"the point {info.dbname} was last restored from, at {last['at']}"
+    newest = catalog.newest_ok(points, info.dbname)
+    if newest is None:
+        return None, "no OK rollback point of this database"
+    return newest, (f"the newest point: {info.dbname} was never restored by this toolkit" if last is None else
+                    f"the newest point: the one last restored from ({last['point']}) is gone")
+
+
+def verify_database(ctx: Context, target: ConnInfo, ref: Optional[str], quick: bool, strict: bool) -> None:
+    """Health, and every difference from the point the database was restored from (VerifyProblems,
+    exit 4, on a problem; with strict, any difference is one)."""
+    from . import health, metrics  # health imports restore's helpers; metrics reads /proc
+    point, reference = reference_point(ctx, target, ref)
+    report = health.check(target, point, reference, quick=quick)
+    problems = report.problems(strict)
+    # The documents' key metrics against their alert thresholds: reported, not counted as problems
+    # (a busy machine is not a broken database); the release rollback acts on them.
+    observed = metrics.sample(target, metrics.thresholds(ctx.settings), window=1.0)
+    if ctx.json:
+        ctx.emit_json({**report.to_json(strict), "metrics": observed.to_json()})
+    else:
+        for line in report.lines(strict):
+            ctx.log.info("%s", line)
+        ctx.log.info("metrics:        %s", observed.line())
+    if problems:
+        raise VerifyProblems(f"{len(problems)} problem(s) found in {target.dbname}")
 
 
 def newest_point(ctx: Context, info: ConnInfo) -> Optional[RollbackPoint]:

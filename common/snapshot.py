@@ -11,7 +11,7 @@ from typing import Callable, List, Optional
 
 import psycopg2
 
-from . import catalog, connections, dbprops, marks, testhooks
+from . import catalog, connections, dbprops, fingerprint, marks, testhooks
 from . import database as db
 from .catalog import RollbackPoint
 from .connections import DEFAULT_WAIT
@@ -84,7 +84,8 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
         own = db.connect(info.with_db(name))
         connections.seal(conn, name, [own])
         testhooks.checkpoint("snapshot-sealed")
-        tables, head = db.table_row_counts(own), db.migration_head(own)
+        taken = fingerprint.take(own)
+        tables, head = fingerprint.counts(taken), db.migration_head(own)
         own.close()
         point = RollbackPoint(
             id=catalog.new_id(folder, info.dbname, description), kind=catalog.SNAPSHOT, database=info.dbname,
@@ -93,7 +94,7 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
             tool="CREATE DATABASE ... TEMPLATE", tool_version=f"PostgreSQL {version}", compression="-",
             snapshot_database=name, size_bytes=db.database_size(conn, name), tables=tables, migration_head=head,
             duration_seconds=round(time.monotonic() - started, 3), folder=folder,
-            database_properties=props.to_json() if props else None)
+            database_properties=props.to_json() if props else None, fingerprint=taken)
         marks.put(conn, name, TAG, folder, point.id)
         catalog.save(point)
         marks.forget(folder, name)

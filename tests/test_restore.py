@@ -285,7 +285,7 @@ def test_database_rollback_restore_verify_and_cleanup(pg_old, staging_old, env_f
     assert report["drift"] == [] and report["ok"] and report["tables"]["sales.orders"] == 501
     pf.execute(pg_old, staging_old, MIGRATION)
     drift = json.loads(pf.run_script("database_rollback.py", "verify", "--json", env=env).stdout)["drift"]
-    assert "table audit.events missing" in drift and "table public.migrated not in the rollback point" in drift
+    assert "table audit.events is missing" in drift and "table public.migrated is not in the rollback point" in drift
     assert pf.run_script("database_rollback.py", "verify", "--strict", env=env).returncode == 4
     conn = connect(pg_old.info, staging_old)
     with pytest.raises(psycopg2.errors.UniqueViolation):
