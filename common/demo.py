@@ -82,7 +82,8 @@ def main() -> int:
         step("It went wrong: quick rollback")
         run(env, "quick_rollback.py", "--yes")
 
-        step("Proof: staging matches the rollback point (exit 4 if it did not)")
+        step("Proof: staging's content and schema are identical to the rollback point it was restored from "
+             "(every row's hash, every object's definition; exit 4 if not)")
         run(env, "database_rollback.py", "verify", "--strict")
         run(env, "database_rollback.py", "status")
     finally:

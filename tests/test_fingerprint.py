@@ -1,0 +1,111 @@
+"""Verify proves content, not counts (common/fingerprint.py, DESIGN §4): every change a migration
+can make without changing a row count is found and named, against the point staging was restored
+from, with no false alarm after any restore path."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests import pgfixtures as pf
+from tests.realistic import RealisticDatabase
+
+# (change made as the database's owner, a part of the difference `verify` must name)
+CHANGES = [
+    ("UPDATE app.orders SET note = 'changed' WHERE id = 7", "table app.orders_2024: same"),
+    ("UPDATE app.customers SET name = 'x' || name WHERE id IN (5, 6)", "table app.customers: same 300 rows, different content"),
+    ("DELETE FROM app.audit WHERE id = (SELECT min(id) FROM app.audit); "
+     "INSERT INTO app.audit (tbl, op, row_id, at) VALUES ('swapped', 'in', 1, '2025-01-01')", "table app.audit: same"),
+    ("CREATE INDEX orders_note_idx ON app.orders (note)", "index app.orders_note_idx: added since the point"),
+    ("ALTER TABLE app.customers ALTER COLUMN tenant SET DEFAULT 'pro'", "column app.customers.tenant: changed"),
+    ("CREATE OR REPLACE FUNCTION app.touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$",
+     "function app.touch(): changed"),
+    ("GRANT SELECT ON app.audit TO PUBLIC", "relation app.audit: changed"),
+    ("SELECT setval('app.invoice_no', 5000)", "sequence app.invoice_no: at 5000, the point has at 1042"),
+    ("SELECT lo_put((SELECT body FROM app.documents WHERE id = 2), 0, '\\x4142'::bytea)", "large object"),
+    ("COMMENT ON TABLE app.orders IS 'a comment'", "comment orders: added since the point"),
+]
+
+
+def verify(env, *more):
+    result = pf.run_script("database_rollback.py", "verify", "--json", *more, env=env)
+    return result.returncode, json.loads(result.stdout) if result.stdout.strip() else {"stderr": result.stderr}
+
+
+@pytest.fixture
+def world(server, env_for):
+    with RealisticDatabase(server) as rd:
+        env = env_for(server, rd.name, STAGING_DATABASE_URL=rd.url)
+        made = pf.run_script("create_rollback_point.py", "A", env=env)
+        assert made.returncode == 0, made.stdout + made.stderr
+        yield rd, env
+
+
+def test_every_change_is_found_and_named_and_a_restore_leaves_none(world):
+    rd, env = world
+    code, report = verify(env, "--strict")
+    assert code == 0 and report["drift"] == [] and "content and schema" in report["compared"], report
+    assert "never restored" in report["reference"]
+    for change, named in CHANGES:
+        rd.as_owner(change)
+        code, report = verify(env, "--strict")
+        assert code == 4, (change, report)
+        assert any(named in d for d in report["drift"]), (change, report["drift"])
+        quick = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert quick.returncode == 0, quick.stdout + quick.stderr
+        assert "content and schema identical to the rollback point" in quick.stdout
+        code, report = verify(env, "--strict")
+        assert code == 0 and report["drift"] == [], (change, report["drift"])
+        assert "last restored from" in report["reference"]
+    # counts alone see none of the row changes: --quick says so
+    rd.as_owner(CHANGES[0][0])
+    code, report = verify(env, "--strict", "--quick")
+    assert code == 0 and "row counts only" in report["compared"]
+
+
+def test_every_restore_path_proves_itself_with_no_false_alarm(world, tmp_path):
+    rd, env = world
+    paths = [("quick_rollback.py", "--yes"), ("quick_rollback.py", "--yes", "--no-warm"),
+             ("simple_rollback.py", "restore", "--yes")]
+    made = pf.run_script("simple_rollback.py", "create", "snap", "--yes", env=env)
+    assert made.returncode == 0, made.stdout + made.stderr
+    for command in paths:
+        rd.migrate()
+        result = pf.run_script(*command, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "content and schema identical" in result.stdout, result.stdout
+        code, report = verify(env, "--strict")
+        assert code == 0 and report["drift"] == [], (command, report)
+
+
+def test_an_older_point_restored_is_verified_against_itself(world):
+    rd, env = world
+    rd.as_owner("INSERT INTO app.audit (tbl, op, row_id, at) SELECT 'b', 'i', i, now() FROM generate_series(1, 50) i")
+    assert pf.run_script("create_rollback_point.py", "B", env=env).returncode == 0
+    points = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
+    first = next(p for p in points if p["description"] == "A")
+    restored = pf.run_script("rollback_manager.py", "restore", "--file", first["id"], "--yes", env=env)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    code, report = verify(env, "--strict")
+    assert code == 0 and report["compared_with"] == first["id"], report
+    for script in (("database_rollback.py", "verify", "--strict"), ("rollback_manager.py", "verify", "--strict")):
+        result = pf.run_script(*script, env=env)
+        assert result.returncode == 0 and first["id"] in result.stdout, result.stdout + result.stderr
+
+
+def test_one_changed_row_in_a_million_is_located_to_its_key_range(pg_old, env_for):
+    name = pf.create_database(pg_old, pf.unique_name("big"), """
+        CREATE TABLE events (id bigint PRIMARY KEY, payload text);
+        INSERT INTO events SELECT i, md5(i::text) FROM generate_series(1, 1000000) i;""")
+    try:
+        env = env_for(pg_old, name)
+        assert pf.run_script("create_rollback_point.py", "big", "--no-warm", env=env).returncode == 0
+        pf.execute(pg_old, name, "UPDATE events SET payload = 'changed' WHERE id = 654321")
+        code, report = verify(env, "--strict")
+        assert code == 4, report
+        [line] = [d for d in report["drift"] if d.startswith("table public.events")]
+        assert "same 1000000 rows, different content" in line
+        low, high = line.split("differing key ranges: [")[1].split("]")[0].split(" .. ")
+        assert int(low) <= 654321 <= int(high) and int(high) - int(low) < 20000, line
+    finally:
+        pf.drop_database(pg_old, name)
