@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import cli, configedit, configfiles, files, runbooks  # noqa: E402
+from common import cli, configedit, configfiles, files, journal, runbooks  # noqa: E402
 from common.errors import UsageError, VerifyProblems  # noqa: E402
 
 
@@ -76,6 +76,7 @@ def cmd_restore(args, ctx):
         ctx.log.info("Automatic backup of the current state: %s", auto)
         result = configfiles.restore(source, meta, config_dir, env_file,
                                      present=json.loads((auto / configfiles.MANIFEST).read_text()))
+    journal.record(backups, "config", source.name, f"configuration backup {source.name}")
     ctx.log.info("Restored %d file(s), removed %d, %d already matched; checksums verified.",
                  len(result.written), len(result.removed), result.unchanged)
     for name in result.written:
@@ -123,11 +124,17 @@ def cmd_verify(args, ctx):
     if env_file.is_file():
         checked += 1
         errors += configfiles.env_errors(env_file)
-    newest = files.list_backups(backups, configfiles.PREFIX, configfiles.MANIFEST)
-    d = configfiles.drift(newest[0].metadata, config_dir, env_file) if newest else None
+    found = files.list_backups(backups, configfiles.PREFIX, configfiles.MANIFEST)
+    last = journal.last(backups, "config")
+    chosen = next((b for b in found if last and b.path.name == last.get("point")), None)
+    why = f"the backup last restored, at {last['at']}" if chosen else \
+        "the newest backup (none was restored by this toolkit)" if last is None else \
+        f"the newest backup: the one last restored ({last.get('point')}) is gone"
+    chosen = chosen or (found[0] if found else None)
+    d = configfiles.drift(chosen.metadata, config_dir, env_file) if chosen else None
     report = {"config_dir": str(config_dir), "env_file": str(env_file), "files_checked": checked,
-              "parse_errors": errors, "compared_with": str(newest[0].path) if newest else None,
-              "drift": d.__dict__ if d else None, "ok": not errors}
+              "parse_errors": errors, "compared_with": str(chosen.path) if chosen else None,
+              "reference": why if chosen else None, "drift": d.__dict__ if d else None, "ok": not errors}
     if ctx.json:
         ctx.emit_json(report)
     else:
@@ -137,7 +144,7 @@ def cmd_verify(args, ctx):
         if d is None:
             ctx.log.info("drift: no backup to compare with")
         else:
-            ctx.log.info("drift against %s: %d added, %d removed, %d changed", newest[0].path.name,
+            ctx.log.info("drift against %s (%s): %d added, %d removed, %d changed", chosen.path.name, why,
                          len(d.added), len(d.removed), len(d.changed))
             for kind in ("added", "removed", "changed"):
                 for name in getattr(d, kind):

@@ -77,8 +77,19 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _acl(column: str, owner: str) -> str:
+    """An ACL as sorted grantor>grantee:privilege items. The owner's MAINTAIN (17+) is left out: the
+    owner holds it implicitly, and 17+ lists it where older majors cannot."""
+    return f"""(SELECT string_agg(pg_get_userbyid(a.grantor) || '>' || CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                   ELSE pg_get_userbyid(a.grantee) END || ':' || a.privilege_type || CASE WHEN a.is_grantable
+                   THEN '*' ELSE '' END, ',' ORDER BY a.grantor, a.grantee, a.privilege_type)
+                FROM aclexplode({column}) a WHERE NOT (a.privilege_type = 'MAINTAIN' AND a.grantee = {owner}))"""
+
+
 def schema_objects(conn) -> Dict[str, str]:
-    """Each schema object by a readable name, with a hash of its normalized definition."""
+    """Each schema object by a readable name, with a hash of its normalized definition. (View
+    definitions are as the server deparses them: 15 qualifies a single-table view's columns, 16+
+    does not, so across majors a view can read as changed.)"""
     user = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'"
     queries = {
         "schema": f"SELECT n.nspname, array[pg_get_userbyid(n.nspowner), n.nspacl::text] FROM pg_namespace n WHERE {user}",
@@ -91,12 +102,13 @@ def schema_objects(conn) -> Dict[str, str]:
                       LEFT JOIN pg_collation co ON co.oid = a.attcollation AND a.attcollation <> 100
                       WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {user}""",
         "relation": f"""SELECT n.nspname || '.' || c.relname, array[c.relkind::text, pg_get_userbyid(c.relowner),
-                        c.relacl::text, c.relrowsecurity::text, coalesce(pg_get_viewdef(c.oid), '')]
+                        {_acl("c.relacl", "c.relowner")}, c.relrowsecurity::text, coalesce(pg_get_viewdef(c.oid), '')]
                         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND {user}""",
+        # NOT NULL is the column's (attnotnull): PostgreSQL 18 also lists it here, as contype 'n'.
         "constraint": f"""SELECT n.nspname || '.' || c.relname || '.' || k.conname, array[pg_get_constraintdef(k.oid)]
                           FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
-                          JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {user}""",
+                          JOIN pg_namespace n ON n.oid = c.relnamespace WHERE k.contype <> 'n' AND {user}""",
         "index": f"""SELECT n.nspname || '.' || c.relname, array[pg_get_indexdef(c.oid)]
                      FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
                      JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {user}""",

@@ -405,6 +405,7 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
             auto = configfiles.backup(config_dir, env_file, config_backups, reason=f"automatic before release {chosen.id}")
             done = configfiles.restore(config_path, config_meta, config_dir, env_file,
                                        present=json.loads((auto / configfiles.MANIFEST).read_text()))
+        journal.record(config_backups, "config", config_path.name, f"release {chosen.id}")
         left = configfiles.drift(config_meta, config_dir, env_file)
         if left.added or left.removed or left.changed:
             raise RollbackError(f"configuration differs from the backup after the restore: {left}")

@@ -185,3 +185,15 @@ def test_cleanup_keeps_the_newest(setup):
         (folder / "manifest.json").write_text(json.dumps(meta))
     assert "Would remove 2" in run(env, "cleanup", "30", "--dry-run").stdout and len(backups(env)) == 3
     assert run(env, "cleanup", "30", "--yes").returncode == 0 and len(backups(env)) == 1
+
+
+def test_verify_after_a_restore_compares_with_the_backup_restored(setup):
+    config, env_file, env = setup
+    first = json.loads(run(env, "backup", "--json").stdout)["path"]
+    (config / "config.yml").write_text("app:\n  name: shop\n  debug: false\n")
+    run(env, "backup")
+    restored = run(env, "restore", first, "--yes")
+    assert restored.returncode == 0, restored.stderr
+    report = json.loads(run(env, "verify", "--json").stdout)
+    assert report["compared_with"] == first and "last restored" in report["reference"]
+    assert report["drift"] == {"added": [], "removed": [], "changed": []}
