@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import venv  # noqa: E402
+
+venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
 from common import cli, coderepo, files, runbooks  # noqa: E402
 from common.errors import VerifyProblems  # noqa: E402

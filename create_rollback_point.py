@@ -8,6 +8,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import venv  # noqa: E402
+
+venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
 from common import backup, cli  # noqa: E402
 

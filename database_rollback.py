@@ -14,6 +14,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import venv  # noqa: E402
+
+venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
 from common import backup, catalog, cli, migrations, runbooks, testhooks  # noqa: E402
 from common.database import connect  # noqa: E402
@@ -30,38 +33,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("description", nargs="?", default="")
     p.add_argument("--method", choices=backup.METHODS)
     p.add_argument("--compress", metavar="SPEC")
-    cli.common_flags(p, destructive=False, machine=True)
+    cli.common_flags(p, destructive=False, machine=True, db_target=True)
     cli.warm_flag(p, making=True)
     cli.yes_flag(p)
     p = sub.add_parser("migrate", help="apply pending SQL migrations in order (up to TARGET)")
     p.add_argument("target", nargs="?", help="version (001) or name (001_initial_schema) to stop at")
     p.add_argument("--migrations-dir", metavar="DIR", help="default: $MIGRATIONS_DIR")
-    cli.common_flags(p, destructive=False)
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    cli.common_flags(p, destructive=False, db_target=True)
+    cli.warm_flag(p, making=True)
     p = sub.add_parser("status", help="applied, pending and edited migrations")
     p.add_argument("--migrations-dir", metavar="DIR")
-    cli.common_flags(p, destructive=False, machine=True)
+    cli.common_flags(p, destructive=False, machine=True, db_target=True)
     p = sub.add_parser("rollback", help="revert every migration applied after TARGET, newest first")
     p.add_argument("target", help="version (001) or name (001_initial_schema) to go back to")
     p.add_argument("--migrations-dir", metavar="DIR")
-    cli.common_flags(p)
+    cli.common_flags(p, db_target=True)
     cli.warm_flag(p, making=True)
     p = sub.add_parser("restore", help="restore the target from a rollback point (never half-done)")
     p.add_argument("path", help="the .dump file (with its .json sidecar beside it) or a rollback point id")
     p.add_argument("--force", action="store_true", help="allow a backup of another database")
     p.add_argument("--drop-previous", action="store_true", help="do not keep the replaced database")
-    cli.common_flags(p, machine=True)
+    cli.common_flags(p, machine=True, db_target=True)
     cli.warm_flag(p, making=False)
     p = sub.add_parser("verify", help="health, and drift from the point it was restored from (exit 4 on problems)")
     p.add_argument("--strict", action="store_true",
                    help="count any difference from the rollback point as a problem (exit 4)")
     p.add_argument("--file", metavar="ID", help="compare with this rollback point instead")
     p.add_argument("--quick", action="store_true", help="compare tables and row counts only")
-    cli.common_flags(p, destructive=False, machine=True)
+    cli.common_flags(p, destructive=False, machine=True, db_target=True)
     p = sub.add_parser("cleanup", help="remove rollback points older than DAYS (the newest OK one stays)")
     p.add_argument("days", type=float)
     p.add_argument("--keep", type=int, metavar="N")
     p.add_argument("--dry-run", action="store_true")
-    cli.common_flags(p)
+    cli.common_flags(p, db_target=True)
     return parser
 
 
@@ -84,24 +89,39 @@ def cmd_status(args, ctx):
 
 
 def cmd_migrate(args, ctx):
+    """Apply pending migrations: the folder and each migration are named, a rollback point of the
+    current state is taken first, and the question is asked (exit 3 without a terminal and --yes)."""
     target = ctx.db_target()
-    with DatabaseLock(target, target.dbname, ctx.script):
-        status = read_status(ctx, target)
-        for m in status.edited:
-            ctx.log.warning("warning: %s was edited since it was applied (checksum differs)", m.path.name)
-        todo = migrations.to_apply(status, args.target)
-        if not todo:
-            ctx.log.info("Nothing to apply: %s is at %s.", target.dbname, status.head or "no migration")
-            return
+    folder = ctx.settings.path("MIGRATIONS_DIR")
+    status = read_status(ctx, target)
+    for m in status.edited:
+        ctx.log.warning("warning: %s was edited since it was applied (checksum differs)", m.path.name)
+    todo = migrations.to_apply(status, args.target)
+    if not todo:
+        ctx.log.info("Nothing to apply: %s is at %s (migrations in %s).", target.dbname, status.head or "no migration",
+                     folder)
+        return
+    ctx.confirm(f"Apply {len(todo)} migration(s) from {folder} to {target.dbname}?",
+                [f"apply {m.full_name} ({m.path.name})" for m in todo] +
+                [f"{target.dbname} is at {status.head or 'no migration'} now; a rollback point of it is taken first"])
+    with DatabaseLock(target, target.dbname, ctx.script) as lock:
+        if migrations.to_apply(read_status(ctx, target), args.target) != todo:
+            raise UsageError("the migrations changed while you confirmed; run the command again. Nothing was changed.")
+        point = backup.create_point(target, ctx.settings.backup_dir, ctx.script,
+                                    f"automatic before migrating to {todo[-1].full_name}", pg_bin_dir=ctx.pg_bin_dir,
+                                    lock=lock, warm_copies=ctx.warm_copies, confirm=ctx.confirm)
+        ctx.log.info("Automatic rollback point: %s", point.id)
         ctx.log.info("Applying %d migration(s) to %s:", len(todo), target.dbname)
         for n, m in enumerate(todo, 1):
             try:
                 migrations.apply(target, m)
             except migrations.MigrationFailed as exc:
                 done = ", ".join(x.full_name for x in todo[: n - 1]) or "none"
-                raise RollbackError(f"{exc} Applied before it: {done}. Stopped; later migrations were not run.") from None
+                raise RollbackError(f"{exc} Applied before it: {done}. Stopped; later migrations were not run. To "
+                                    f"return to the state before: python3 quick_rollback.py") from None
             ctx.log.info("  [%d/%d] applied %s", n, len(todo), m.full_name)
-    ctx.log.info("Done: %s is at %s.", target.dbname, todo[-1].full_name)
+    ctx.log.info("Done: %s is at %s. Undo with: python3 quick_rollback.py (rollback point %s)", target.dbname,
+                 todo[-1].full_name, point.id)
 
 
 def cmd_rollback(args, ctx):

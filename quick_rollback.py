@@ -9,6 +9,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import venv  # noqa: E402
+
+venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
 from common import cli, runbooks  # noqa: E402
 
@@ -29,6 +32,7 @@ def handle(args, ctx: cli.Context) -> int:
     if args.from_v2:
         runbooks.reset_from_v2(ctx, ctx.conninfo("V2_DATABASE_URL"), staging, drop_previous=args.drop_previous)
         return 0
+    runbooks.require_database(staging)
     points = runbooks.scan(ctx, staging)
     for skipped in points:  # newer points that cannot be used are named, not silently passed over
         if skipped.database == staging.dbname and skipped.status == "OK":

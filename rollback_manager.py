@@ -18,6 +18,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import venv  # noqa: E402
+
+venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
 from common import backup, catalog, cli, release, report, restore, runbooks  # noqa: E402
 from common.errors import UsageError, VerifyProblems  # noqa: E402

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 
 from . import catalog, dbprops, fingerprint, marks, snapshot, testhooks, trust, warm
@@ -77,6 +78,8 @@ class Source:
                 self._counts = fingerprint.counts(self.fingerprint)
                 self.conn.cursor().execute("RELEASE SAVEPOINT fingerprint")
             except psycopg2.Error as exc:
+                if isinstance(exc, psycopg2.errors.QueryCanceled):
+                    raise  # cancelled because the dump failed: count_beside reports that
                 if self.conn.closed or self.conn.get_transaction_status() not in (
                         psycopg2.extensions.TRANSACTION_STATUS_INERROR, psycopg2.extensions.TRANSACTION_STATUS_INTRANS):
                     raise

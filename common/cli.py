@@ -93,9 +93,17 @@ class Context:
         if not sys.stdin.isatty():
             raise NotConfirmed("not confirmed: no terminal to ask on. Pass --yes to confirm. Nothing was changed.")
         try:
+            import termios
+            termios.tcflush(sys.stdin, termios.TCIFLUSH)  # only an answer typed after the question counts
+        except (ImportError, OSError):
+            pass
+        try:
             answer = input("Type 'yes' to continue: ")
         except EOFError:
             answer = ""
+        except KeyboardInterrupt:
+            print()  # the message goes on a line of its own, not after the ^C
+            raise NotConfirmed("declined (interrupted at the question). Nothing was changed.") from None
         if answer.strip().lower() != "yes":
             raise NotConfirmed("declined. Nothing was changed.")
         log.debug("confirmed at the prompt")
@@ -145,9 +153,6 @@ OVERRIDES = {"backup_dir": "BACKUP_DIR", "log_dir": "LOG_DIR", "pg_bin_dir": "PG
 _AREAS = {
     "database": [("--staging-url", "URL", "staging (default: $STAGING_DATABASE_URL; a password here shows in ps)"),
                  ("--v2-url", "URL", "V2 (default: $V2_DATABASE_URL; a password here shows in ps)"),
-                 ("--db-host", "HOST", "database_rollback.py target host (default: $DB_HOST)"),
-                 ("--db-port", "PORT", "(default: $DB_PORT)"), ("--db-name", "NAME", "(default: $DB_NAME)"),
-                 ("--db-user", "USER", "(default: $DB_USER; the password only from $DB_PASSWORD)"),
                  ("--backup-dir", "DIR", "rollback points folder (default: $BACKUP_DIR)"),
                  ("--pg-bin-dir", "DIR", "folder searched first for pg_dump/pg_restore (default: $PG_BIN_DIR)")],
     "code": [("--repo-path", "DIR", "the repository (default: $REPO_PATH)"),
@@ -174,8 +179,13 @@ def same_database(a: ConnInfo, b: ConnInfo) -> bool:
     return (host(a.host), a.port, a.dbname) == (host(b.host), b.port, b.dbname)
 
 
+_DB_TARGET = [("--db-host", "HOST", "the target's host (default: $DB_HOST)"),
+              ("--db-port", "PORT", "(default: $DB_PORT)"), ("--db-name", "NAME", "(default: $DB_NAME)"),
+              ("--db-user", "USER", "(default: $DB_USER; the password only from $DB_PASSWORD)")]
+
+
 def common_flags(parser: argparse.ArgumentParser, destructive: bool = True, machine: bool = False,
-                 area: str = "database") -> None:
+                 area: str = "database", db_target: bool = False) -> None:
     """The flags every script shares (--yes, --json, --verbose) and the variable overrides of its area."""
     if destructive:
         parser.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
@@ -185,13 +195,16 @@ def common_flags(parser: argparse.ArgumentParser, destructive: bool = True, mach
     parser.add_argument("--log-dir", metavar="DIR", help="run logs folder (default: $LOG_DIR)")
     for flag, metavar, text in _AREAS.get(area, []):
         parser.add_argument(flag, metavar=metavar, help=text)
+    if db_target:  # database_rollback.py's own target (DESIGN §2); no other script reads these
+        for flag, metavar, text in _DB_TARGET:
+            parser.add_argument(flag, metavar=metavar, help=text)
     if area == "database" and destructive:
         parser.add_argument("--pgbouncer-url", metavar="URL",
                             help="PgBouncer's admin console: clients pause instead of failing during the swap "
                                  "(default: $PGBOUNCER_ADMIN_URL; a password here shows in ps)")
         parser.add_argument("--pause-timeout", metavar="SECONDS", type=float,
                             help=f"longest PgBouncer pause (default {DEFAULT_PAUSE_TIMEOUT:.0f})")
-    if area == "database":
+    if area == "database" and destructive:
         parser.add_argument("--wait", metavar="SECONDS", type=float, default=DEFAULT_WAIT,
                             help="how long to wait for sessions this role may not cut before giving up "
                                  f"(default {DEFAULT_WAIT:.0f})")
@@ -202,6 +215,9 @@ def yes_flag(parser: argparse.ArgumentParser) -> None:
     and asks first (DESIGN §4: making a point never cuts a client unasked)."""
     parser.add_argument("-y", "--yes", action="store_true",
                         help="cut the database's sessions without asking when a server-side snapshot needs it")
+    parser.add_argument("--wait", metavar="SECONDS", type=float, default=DEFAULT_WAIT,
+                        help="how long to wait for sessions this role may not cut before giving up "
+                             f"(default {DEFAULT_WAIT:.0f})")
 
 
 def warm_flag(parser: argparse.ArgumentParser, making: bool) -> None:
@@ -248,7 +264,9 @@ def execute(script: str, parser: argparse.ArgumentParser, handler: Callable[[arg
         return EXIT_FAILED
     except KeyboardInterrupt:
         _ensure_console()
-        log.error("interrupted. See the log for what had been done: %s", log_path)
+        print(file=sys.stderr)
+        log.error("interrupted. Every step here is done whole or not at all: a step cut short changed nothing, and "
+                  "the log says which steps had finished: %s", log_path)
         return 130
     except Exception as exc:  # a bug: one line for the operator, the traceback in the log
         _ensure_console()

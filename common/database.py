@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,24 +37,44 @@ class ConnInfo:
 
     @classmethod
     def parse(cls, url: str, what: str = "database URL") -> "ConnInfo":
+        """A postgresql:// URL. A password holding @ : / # ? unencoded is taken as everything
+        between the first ':' after the user and the last '@' (unambiguous: a host holds none of
+        them); it is never printed, not even in part."""
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("postgres", "postgresql"):
+            raise ConfigError(f"{what} must start with postgresql:// (got {_shown(url)!r})")
+        userinfo, at, hostpart = _split_userinfo(rest)
+        user = password = None
+        if at:
+            raw_user, colon, raw_password = userinfo.partition(":")
+            user = unquote(raw_user) if raw_user else None
+            if colon:
+                # percent-encoded as it should be, or (when it holds a character that must be encoded) as typed
+                password = raw_password if re.search(r"[@:/#?]", raw_password) else unquote(raw_password)
+                register_secret(password)
+                register_secret(raw_password)
         try:
-            parts = urlsplit(url)
+            parts = urlsplit(f"{scheme}://{hostpart}")
             port = parts.port
         except ValueError as exc:
-            raise ConfigError(f"{what} is not a valid URL ({mask(str(exc))}): {mask(url)}") from exc
-        if parts.scheme not in ("postgres", "postgresql"):
-            raise ConfigError(f"{what} must start with postgresql:// (got {mask(url)!r})")
+            raise ConfigError(f"{what} is not a valid URL ({mask(str(exc))}): {_shown(url)}. A password with @ : / # ? "
+                              "% must be percent-encoded in a URL (@ is %40, : is %3A, / is %2F, # is %23, ? is %3F, "
+                              "% is %25).") from None
         query = dict(parse_qsl(parts.query))
         host = query.pop("host", None) or (unquote(parts.hostname) if parts.hostname else "localhost")
         if "port" in query:
-            port = int(query.pop("port"))
+            try:
+                port = int(query.pop("port"))
+            except ValueError:
+                raise ConfigError(f"{what}: port must be a number ({_shown(url)})") from None
         dbname = unquote(parts.path[1:]) if parts.path and len(parts.path) > 1 else None
         dbname = query.pop("dbname", None) or dbname
         if not dbname:
-            raise ConfigError(f"{what} names no database: {mask(url)} (add /DBNAME after the host)")
-        user = query.pop("user", None) or (unquote(parts.username) if parts.username else None)
-        password = query.pop("password", None) or (unquote(parts.password) if parts.password else None)
-        register_secret(password)
+            raise ConfigError(f"{what} names no database: {_shown(url)} (add /DBNAME after the host)")
+        user = query.pop("user", None) or user
+        if "password" in query:
+            password = query.pop("password")
+            register_secret(password)
         return cls(host=host, port=port or 5432, dbname=dbname, user=user, password=password,
                    params=tuple(sorted(query.items())))
 
@@ -79,6 +100,27 @@ class ConnInfo:
         return env
 
 
+def _split_userinfo(rest: str) -> tuple:
+    """(userinfo, '@', host part) at the '@' after which a host and a /database or ?query follow: the
+    last one, unless that '@' stands in the query (then the one before)."""
+    positions = [i for i, ch in enumerate(rest) if ch == "@"]
+    for pos in reversed(positions):
+        tail = rest[pos + 1:]
+        if re.match(r"^[^/?#@]*[/?]", tail):
+            return rest[:pos], "@", tail
+    return rest.rpartition("@")
+
+
+def _shown(url: str) -> str:
+    """A URL as it may be printed: everything between '://user:' and the host's '@' hidden."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = _split_userinfo(rest)
+    if not sep or not at:
+        return mask(url)
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in userinfo else ''}@{mask(hostpart)}"
+
+
 def connect(info: ConnInfo, dbname: Optional[str] = None, autocommit: bool = True,
             app: str = APP_NAME):
     """A psycopg2 connection that fails within seconds with a one-line reason, never a hang."""
@@ -93,10 +135,18 @@ def connect(info: ConnInfo, dbname: Optional[str] = None, autocommit: bool = Tru
     try:
         conn = psycopg2.connect(**kwargs)
     except psycopg2.OperationalError as exc:
-        reason_text = reason(exc)
-        raise ConnectionFailed(f"cannot connect to {info.masked(target)}: {reason_text}. Nothing was changed.") from None
+        failed = ConnectionFailed(f"cannot connect to {info.masked(target)}: {_sentence(reason(exc))}")
+        failed.reason = _sentence(reason(exc))
+        raise failed from None
     conn.autocommit = autocommit
     return conn
+
+
+def _sentence(text: str) -> str:
+    """The server's reason as one sentence: 'connection refused; Is the server running ...?' ends
+    in one full stop, not '?.'."""
+    text = text.strip().rstrip(".")
+    return text if text.endswith("?") else text + "."
 
 
 def reason(exc: Exception) -> str:
@@ -392,7 +442,10 @@ def maintenance_db(info: ConnInfo, app: str = APP_NAME):
         try:
             return connect(info, "template1", app=app)
         except ConnectionFailed:
-            raise first from None
+            # named as the user configured it: the database they set, not the maintenance one
+            failed = ConnectionFailed(f"cannot connect to the server of {info.masked()}: {getattr(first, 'reason', first)}")
+            failed.reason = getattr(first, "reason", str(first))
+            raise failed from None
 
 
 def log_sessions(found: List[Session]) -> None:

@@ -62,11 +62,11 @@ def main() -> int:
         admin = connect(info)
         execute(admin, "CREATE DATABASE demo_v2")
         admin.close()
-        run(dict(env, STAGING_DATABASE_URL=env["V2_DATABASE_URL"]), "database_rollback.py", "migrate", "001")
+        run(dict(env, STAGING_DATABASE_URL=env["V2_DATABASE_URL"]), "database_rollback.py", "migrate", "001", "--yes")
         v2 = connect(info, "demo_v2")
         execute(v2, SAMPLE_DATA)
         v2.close()
-        run(dict(env, STAGING_DATABASE_URL=env["V2_DATABASE_URL"]), "database_rollback.py", "migrate", "002")
+        run(dict(env, STAGING_DATABASE_URL=env["V2_DATABASE_URL"]), "database_rollback.py", "migrate", "002", "--yes")
 
         step("Staging: a fresh copy of V2")
         run(env, "reset_staging.py", "--yes")
@@ -76,7 +76,7 @@ def main() -> int:
         run(env, "rollback_manager.py", "list")
 
         step("The migration: 003 moves old orders to an archive table")
-        run(env, "database_rollback.py", "migrate")
+        run(env, "database_rollback.py", "migrate", "--yes")
         run(env, "database_rollback.py", "status")
 
         step("It went wrong: quick rollback")

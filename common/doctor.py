@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from . import catalog, cli, pgbouncer, trust
 from .database import ConnInfo, connect, database_size, server_version
-from .env import DEFAULTS
+from .env import DEFAULTS, EXAMPLES, NEEDED
 from .errors import RollbackError, VerifyProblems
 from .log import mask
 from .pgtools import candidates, choose
@@ -36,6 +36,9 @@ def check(ctx: cli.Context) -> dict:
         report["variables"][name] = {"value": shown, "origin": origin if value is not None else "missing"}
         if value is None and name in REQUIRED:
             report["problems"].append(f"{name} is not set (add {name}=postgresql://... to {s.env_file})")
+        elif value is None and name in NEEDED:
+            report["problems"].append(f"{name} is not set: {NEEDED[name]}; code_rollback, config_rollback and "
+                                      f"database_rollback migrate need it (add {name}={EXAMPLES[name]} to {s.env_file})")
     report["folders"] = {}
     for name in trust.FOLDER_SETTINGS:
         if not s.get(name):
@@ -115,7 +118,7 @@ def show(ctx: cli.Context, report: dict) -> None:
         log.info("  %-22s %s", name, v["value"] if v["value"] is not None else "(missing)")
     for name, entry in report["servers"].items():
         if "error" in entry:
-            log.info("%s: cannot connect: %s", name, entry["error"])
+            log.info("%s: %s", name, entry["error"])
             continue
         log.info("%s: %s, PostgreSQL %s, %s", name, entry["url"], entry["version"], human_size(entry["size_bytes"]))
         for tool in ("pg_dump", "pg_restore"):

@@ -18,10 +18,9 @@ DEFAULTS = {
     "DB_USER": "postgres",
     "BACKUP_DIR": "./backups",
     "LOG_DIR": "./logs",
-    "MIGRATIONS_DIR": "./migrations",
-    "REPO_PATH": ".",
+    # MIGRATIONS_DIR, REPO_PATH and CONFIG_DIR have no default: the toolkit never falls back to its
+    # own folder, repository or sample migrations (DESIGN §2); a command that needs one names it.
     "CODE_BACKUP_DIR": "./code_backups",
-    "CONFIG_DIR": "./config",
     "CONFIG_BACKUP_DIR": "./config_backups",
     "ENV_FILE": ".env",
 }
@@ -30,7 +29,14 @@ EXAMPLES = {
     "V2_DATABASE_URL": "postgresql://user:password@prod-host:5432/v2",
     "STAGING_DATABASE_URL": "postgresql://user:password@staging-host:5432/staging",
     "DB_NAME": "staging",
+    "MIGRATIONS_DIR": "/srv/app/migrations",
+    "REPO_PATH": "/srv/app",
+    "CONFIG_DIR": "/srv/app/config",
 }
+# Settings a command needs that have no default: what they are for, for the message naming them.
+NEEDED = {"MIGRATIONS_DIR": "the folder of your SQL migrations (the toolkit's migrations/ are samples for the demo)",
+          "REPO_PATH": "your application's git repository (never the toolkit's own)",
+          "CONFIG_DIR": "your application's configuration folder"}
 
 
 @dataclass
@@ -54,8 +60,9 @@ class Settings:
         value = self.get(name)
         if not value:
             example = EXAMPLES.get(name, "...")
+            what = f" ({NEEDED[name]})" if name in NEEDED else ""
             raise ConfigError(
-                f"{name} is not set. Add a line like\n    {name}={example}\n"
+                f"{name} is not set{what}. Add a line like\n    {name}={example}\n"
                 f"to {self.env_file} or export it in the environment. Nothing was changed."
             )
         return value

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 LOGGER_NAME = "rollback"
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?P<at>@)")
+# Up to the last '@' of the word: a password may hold '@' (and ':' '/' '#') when it was not encoded.
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>\S+)(?P<at>@)")
 _PASSWORD_KV = re.compile(r"(?i)(?P<head>\b[A-Z0-9_]*(?:PASSWORD|SECRET|TOKEN)[A-Z0-9_]*\s*[=:]\s*)(?P<pw>\S+)")
 _secrets: set = set()
 

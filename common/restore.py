@@ -35,6 +35,12 @@ from .runner import Process, run
 RESTORE_TAG, PREVIOUS_TAG = "restore", "pre_rollback"
 
 
+class RestoreInterrupted(RestoreFailed):
+    """Ctrl-C before the swap: the target is as it was (exit 130, as for any interrupt)."""
+
+    exit_code = 130
+
+
 def verify_point(point: RollbackPoint, pg_bin_dir: Optional[str] = None,
                  info: Optional[ConnInfo] = None) -> RollbackPoint:
     """Full check of a dump: size, sha256, and that pg_restore can read its table of contents;
@@ -497,6 +503,10 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
             with timed("database properties"):
                 dbprops.apply(conn, fresh, wanted)
         testhooks.checkpoint("restore-checked")
+    except KeyboardInterrupt:
+        _drop_quietly(conn, fresh)
+        raise RestoreInterrupted(f"interrupted while the new copy was made: {target} is unchanged, and the new copy "
+                                 f"{fresh} was removed.") from None
     except BaseException:
         _drop_quietly(conn, fresh)
         raise
@@ -526,6 +536,10 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
     except BaseException as exc:
         if not swapped:
             _drop_quietly(conn, fresh)
+            if isinstance(exc, KeyboardInterrupt):
+                still = "" if cut.allowed else " (it still refuses connections: any command allows them first)"
+                raise RestoreInterrupted(f"interrupted before the swap: {target} is unchanged{still}, and the new "
+                                         f"copy {fresh} was removed.") from None
             if isinstance(exc, psycopg2.Error):
                 state = ("accepts connections again" if cut.allowed else
                          "still refuses connections: run this command again, which allows them first")

@@ -10,7 +10,7 @@ from . import backup, catalog, configfiles, files, journal, marks, metrics, rele
 from . import cleanup as cleaning
 from .catalog import RollbackPoint
 from .cli import Context, same_database
-from .database import ConnInfo, app_name, databases_like, drop_database, maintenance_db, name_prefix, rows
+from .database import ConnInfo, app_name, connect, databases_like, drop_database, maintenance_db, name_prefix, rows
 from .errors import RollbackError, UsageError, VerifyProblems
 from .locks import DatabaseLock
 from .streamcopy import StreamedCopy
@@ -36,6 +36,7 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
     if same_database(v2, staging):
         raise UsageError("V2_DATABASE_URL and STAGING_DATABASE_URL name the same database; refusing to "
                          "reset it from itself. Nothing was changed.")
+    connect(v2, app=app_name(ctx.script)).close()  # V2 is named in the confirmation: it must answer first
     placeholder = RollbackPoint(id=f"fresh copy of V2 ({v2.dbname})", database=staging.dbname,
                                 description=f"fresh copy of V2 {v2.masked()}")
     # The placeholder records no database properties, so staging keeps its own: they configure
@@ -211,6 +212,19 @@ def verify_database(ctx: Context, target: ConnInfo, ref: Optional[str], quick: b
         ctx.log.info("metrics:        %s", observed.line())
     if problems:
         raise VerifyProblems(f"{len(problems)} problem(s) found in {target.dbname}")
+
+
+def require_database(info: ConnInfo) -> None:
+    """A rollback needs its target to exist: a typo in the URL must not turn into a new database."""
+    conn = maintenance_db(info)
+    try:
+        exists = bool(rows(conn, "SELECT 1 FROM pg_database WHERE datname = %s", (info.dbname,)))
+    finally:
+        conn.close()
+    if not exists:
+        raise UsageError(f"database {info.dbname!r} does not exist on the server of {info.masked()}: is "
+                         "STAGING_DATABASE_URL right? To create it as a fresh copy of V2, run: python3 reset_staging.py. "
+                         "Nothing was changed.")
 
 
 def newest_point(ctx: Context, info: ConnInfo) -> Optional[RollbackPoint]:

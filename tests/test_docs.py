@@ -128,9 +128,9 @@ def world(pg_old, tmp_path):
     env["PATH"] = os.path.dirname(shutil.which("python3") or "/usr/bin/python3") + ":" + env.get("PATH", "")
     pf.create_database(pg_old, "v2")
     v2_env = dict(env, STAGING_DATABASE_URL=env["V2_DATABASE_URL"])
-    assert pf.run_script("database_rollback.py", "migrate", "001", env=v2_env).returncode == 0
+    assert pf.run_script("database_rollback.py", "migrate", "001", "--yes", env=v2_env).returncode == 0
     pf.execute(pg_old, "v2", SAMPLE_DATA)
-    assert pf.run_script("database_rollback.py", "migrate", "002", env=v2_env).returncode == 0
+    assert pf.run_script("database_rollback.py", "migrate", "002", "--yes", env=v2_env).returncode == 0
     assert pf.run_script("reset_staging.py", "--yes", env=env).returncode == 0
     yield {"env": env, "repo": repo, "server": pg_old, "tmp": tmp_path}
     for (name,) in pf.rows(pf.connect(pg_old.info), "SELECT datname FROM pg_database WHERE datname LIKE 'staging%' "

@@ -39,7 +39,7 @@ def target(pg_old, tmp_path):
 
 
 def migrate(env, *args):
-    result = pf.run_script("database_rollback.py", "migrate", *args, env=env)
+    result = pf.run_script("database_rollback.py", "migrate", *args, "--yes", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -149,7 +149,7 @@ def test_a_failing_migration_rolls_back_whole_and_stops(pg_old, target):
     name, env, folder = target
     (folder / "004_broken.sql").write_text("CREATE TABLE half_done (id int);\nSELECT no_such_function();\n")
     (folder / "005_never.sql").write_text("CREATE TABLE never (id int);\n")
-    result = pf.run_script("database_rollback.py", "migrate", env=env)
+    result = pf.run_script("database_rollback.py", "migrate", "--yes", env=env)
     assert result.returncode == 1 and "004_broken.sql failed" in result.stderr
     conn = connect(pg_old.info, name)
     assert rows(conn, "SELECT to_regclass('half_done'), to_regclass('never')") == [(None, None)]
@@ -173,8 +173,21 @@ def test_migrate_during_a_rollback_is_refused(pg_old, target, tmp_path):
     migrate(env)
     first, _ = pf.start_paused("database_rollback.py", "rollback", "001", "--yes", env=env,
                                step="rollback-point-taken", folder=tmp_path)
-    second = pf.run_script("database_rollback.py", "migrate", env=env)
+    second = pf.run_script("database_rollback.py", "migrate", "--yes", env=env)
     first.kill()
     first.communicate()
     assert second.returncode == 1 and "held by" in second.stderr and "database_rollback" in second.stderr
     assert state(pg_old, name)[2] == ["001", "002", "003"]
+
+
+def test_migrate_names_the_folder_asks_and_takes_a_point_first(pg_old, target):
+    name, env, folder = target
+    asked = pf.run_script("database_rollback.py", "migrate", env=env)  # no terminal, no --yes
+    assert asked.returncode == 3 and str(folder) in asked.stdout and "001_initial_schema" in asked.stdout
+    conn = connect(pg_old.info, name)
+    assert rows(conn, "SELECT to_regclass('public.schema_migrations')") == [(None,)]  # nothing applied
+    conn.close()
+    done = migrate(env, "001")
+    assert "Automatic rollback point" in done.stdout
+    unset = pf.run_script("database_rollback.py", "status", env={k: v for k, v in env.items() if k != "MIGRATIONS_DIR"})
+    assert unset.returncode == 2 and "MIGRATIONS_DIR is not set" in unset.stderr and "samples" in unset.stderr

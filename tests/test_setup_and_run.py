@@ -7,6 +7,7 @@ import pty
 import re
 import select
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -152,3 +153,17 @@ def test_the_demo_runs_and_leaves_nothing_running(tmp_path):
             assert data not in (proc / "cmdline").read_bytes().decode("utf-8", "replace")
         except OSError:
             pass
+
+
+def test_a_python_without_the_requirements_gets_one_clear_line_or_the_toolkit_s_venv():
+    """`python3 SCRIPT.py` as the README prints it: a Python that lacks psycopg2 runs the script again
+    under the toolkit's .venv when there is one, else says in one line what to run; no traceback."""
+    for script in ("quick_rollback.py", "rollback_manager.py", "code_rollback.py"):
+        result = subprocess.run([sys.executable, "-S", str(ROOT / script), "--help"], capture_output=True, text=True,
+                                env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")}, cwd="/")
+        assert "Traceback" not in result.stderr, result.stderr
+        if (ROOT / ".venv" / "bin" / "python").exists():
+            assert result.returncode == 0 and "usage:" in result.stdout, result.stdout + result.stderr
+        else:
+            assert result.returncode == 2 and "./setup_and_run.sh 1" in result.stderr, result.stdout + result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1

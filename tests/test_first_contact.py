@@ -1,0 +1,122 @@
+"""First contact with a real server (DESIGN §2, §3): passwords typed unencoded never leak, unset
+settings never aim at the toolkit itself, errors name what the user configured, --help shows only
+what a script uses, and nothing is a trap (a typo'd staging, a missing V2, migrate without asking)."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from common.testserver import free_port
+from tests import pgfixtures as pf
+from tests.realistic import RealisticDatabase
+
+
+@pytest.mark.parametrize("password", ["p@ss:w#rd/1", "a?b%c@dQ7z", "x:y/z#w?v@u9Kq"])
+def test_a_password_with_url_characters_typed_unencoded_works_and_never_shows(pg_old, env_for, tmp_path, password):
+    with RealisticDatabase(pg_old, password=password) as rd:
+        raw = f"postgresql://{rd.owner}:{password}@127.0.0.1:{pg_old.info.port}/{rd.name}"
+        env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=raw)
+        outputs = []
+        for command in (("create_rollback_point.py", "pw"), ("rollback_manager.py", "list", "--json"),
+                        ("quick_rollback.py", "--yes")):
+            result = pf.run_script(*command, env=env)
+            assert result.returncode == 0, result.stdout + result.stderr
+            outputs.append(result.stdout + result.stderr)
+        check = subprocess.run([str(pf.ROOT / "setup_and_run.sh"), "2"], env=env, capture_output=True, text=True,
+                               timeout=120, stdin=subprocess.DEVNULL)
+        outputs.append(check.stdout + check.stderr)
+        written = [p.read_text(errors="replace") for folder in (env["LOG_DIR"], env["BACKUP_DIR"])
+                   for p in Path(folder).rglob("*") if p.is_file() and p.suffix in (".log", ".json")]
+        for text in outputs + written:
+            # the whole password, and what the old parser leaked: everything after its first '@'
+            for piece in {password, password.split("@", 1)[1]}:
+                assert piece not in text, (piece, text[:2000])
+        assert f"{rd.owner}:***@127.0.0.1" in outputs[2]
+
+
+def test_errors_name_the_database_the_user_configured(pg_old, env_for, tmp_path):
+    port = free_port()  # nothing listens there
+    env = env_for(pg_old, "staging", STAGING_DATABASE_URL=f"postgresql://app:secret@127.0.0.1:{port}/staging")
+    for command in (("create_rollback_point.py", "x"), ("quick_rollback.py", "--yes"), ("simple_rollback.py", "list")):
+        result = pf.run_script(*command, env=env)
+        line = result.stderr.strip().splitlines()[0]
+        assert result.returncode == 1 and f"127.0.0.1:{port}/staging" in line, line
+        assert "/postgres" not in line and "?." not in line and "secret" not in result.stderr
+    check = subprocess.run([str(pf.ROOT / "setup_and_run.sh"), "2"], env=env, capture_output=True, text=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+    assert "cannot connect: cannot connect" not in check.stdout + check.stderr
+
+
+def test_unset_settings_are_named_and_never_aim_at_the_toolkit(pg_old, rich_old, env_for, tmp_path):
+    env = env_for(pg_old, rich_old)
+    for command, variable in ((("code_rollback.py", "backup"), "REPO_PATH"),
+                              (("config_rollback.py", "backup"), "CONFIG_DIR"),
+                              (("database_rollback.py", "migrate", "--yes"), "MIGRATIONS_DIR")):
+        result = pf.run_script(*command, env=env)
+        assert result.returncode == 2 and f"{variable} is not set" in result.stderr, result.stdout + result.stderr
+    assert not Path(env["CODE_BACKUP_DIR"] if "CODE_BACKUP_DIR" in env else tmp_path / "none").exists()
+    check = subprocess.run([str(pf.ROOT / "setup_and_run.sh"), "2"], env=env, capture_output=True, text=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+    out = check.stdout + check.stderr
+    assert check.returncode == 4 and "Problems: none" not in out
+    assert all(f"{v} is not set" in out for v in ("REPO_PATH", "CONFIG_DIR", "MIGRATIONS_DIR"))
+
+
+def test_a_staging_that_does_not_exist_is_refused_not_created(pg_old, rich_old, env_for):
+    env = env_for(pg_old, rich_old, STAGING_DATABASE_URL=pf.url(pg_old, rich_old + "_typo"))
+    result = pf.run_script("quick_rollback.py", "--yes", env=env)
+    assert result.returncode == 2 and "does not exist" in result.stderr and "reset_staging.py" in result.stderr
+    assert not pf.database_exists(pg_old, rich_old + "_typo")
+
+
+def test_a_missing_v2_is_named_before_the_question(pg_old, rich_old, env_for):
+    env = env_for(pg_old, rich_old, V2_DATABASE_URL=pf.url(pg_old, "no_such_v2"))
+    result = pf.run_script("reset_staging.py", env=env)  # no --yes: the error must come before any question
+    assert result.returncode == 1 and "no_such_v2" in result.stderr and "Reset" not in result.stdout
+
+
+@pytest.mark.parametrize("script, flag", [("quick_rollback.py", "--db-name"), ("create_rollback_point.py", "--db-host"),
+                                          ("database_rollback.py verify", "--wait")])
+def test_an_option_a_script_does_not_use_is_an_error(pg_old, rich_old, env_for, script, flag):
+    env = env_for(pg_old, rich_old)
+    result = pf.run_script(*script.split(), flag, "x", "--yes" if "quick" in script else "--json", env=env)
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr, result.stdout + result.stderr
+    helped = pf.run_script(*script.split(), "--help", env=env)
+    assert flag not in helped.stdout
+
+
+def test_interrupted_at_the_question_says_nothing_changed(pg_old, rich_old, env_for):
+    import os
+    import pty
+    import signal
+    import time
+    env = env_for(pg_old, rich_old)
+    assert pf.run_script("create_rollback_point.py", "before", env=env).returncode == 0
+    before = pf.fingerprint(pg_old, rich_old)
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(pf.sys.executable, [pf.sys.executable, str(pf.ROOT / "quick_rollback.py")], env)
+    output, deadline = b"", time.monotonic() + 60
+    while b"Type 'yes'" not in output and time.monotonic() < deadline:
+        try:
+            output += os.read(fd, 4096)
+        except OSError:
+            break
+    os.kill(pid, signal.SIGINT)
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    text = output.decode(errors="replace")
+    assert os.WEXITSTATUS(status) == 3 and "Nothing was changed" in text, text
+    assert "\nerror: declined" in text.replace("\r", "")
+    assert pf.fingerprint(pg_old, rich_old) == before
+    assert json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
