@@ -88,6 +88,14 @@ def cmd_status(args, ctx):
             ctx.log.info("%s", line)
 
 
+def automatic_point(ctx, target, lock, description: str):
+    """The rollback point taken, under the lock already held, before migrations change the database."""
+    point = backup.create_point(target, ctx.settings.backup_dir, ctx.script, description, pg_bin_dir=ctx.pg_bin_dir,
+                                lock=lock, warm_copies=ctx.warm_copies, confirm=ctx.confirm)
+    ctx.log.info("Automatic rollback point: %s", point.id)
+    return point
+
+
 def cmd_migrate(args, ctx):
     """Apply pending migrations: the folder and each migration are named, a rollback point of the
     current state is taken first, and the question is asked (exit 3 without a terminal and --yes)."""
@@ -107,10 +115,7 @@ def cmd_migrate(args, ctx):
     with DatabaseLock(target, target.dbname, ctx.script) as lock:
         if migrations.to_apply(read_status(ctx, target), args.target) != todo:
             raise UsageError("the migrations changed while you confirmed; run the command again. Nothing was changed.")
-        point = backup.create_point(target, ctx.settings.backup_dir, ctx.script,
-                                    f"automatic before migrating to {todo[-1].full_name}", pg_bin_dir=ctx.pg_bin_dir,
-                                    lock=lock, warm_copies=ctx.warm_copies, confirm=ctx.confirm)
-        ctx.log.info("Automatic rollback point: %s", point.id)
+        point = automatic_point(ctx, target, lock, f"automatic before migrating to {todo[-1].full_name}")
         ctx.log.info("Applying %d migration(s) to %s:", len(todo), target.dbname)
         for n, m in enumerate(todo, 1):
             try:
@@ -146,10 +151,7 @@ def cmd_rollback(args, ctx):
     with DatabaseLock(target, target.dbname, ctx.script) as lock:
         if migrations.to_revert(read_status(ctx, target), args.target) != todo:
             raise UsageError("the migrations changed while you confirmed; run the command again. Nothing was changed.")
-        point = backup.create_point(target, ctx.settings.backup_dir, ctx.script,
-                                    f"automatic before rollback to {goal.full_name}", pg_bin_dir=ctx.pg_bin_dir,
-                                    lock=lock, warm_copies=ctx.warm_copies, confirm=ctx.confirm)
-        ctx.log.info("Automatic rollback point: %s", point.id)
+        point = automatic_point(ctx, target, lock, f"automatic before rollback to {goal.full_name}")
         testhooks.checkpoint("rollback-point-taken")
         for n, m in enumerate(todo, 1):
             try:

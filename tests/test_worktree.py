@@ -60,6 +60,16 @@ def world(tmp_path):
     return repo, env, tmp_path
 
 
+def add_submodule(repo: Path, tmp_path: Path) -> None:
+    """A submodule `lib` (from a local repository with one commit)."""
+    lib = tmp_path / "libsrc"
+    lib.mkdir()
+    git(lib, "init", "-q", "-b", "main")
+    (lib / "lib.py").write_text("lib = 1\n")
+    commit_all(lib, "lib 1")
+    git(repo, *ALLOW_FILE, "submodule", "add", "-q", str(lib), "lib")
+
+
 def full_repo(repo: Path, tmp_path: Path) -> None:
     git(repo, "init", "-q", "-b", "main")
     (repo / ".gitattributes").write_text("*.txt text=auto\n*.id ident\n")
@@ -69,12 +79,7 @@ def full_repo(repo: Path, tmp_path: Path) -> None:
     (repo / "version.id").write_text("$Id$\n")
     (repo / "settings.ini").write_text("db=committed\n")
     (repo / "sparse.cfg").write_text("skip=committed\n")
-    lib = tmp_path / "libsrc"
-    lib.mkdir()
-    git(lib, "init", "-q", "-b", "main")
-    (lib / "lib.py").write_text("lib = 1\n")
-    commit_all(lib, "lib 1")
-    git(repo, *ALLOW_FILE, "submodule", "add", "-q", str(lib), "lib")
+    add_submodule(repo, tmp_path)
     commit_all(repo, "release 1")
     # what is on disk and in the index beyond commits:
     (repo / "crlf.txt").write_bytes(b"one\r\ntwo\r\n")  # CRLF in the tree under text=auto
@@ -158,12 +163,7 @@ def test_rollback_keeps_what_a_reset_writes_over_and_names_its_own_stash(world):
     (repo / "config.local").write_text("password=LOCAL\n")
     (repo / "notes.md").write_text("n\n")
     commit_all(repo, "release 2 (config.local ignored)")
-    lib = tmp_path / "libsrc"
-    lib.mkdir()
-    git(lib, "init", "-q", "-b", "main")
-    (lib / "lib.py").write_text("lib = 1\n")
-    commit_all(lib, "lib 1")
-    git(repo, *ALLOW_FILE, "submodule", "add", "-q", str(lib), "lib")
+    add_submodule(repo, tmp_path)
     commit_all(repo, "release 3")
     git(repo, "config", "submodule.recurse", "true")
     (repo / "app.py").write_text("user's stash\n")
@@ -183,14 +183,20 @@ def test_rollback_keeps_what_a_reset_writes_over_and_names_its_own_stash(world):
     assert user_stash in git(repo, "log", "-g", "--format=%H", "refs/stash")  # the user's stash is still there
 
 
-def test_a_commit_during_a_restore_is_refused_and_a_moved_ref_stops_the_swap(world):
-    repo, env, tmp_path = world
+def backed_up_then_moved_on(repo: Path, env) -> str:
+    """A repository with a commit, a backup of it, then a second commit; returns the backup's path."""
     git(repo, "init", "-q", "-b", "main")
     (repo / "a.txt").write_text("1\n")
     commit_all(repo, "one")
     backup = json.loads(run(env, "backup", "--json").stdout)["path"]
     (repo / "a.txt").write_text("2\n")
     commit_all(repo, "two")
+    return backup
+
+
+def test_a_commit_during_a_restore_is_refused_and_a_moved_ref_stops_the_swap(world):
+    repo, env, tmp_path = world
+    backup = backed_up_then_moved_on(repo, env)
     proc, flag = pf.start_paused("code_rollback.py", "restore", backup, "--yes", env=env, step="code-restore-built",
                                  folder=tmp_path)
     (repo / "a.txt").write_text("3\n")
@@ -208,12 +214,7 @@ def test_a_commit_during_a_restore_is_refused_and_a_moved_ref_stops_the_swap(wor
 
 def test_a_failed_restore_leaves_the_live_repository_and_its_reflog_untouched(world):
     repo, env, tmp_path = world
-    git(repo, "init", "-q", "-b", "main")
-    (repo / "a.txt").write_text("1\n")
-    commit_all(repo, "one")
-    backup = json.loads(run(env, "backup", "--json").stdout)["path"]
-    (repo / "a.txt").write_text("2\n")
-    commit_all(repo, "two")
+    backup = backed_up_then_moved_on(repo, env)
     reflog = (repo / ".git" / "logs" / "HEAD").read_bytes()
     before = disk(repo)
     failed = run(dict(env, ROLLBACK_TEST_FAIL_AT="code-restore-built"), "restore", backup, "--yes")
