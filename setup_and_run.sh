@@ -84,7 +84,7 @@ PostgreSQL migration rollback toolkit
 run_choice() {
   local choice="$1"; shift
   case "$choice" in
-    1) ensure_deps && echo "Dependencies installed for $PY. Run the scripts as the README prints them (python3 SCRIPT.py): one run with a Python that lacks them runs again under $HERE/.venv when that is where they went." ;;
+    1) ensure_deps && echo "Dependencies installed. They are $PY's. Run the scripts as the README prints them (python3 SCRIPT.py): one run with a Python that lacks them runs again under $HERE/.venv when that is where they went." ;;
     2) ensure_deps && py -m common.doctor "$@" ;;
     3) ensure_deps && py database_rollback.py status "$@" ;;
     4) ensure_deps

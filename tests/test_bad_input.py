@@ -47,7 +47,9 @@ CASES = [
 @pytest.fixture
 def world(pg_old, env_for, tmp_path):
     staging = pf.create_database(pg_old, pf.unique_name("staging"), pf.RICH_SCHEMA)
-    env = env_for(pg_old, staging)
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "config").mkdir()
+    env = env_for(pg_old, staging, REPO_PATH=str(tmp_path / "repo"), CONFIG_DIR=str(tmp_path / "config"))
     meta, sidecar = make_point(env)
     pf.execute(pg_old, staging, MIGRATION)
     folder = tmp_path / "a_folder"

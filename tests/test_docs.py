@@ -127,7 +127,8 @@ def world(pg_old, tmp_path):
                         ROLLBACK_MAX_CPU_PERCENT="100", ROLLBACK_MAX_MEMORY_PERCENT="100")
     env["PATH"] = os.path.dirname(shutil.which("python3") or "/usr/bin/python3") + ":" + env.get("PATH", "")
     pf.create_database(pg_old, "v2")
-    v2_env = dict(env, STAGING_DATABASE_URL=env["V2_DATABASE_URL"])
+    # V2's own migrations take their own rollback points: kept apart from staging's
+    v2_env = dict(env, STAGING_DATABASE_URL=env["V2_DATABASE_URL"], BACKUP_DIR=str(tmp_path / "v2_backups"))
     assert pf.run_script("database_rollback.py", "migrate", "001", "--yes", env=v2_env).returncode == 0
     pf.execute(pg_old, "v2", SAMPLE_DATA)
     assert pf.run_script("database_rollback.py", "migrate", "002", "--yes", env=v2_env).returncode == 0
