@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,8 +98,11 @@ def test_interrupted_at_the_question_says_nothing_changed(pg_old, rich_old, env_
     assert pf.run_script("create_rollback_point.py", "before", env=env).returncode == 0
     before = pf.fingerprint(pg_old, rich_old)
     pid, fd = pty.fork()
-    if pid == 0:
-        os.execve(pf.sys.executable, [pf.sys.executable, str(pf.ROOT / "quick_rollback.py")], env)
+    if pid == 0:  # the child: only ever the script, never the rest of this test run
+        try:
+            os.execve(sys.executable, [sys.executable, str(pf.ROOT / "quick_rollback.py")], env)
+        finally:
+            os._exit(127)
     output, deadline = b"", time.monotonic() + 60
     while b"Type 'yes'" not in output and time.monotonic() < deadline:
         try:
