@@ -366,3 +366,23 @@ def test_publishing_never_prunes_a_folder_it_did_not_make_or_files_it_did_not_wr
     assert "1 file(s) this toolkit did not write (uploaded-by-hand.txt)" in said
     assert f"{handmade} was not made by this toolkit" in said
     assert os.readlink(deploy / "current").endswith(commits[6][:8])
+
+
+def test_a_restore_over_an_ignored_file_keeps_its_current_content_in_the_automatic_backup(world):
+    repo, env, tmp_path = world
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "config.local").write_text("password=at-backup\n")
+    (repo / "app.py").write_text("v = 1\n")
+    commit_all(repo, "config.local tracked")
+    backup = json.loads(run(env, "backup", "--json").stdout)["path"]
+    git(repo, "rm", "-q", "--cached", "config.local")
+    (repo / ".gitignore").write_text("config.local\n")
+    commit_all(repo, "config.local ignored")
+    (repo / "config.local").write_text("password=LOCAL-NOW\n")
+    restored = run(env, "restore", backup, "--yes")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert "ignored file(s) the backup has at the same path: replaced" in restored.stdout and "config.local" in restored.stdout
+    assert (repo / "config.local").read_text() == "password=at-backup\n"
+    automatic = _newest_backup(env)
+    assert Path(automatic) != Path(backup)
+    assert _archived(automatic, "config.local") == b"password=LOCAL-NOW\n"  # the way back
