@@ -101,20 +101,19 @@ def cmd_migrate(args, ctx):
     current state is taken first, and the question is asked (exit 3 without a terminal and --yes)."""
     target = ctx.db_target()
     folder = ctx.settings.path("MIGRATIONS_DIR")
-    status = read_status(ctx, target)
-    for m in status.edited:
-        ctx.log.warning("warning: %s was edited since it was applied (checksum differs)", m.path.name)
-    todo = migrations.to_apply(status, args.target)
-    if not todo:
-        ctx.log.info("Nothing to apply: %s is at %s (migrations in %s).", target.dbname, status.head or "no migration",
-                     folder)
-        return
-    ctx.confirm(f"Apply {len(todo)} migration(s) from {folder} to {target.dbname}?",
-                [f"apply {m.full_name} ({m.path.name})" for m in todo] +
-                [f"{target.dbname} is at {status.head or 'no migration'} now; a rollback point of it is taken first"])
+    # The lock first: what is pending is read, shown and applied with no other operation in between.
     with DatabaseLock(target, target.dbname, ctx.script) as lock:
-        if migrations.to_apply(read_status(ctx, target), args.target) != todo:
-            raise UsageError("the migrations changed while you confirmed; run the command again. Nothing was changed.")
+        status = read_status(ctx, target)
+        for m in status.edited:
+            ctx.log.warning("warning: %s was edited since it was applied (checksum differs)", m.path.name)
+        todo = migrations.to_apply(status, args.target)
+        if not todo:
+            ctx.log.info("Nothing to apply: %s is at %s (migrations in %s).", target.dbname,
+                         status.head or "no migration", folder)
+            return
+        ctx.confirm(f"Apply {len(todo)} migration(s) from {folder} to {target.dbname}?",
+                    [f"apply {m.full_name} ({m.path.name})" for m in todo] +
+                    [f"{target.dbname} is at {status.head or 'no migration'} now; a rollback point of it is taken first"])
         point = automatic_point(ctx, target, lock, f"automatic before migrating to {todo[-1].full_name}")
         ctx.log.info("Applying %d migration(s) to %s:", len(todo), target.dbname)
         for n, m in enumerate(todo, 1):

@@ -74,8 +74,9 @@ def test_migrate_rollback_and_migrate_again_match_fresh_databases(pg_old, target
         assert state(pg_old, name) == state(pg_old, only_001)
     finally:
         pf.drop_database(pg_old, only_001)
-    points = json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
-    assert points[0]["migration_head"] == "003" and "automatic" in points[0]["description"]
+    points = [p for p in json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
+              if p["database"] == name]  # (the reference databases' migrations took points of their own)
+    assert points[0]["migration_head"] == "003" and "automatic before rollback" in points[0]["description"]
 
     migrate(env)
     all_applied = reference(pg_old, env, "003")
@@ -140,7 +141,9 @@ def test_refusals_change_nothing(pg_old, target, problem):
     assert sorted(p.name for p in Path(env["BACKUP_DIR"]).glob("*.json")) == points_before
     if problem == "missing_down":
         assert "002_order_status.down.sql" in result.stderr
-        assert "database_rollback.py restore" in result.stderr and "_at-001" in result.stderr
+        # the newest point whose head is 001: the one migrate took before applying 002
+        assert "database_rollback.py restore" in result.stderr
+        assert "automatic-before-migrating-to-002" in result.stderr, result.stderr
     if problem == "edited":
         assert "edited" in result.stderr
 

@@ -302,7 +302,7 @@ def test_database_rollback_restore_verify_and_cleanup(pg_old, staging_old, env_f
     # cleanup: an old point and an old kept database go; the newest OK point stays
     for n in range(2):
         assert pf.run_script("database_rollback.py", "backup", f"extra {n}", env=env).returncode == 0
-    sidecars = sorted(Path(env["BACKUP_DIR"]).glob("*.json"))
+    sidecars = sorted(p for p in Path(env["BACKUP_DIR"]).glob("*.json") if not p.name.startswith("."))
     oldest = json.loads(sidecars[0].read_text())
     oldest["created_at"] = "2020-01-01T00:00:00+00:00"
     sidecars[0].write_text(json.dumps(oldest))
@@ -320,7 +320,7 @@ def test_database_rollback_restore_verify_and_cleanup(pg_old, staging_old, env_f
     env["STAGING_DATABASE_URL"] = pf.url(pg_old, staging_old)
     keep = pf.run_script("rollback_manager.py", "cleanup", "--keep", "1", "--yes", env=env)
     assert keep.returncode == 0, keep.stderr
-    assert len(list(Path(env["BACKUP_DIR"]).glob("*.json"))) == 1
+    assert len([p for p in Path(env["BACKUP_DIR"]).glob("*.json") if not p.name.startswith(".")]) == 1
 
 
 @pytest.mark.parametrize("script,args", [("quick_rollback.py", ["--yes"]), ("simple_rollback.py", ["create", "x"]),
