@@ -83,6 +83,7 @@ def test_a_point_nothing_here_can_restore_is_not_ok_and_the_rollback_takes_the_n
     sidecar = Path(newer["sidecar"])
     meta = json.loads(sidecar.read_text())
     meta["tool_version"] = "99.0"  # written by a pg_dump newer than any pg_restore on this machine
+    meta["created_at"] = "2099-01-01T00:00:00+00:00"  # the newest, even when both were made in one second
     sidecar.write_text(json.dumps(meta))
     listed = {p["description"]: p for p in points(env)}
     assert listed["newer"]["status"] == "UNRESTORABLE" and "pg_restore 99 or newer" in listed["newer"]["problem"]
