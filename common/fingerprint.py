@@ -24,7 +24,9 @@ RANGES = 64
 ROWS_PER_RANGE = 1000
 SESSION = ("SET TimeZone = 'UTC'", "SET DateStyle = 'ISO, YMD'", "SET IntervalStyle = 'postgres'",
            "SET extra_float_digits = 1", "SET bytea_output = 'hex'", "SET search_path = pg_catalog")
-_ROW_HASH = "('x' || substr(md5({}::text), 1, 16))::bit(64)::bigint::numeric"
+# hashtextextended: the server's 64-bit hash of text (what hash partitioning uses, so stable across
+# majors), several times cheaper per row than md5.
+_ROW_HASH = "hashtextextended({}::text, 0)::numeric"
 
 
 def prepare(conn) -> None:
