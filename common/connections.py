@@ -179,6 +179,10 @@ def seal(conn, name: str, own: Sequence = ()) -> int:
     own `own` connections, and prove that none remains, nor a prepared transaction (which COMMIT
     PREPARED could still apply). From then on only `own` can change it; nobody can connect, not
     even a superuser, until connections are allowed again. Returns how many sessions were ended."""
+    for c in own:
+        # Parallel workers connect to the database like a client would: PostgreSQL 16+ refuses them once
+        # connections are disallowed ("not currently accepting connections"), so our own check runs without.
+        db.execute(c, "SET max_parallel_workers_per_gather = 0")
     db.set_allow_connections(conn, name, False)
     keep = [c.get_backend_pid() for c in own]
     ended, _ = db.terminate_sessions(conn, name, exclude=keep)

@@ -7,7 +7,7 @@ grants to the reader role, and database-level properties set by a DBA (REVOKE fr
 connection limit, ALTER DATABASE / ALTER ROLE ... IN DATABASE settings)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 from urllib.parse import quote
 
 from psycopg2 import sql
@@ -108,8 +108,10 @@ class RealisticDatabase:
     """`with RealisticDatabase(server) as rd:` the database, its owner and reader roles; all dropped
     afterwards (with the databases the toolkit derived from it)."""
 
-    def __init__(self, server: ThrowawayServer, createdb: bool = True, password: str = "0wner:p@ss/#1"):
+    def __init__(self, server: ThrowawayServer, createdb: bool = True, password: str = "0wner:p@ss/#1",
+                 contrib: Optional[bool] = None):
         self.server, self.createdb, self.password = server, createdb, password
+        self.contrib = contrib  # citext and pg_trgm: None uses them where the server has them
         self.owner, self.reader = pf.unique_name("owner"), pf.unique_name("reader")
         self.name = pf.unique_name("staging")
 
@@ -127,7 +129,7 @@ class RealisticDatabase:
             cur.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(self.reader)))
         owner_conn.close()
         pf.execute(s, "postgres", f"CREATE DATABASE {q['db']} OWNER {q['owner']}")
-        contrib = {"citext", "pg_trgm"} <= set(available_extensions(s))
+        contrib = {"citext", "pg_trgm"} <= set(available_extensions(s)) if self.contrib is None else self.contrib
         self.as_owner((EXTENSIONS if contrib else "") + SCHEMA.replace("{email_type}", "citext" if contrib else "text")
                       .replace("{name_index}", "gin (name gin_trgm_ops)" if contrib else "btree (name)"))
         self.as_owner(f"GRANT USAGE ON SCHEMA app TO {q['reader']}; "

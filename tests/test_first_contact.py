@@ -100,26 +100,43 @@ def test_interrupted_at_the_question_says_nothing_changed(pg_old, rich_old, env_
     pid, fd = pty.fork()
     if pid == 0:  # the child: only ever the script, never the rest of this test run
         try:
+            # A run started in the background inherits SIGINT ignored, and Python then keeps it so: a
+            # user at a terminal has it at its default, which Python turns into KeyboardInterrupt.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, [sys.executable, str(pf.ROOT / "quick_rollback.py")], env)
         finally:
             os._exit(127)
-    output, deadline = b"", time.monotonic() + 60
-    while b"Type 'yes'" not in output and time.monotonic() < deadline:
-        try:
-            output += os.read(fd, 4096)
-        except OSError:
-            break
+    import select
+
+    def read_for(seconds: float, until: bytes = b"") -> bytes:
+        got, stop = b"", time.monotonic() + seconds
+        while time.monotonic() < stop and (not until or until not in got):
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                got += chunk
+        return got
+
+    output = read_for(60, b"Type 'yes'")
+    assert b"Type 'yes'" in output, output.decode(errors="replace")
     os.kill(pid, signal.SIGINT)
-    while time.monotonic() < deadline:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-    _, status = os.waitpid(pid, 0)
+    output += read_for(30)
     text = output.decode(errors="replace")
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("quick_rollback did not end after Ctrl-C:\n" + text)
+        time.sleep(0.1)
     assert os.WEXITSTATUS(status) == 3 and "Nothing was changed" in text, text
     assert "\nerror: declined" in text.replace("\r", "")
     assert pf.fingerprint(pg_old, rich_old) == before
