@@ -22,7 +22,9 @@ def ensure() -> None:
     if not missing:
         return
     venv_python = ROOT / ".venv" / "bin" / "python"
-    if venv_python.exists() and not os.environ.get(_AGAIN) and Path(sys.executable).resolve() != venv_python.resolve():
+    # By its prefix, not its path: .venv/bin/python is a link to the very interpreter it runs.
+    in_venv = Path(sys.prefix).resolve() == (ROOT / ".venv").resolve()
+    if venv_python.exists() and not os.environ.get(_AGAIN) and not in_venv:
         os.environ[_AGAIN] = "1"
         os.execv(str(venv_python), [str(venv_python), *sys.argv])
     sys.stderr.write(f"error: {', '.join(missing)} not installed for {sys.executable}. Run ./setup_and_run.sh 1 in "
