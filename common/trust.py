@@ -42,11 +42,26 @@ def _fix(path: Path) -> str:
     return f"chown {_me()} '{path}' && chmod go-w '{path}'"
 
 
+def _root_here() -> set:
+    """The uids that stand for root: 0, and inside a user namespace (unshare -r) the kernel's overflow
+    uid, which is how the host's root (owner of /, /tmp, /home) shows there."""
+    uids = {0}
+    try:
+        with open("/proc/self/uid_map") as fh:
+            first = fh.readline().split()
+        if first[:3] != ["0", "0", "4294967295"]:
+            with open("/proc/sys/kernel/overflowuid") as fh:
+                uids.add(int(fh.read().strip()))
+    except (OSError, ValueError, IndexError):
+        pass
+    return uids
+
+
 def problem(path: Path, st: os.stat_result, ancestor: bool = False) -> Optional[str]:
     """Why a folder (or file) may not be trusted, or None."""
     mode = stat.S_IMODE(st.st_mode)
     what = f"owned by {owner_name(st.st_uid)} with mode {mode:04o}"
-    if st.st_uid not in (0, os.geteuid()):
+    if st.st_uid not in _root_here() | {os.geteuid()}:
         return f"{what}: it must belong to {_me()} or root"
     if mode & 0o022 and not (ancestor and mode & stat.S_ISVTX):
         return f"{what}: group or others may write to it"

