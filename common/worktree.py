@@ -89,6 +89,11 @@ def extract(archive: Path, dest: Path) -> None:
             if m.islnk() and m.linkname not in seen:
                 raise ValueError(f"{archive} holds a hard link to an entry it does not have: {m.linkname!r}")
             seen.add(m.name)
+            target = dest / m.name
+            if not m.isdir() and os.path.lexists(target) and not os.path.isdir(target):
+                # never write through: a file already there may be a hard link into the live
+                # repository (git objects copied by link), read-only to its owner
+                os.unlink(target)
         kwargs = {"numeric_owner": True}
         if hasattr(tarfile, "fully_trusted_filter"):  # Python 3.12+ (and backports): keep every mode as written
             kwargs["filter"] = "fully_trusted"
