@@ -13,14 +13,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import venv  # noqa: E402
 
 venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
-from common import cli, coderepo, files, runbooks  # noqa: E402
-from common.errors import VerifyProblems  # noqa: E402
+from common import cli, coderepo, files, inplace, runbooks  # noqa: E402
+from common.errors import UsageError, VerifyProblems  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,12 +64,14 @@ def cmd_backup(args, ctx):
                  f"{len(meta['dirty_files'])} uncommitted file(s)" if meta["dirty"] else "clean")
 
 
-def auto_backup(ctx, repo_path: Path, backups: Path, why: str, include_ignored=()) -> None:
+def auto_backup(ctx, repo_path: Path, backups: Path, why: str, include_ignored=()) -> Optional[Path]:
     if (repo_path / ".git").exists():
         path = coderepo.backup(coderepo.open_repo(repo_path), backups, reason=why, include_ignored=include_ignored)
         ctx.log.info("Automatic backup of the current state (every file as it is on disk%s): %s",
                      f", {len(include_ignored)} ignored file(s) that will be written over included"
                      if include_ignored else "", path)
+        return path
+    return None
 
 
 def at_risk_lines(preview: dict) -> list:
@@ -102,19 +105,21 @@ def cmd_restore(args, ctx):
     source = Path(args.path).expanduser().resolve()
     meta = coderepo.load_backup(source)
     coderepo.refuse_layout(repo_path.resolve())
+    in_place = inplace.why_in_place(repo_path.resolve())
     ctx.confirm(f"Restore {repo_path} from {source}?", [
         f"commit {(meta['commit'] or '(none yet)')[:12]} on {meta['branch'] or 'detached HEAD'}, "
         f"{len(meta['dirty_files'])} uncommitted file(s), backed up {meta['created_at']}",
         "the current state is backed up first (every file as it is on disk); other ignored files are kept",
+        *([f"in place, file by file, because {in_place}"] if in_place else []),
         *at_risk_lines(coderepo.restore_preview(repo_path, source, meta))])
     inside = _cwd_inside(repo_path)
     why = f"automatic before restore of {source.name}"
     with files.FolderLock(backups, ctx.script):
-        coderepo.restore(repo_path, source, meta,
-                         backup_first=lambda at_risk: auto_backup(ctx, repo_path, backups, why, at_risk))
+        swapped = coderepo.restore(repo_path, source, meta,
+                                   backup_first=lambda at_risk: auto_backup(ctx, repo_path, backups, why, at_risk))
     ctx.log.info("Restored %s to %s on %s (%d uncommitted file(s)).", repo_path, (meta["commit"] or "-")[:12],
                  meta["branch"] or "detached HEAD", len(meta["dirty_files"]))
-    if inside:
+    if inside and swapped:
         ctx.log.warning("Your shell's current folder was inside %s, which was swapped for the restored one: run "
                         "`cd %s` to see the restored files.", repo_path, repo_path)
     if deploy:
@@ -156,6 +161,10 @@ def cmd_verify(args, ctx):
     repo_path, _, deploy = settings_paths(ctx)
     repo = coderepo.open_repo(repo_path)
     problems = [f"git fsck: {line}" for line in coderepo.fsck(repo)]
+    try:
+        inplace.refuse_interrupted(repo_path, Path(repo.git_dir))
+    except UsageError as exc:
+        problems.append(str(exc).replace(" Nothing was changed.", ""))
     state = coderepo.capture(repo)
     report = {"repo": str(repo_path), "head": state.commit, "branch": state.branch, "dirty_files": state.dirty_files}
     if deploy:

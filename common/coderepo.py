@@ -14,7 +14,7 @@ from typing import Callable, Iterable, List, Optional
 
 import git
 
-from . import files, testhooks, trust, worktree
+from . import files, inplace, testhooks, trust, worktree
 from .catalog import stamp, utc_now
 from .errors import LockHeld, RollbackError, UsageError
 from .log import get_logger
@@ -67,9 +67,12 @@ def _git(repo: git.Repo, *args: str, env: Optional[dict] = None, **kwargs) -> st
         raise GitFailed(f"git {args[0]} failed: {detail}") from None
 
 
-def refuse_unsafe(repo: git.Repo, allow_detached: bool = True, lock_held: bool = False) -> None:
-    """A merge or rebase in progress, a stale index.lock, a detached HEAD: say how to fix, change nothing."""
+def refuse_unsafe(repo: git.Repo, allow_detached: bool = True, lock_held: bool = False,
+                  finishing: Optional[Path] = None) -> None:
+    """A merge or rebase in progress, a stale index.lock, a detached HEAD, an interrupted in-place
+    restore (but for the restore that finishes it): say how to fix, change nothing."""
     gitdir = Path(repo.git_dir)
+    inplace.refuse_interrupted(Path(repo.working_tree_dir), gitdir, allow_backup=finishing)
     _remove_our_stale_lock(gitdir / "index.lock")
     holder = _lock_owner(gitdir / "index.lock")
     if holder is not None and holder != os.getpid():
@@ -184,19 +187,10 @@ def load_backup(path: Path) -> dict:
 
 
 def refuse_layout(repo_path: Path) -> None:
-    """Layouts a folder swap would break, refused with nothing changed: a git folder elsewhere
-    (--separate-git-dir, a linked worktree), a sparse checkout, and, as root, another user's repository."""
-    dot_git = repo_path / ".git"
-    if dot_git.is_file():
-        raise UsageError(f"{repo_path}/.git is a file pointing to a git folder elsewhere (--separate-git-dir or a "
-                         "linked worktree): a restore by folder swap would copy that git folder and leave the real "
-                         "one stale. Restore it by hand from the backup's bundle. Nothing was changed.")
-    if not dot_git.is_dir():
+    """Layouts no restore may touch, refused with nothing changed: as root, another user's repository
+    (its new files would be root's). A git folder elsewhere and a sparse checkout are restored in place."""
+    if not (repo_path / ".git").exists():
         return
-    sparse = _git(git.Repo(repo_path), "config", "--bool", "core.sparseCheckout", with_exceptions=False).strip()
-    if sparse == "true":
-        raise UsageError(f"{repo_path} is a sparse checkout: a restore would write out every file and clear the "
-                         "sparse flags. Run `git sparse-checkout disable` first, or restore by hand. Nothing was changed.")
     owner = repo_path.stat().st_uid
     if os.geteuid() == 0 and owner != 0:
         who = trust.owner_name(owner)
@@ -208,7 +202,7 @@ def restore_preview(repo_path: Path, backup_path: Path, meta: dict) -> dict:
     """What a restore would write over beyond tracked files, for the confirmation: ignored files the
     backup has at the same path, untracked nested repositories and submodule working trees."""
     found = {"ignored": [], "nested": [], "submodules": []}
-    if not (repo_path / ".git").is_dir():
+    if inplace.git_dir_of(repo_path) is None:
         return found
     repo = open_repo(repo_path)
     archived = set(worktree.names(backup_path / worktree.ARCHIVE)) if meta.get("format_version", 1) >= 2 else set()
@@ -256,10 +250,11 @@ def _remove_our_stale_lock(lock: Path) -> None:
 def locked(repo_path: Path):
     """Git's own index.lock, held for a whole restore: a `git commit` (or any index change) in the
     repository fails at once instead of landing in the state the swap then replaces."""
-    lock = repo_path / ".git" / "index.lock"
-    if not (repo_path / ".git").is_dir():
+    git_dir = inplace.git_dir_of(repo_path)
+    if git_dir is None:
         yield
         return
+    lock = git_dir / "index.lock"
     _remove_our_stale_lock(lock)
     try:
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -277,18 +272,23 @@ def locked(repo_path: Path):
             pass  # swapped away with the old tree
 
 
+def refs_of(git_dir: Path, repo: git.Repo, skip: Optional[str] = None) -> str:
+    """HEAD and every ref with its object (those under `skip` left out): equal before and after
+    means no commit, branch or tag moved meanwhile."""
+    listing = _git(repo, "for-each-ref", "--format=%(refname) %(objectname)").splitlines()
+    return (git_dir / "HEAD").read_text() + "\n".join(x for x in listing if not (skip and x.startswith(skip + "/")))
+
+
 def _refs(repo_path: Path) -> str:
-    repo = git.Repo(repo_path)
-    head = (repo_path / ".git" / "HEAD").read_text()
-    return head + _git(repo, "for-each-ref", "--format=%(refname) %(objectname)")
+    return refs_of(repo_path / ".git", git.Repo(repo_path))
 
 
 def restore(repo_path: Path, backup_path: Path, meta: dict,
             backup_first: Optional[Callable[[List[str]], Path]] = None) -> bool:
-    """Build the backed-up repository beside repo_path, then swap the two folders in one step,
-    holding the repository's index.lock throughout (backup_first(ignored files at risk) takes the
-    automatic backup under it). Ignored files are carried over by hard links, those the backup has
-    at the same path being in the automatic backup. Returns whether the folder was swapped."""
+    """Put the repository back as the backup has it, holding its index.lock throughout
+    (backup_first(ignored files at risk) takes the automatic backup under it): by a folder swap, or
+    in place where a swap would break the layout (common.inplace). Ignored files are kept, those the
+    backup has at the same path being in the automatic backup. Returns whether the folder was swapped."""
     repo_path = repo_path.resolve()
     refuse_layout(repo_path)
     remove_leftovers(repo_path)
@@ -301,33 +301,45 @@ def restore(repo_path: Path, backup_path: Path, meta: dict,
     with locked(repo_path):
         existing = open_repo(repo_path) if (repo_path / ".git").exists() else None
         if existing is not None:
-            refuse_unsafe(existing, lock_held=True)
-        if backup_first is not None and existing is not None:
-            backup_first(restore_preview(repo_path, backup_path, meta)["ignored"])
-        before = _refs(repo_path) if existing is not None else None
-        tmp = repo_path.parent / f".{repo_path.name}.rollback-{stamp()}"
-        if existing is not None:
-            _copy_git_dir(Path(existing.git_dir), tmp / ".git")
+            refuse_unsafe(existing, lock_held=True, finishing=backup_path)
+        in_place = existing is not None and inplace.why_in_place(repo_path)
+        if in_place:
+            inplace.restore(repo_path, backup_path, meta, Path(existing.git_dir), backup_first)
         else:
-            tmp.mkdir()
-            _git(git.Repo.init(tmp), "config", "core.bare", "false")
-        try:
-            _build(git.Repo(tmp), backup_path, meta, fresh=existing is None)
-            if existing is not None:
-                _carry_ignored(existing, tmp)
-            testhooks.checkpoint("code-restore-built")
-            if existing is not None and _refs(repo_path) != before:
-                raise RollbackError(f"{repo_path} changed while the restore was being built (a commit, a branch or "
-                                    "a tag moved): nothing was changed. Run the restore again.")
-            if repo_path.exists():
-                files.exchange(tmp, repo_path)
-            else:
-                os.rename(tmp, repo_path)
-                files.fsync_dir(repo_path.parent)
-            testhooks.checkpoint("code-restore-swapped")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # after the swap it holds the old state (backed up first)
-    return True
+            _swap(repo_path, backup_path, meta, existing, backup_first)
+    if in_place:  # the index's file times, now that index.lock is free
+        _git(open_repo(repo_path), "update-index", "-q", "--refresh", with_exceptions=False)
+    return not in_place
+
+
+def _swap(repo_path: Path, backup_path: Path, meta: dict, existing: Optional[git.Repo],
+          backup_first: Optional[Callable[[List[str]], Path]]) -> None:
+    """Build the backed-up repository beside repo_path, then exchange the two folders in one step."""
+    if backup_first is not None and existing is not None:
+        backup_first(restore_preview(repo_path, backup_path, meta)["ignored"])
+    before = _refs(repo_path) if existing is not None else None
+    tmp = repo_path.parent / f".{repo_path.name}.rollback-{stamp()}"
+    if existing is not None:
+        _copy_git_dir(Path(existing.git_dir), tmp / ".git")
+    else:
+        tmp.mkdir()
+        _git(git.Repo.init(tmp), "config", "core.bare", "false")
+    try:
+        _build(git.Repo(tmp), backup_path, meta, fresh=existing is None)
+        if existing is not None:
+            _carry_ignored(existing, tmp)
+        testhooks.checkpoint("code-restore-built")
+        if existing is not None and _refs(repo_path) != before:
+            raise RollbackError(f"{repo_path} changed while the restore was being built (a commit, a branch or "
+                                "a tag moved): nothing was changed. Run the restore again.")
+        if repo_path.exists():
+            files.exchange(tmp, repo_path)
+        else:
+            os.rename(tmp, repo_path)
+            files.fsync_dir(repo_path.parent)
+        testhooks.checkpoint("code-restore-swapped")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after the swap it holds the old state (backed up first)
 
 
 def _copy_git_dir(src: Path, dst: Path) -> None:

@@ -223,30 +223,111 @@ def test_a_failed_restore_leaves_the_live_repository_and_its_reflog_untouched(wo
     assert disk(repo) == before and not (repo / ".git" / "index.lock").exists()
 
 
-def test_layouts_a_swap_would_break_are_refused_with_nothing_changed(world):
-    repo, env, tmp_path = world
-    git(repo, "init", "-q", "-b", "main")
+def _two_states(repo: Path, env) -> tuple:
+    """A backup of a dirty state (an edit, an untracked 0600 file, a flag), then a commit and other
+    edits on top. Returns (backup path, the disk and index as backed up)."""
     for n in range(3):
         (repo / f"f{n}.txt").write_text(f"{n}\n")
     commit_all(repo, "one")
+    (repo / "f0.txt").write_text("edited, uncommitted\n")
+    (repo / "key.pem").write_text("secret\n")
+    (repo / "key.pem").chmod(0o600)
+    made = run(env, "backup", "--json")
+    assert made.returncode == 0, made.stdout + made.stderr
+    state = (disk(repo), index_state(repo))
+    (repo / "f0.txt").write_text("two\n")
+    (repo / "f9.txt").write_text("new in two\n")
+    commit_all(repo, "two")
+    (repo / "key.pem").unlink()
+    (repo / "stray.txt").write_text("untracked, after the backup\n")
+    return json.loads(made.stdout)["path"], state
+
+
+def test_a_sparse_checkout_is_restored_in_place_and_stays_sparse(world):
+    repo, env, tmp_path = world
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "f5.txt").write_text("5\n")
+    (repo / ".gitignore").write_text("*.log\n")
+    commit_all(repo, "zero")
+    git(repo, "sparse-checkout", "set", "--no-cone", "/*", "!f5.txt")
+    (repo / "app.log").write_text("ignored, kept\n")
+    backup, (disk_then, index_then) = _two_states(repo, env)
+    assert "S f5.txt" in index_then["flags"] and not (repo / "f5.txt").exists()
+    restored = run(env, "restore", backup, "--yes")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert "in place, file by file, because it is a sparse checkout" in restored.stdout
+    after = disk(repo)
+    assert after.pop("app.log") == disk_then.pop("app.log") and after == disk_then
+    assert index_state(repo) == index_then  # the skip-worktree bits of the sparse checkout are kept
+    assert git(repo, "config", "core.sparseCheckout") == "true" and not (repo / "f5.txt").exists()
+    assert not list(tmp_path.glob(".app.rollback-*")) and git(repo, "fsck", "--no-progress") == ""
+
+
+def test_a_separate_git_dir_and_a_linked_worktree_are_restored_in_place(world):
+    repo, env, tmp_path = world
+    sep = tmp_path / "sep.git"
+    git(repo, "init", "-q", "-b", "main", f"--separate-git-dir={sep}")
+    backup, (disk_then, index_then) = _two_states(repo, env)
+    dot_git = (repo / ".git").read_text()
+    restored = run(env, "restore", backup, "--yes")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert "its git folder lives elsewhere" in restored.stdout
+    assert disk(repo) == disk_then and index_state(repo) == index_then
+    assert (repo / ".git").read_text() == dot_git and sep.is_dir()  # the layout is kept
+    assert git(repo, "log", "--format=%s", "main") == "one"
+    # a linked worktree on its own branch: restored in place, the main worktree untouched
+    wt = tmp_path / "wt"
+    git(repo, "worktree", "add", "-q", "-b", "feature", str(wt))
+    main_disk = disk(repo)
+    wt_env = dict(env, REPO_PATH=str(wt))
+    wt_backup, (wt_disk_then, wt_index_then) = _two_states_on(wt, wt_env)
+    restored = run(wt_env, "restore", wt_backup, "--yes")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert disk(wt) == wt_disk_then and index_state(wt) == wt_index_then
+    assert disk(repo) == main_disk and git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+    # the main worktree's backup (branch main) into the linked one would move main under the other
+    wt_before = disk(wt)
+    refused = run(wt_env, "restore", backup, "--yes")
+    assert refused.returncode == 2 and "checked out in another worktree (the main worktree)" in refused.stderr
+    assert disk(wt) == wt_before and disk(repo) == main_disk
+
+
+def _two_states_on(wt: Path, env) -> tuple:
+    (wt / "w.txt").write_text("worktree 1\n")
+    commit_all(wt, "w1")
+    (wt / "w.txt").write_text("worktree 1, edited\n")
+    made = run(env, "backup", "--json")
+    assert made.returncode == 0, made.stdout + made.stderr
+    state = (disk(wt), index_state(wt))
+    (wt / "w.txt").write_text("worktree 2\n")
+    commit_all(wt, "w2")
+    return json.loads(made.stdout)["path"], state
+
+
+def test_an_interrupted_in_place_restore_is_named_by_every_command_until_finished(world):
+    repo, env, tmp_path = world
+    git(repo, "init", "-q", "-b", "main", f"--separate-git-dir={tmp_path / 'sep.git'}")
+    backup, (disk_then, index_then) = _two_states(repo, env)
+    failed = run(dict(env, ROLLBACK_TEST_FAIL_AT="code-restore-swapped"), "restore", backup, "--yes")
+    assert failed.returncode != 0
+    for args in (("backup",), ("rollback", "HEAD~1", "--yes")):
+        refused = run(env, *args)
+        assert refused.returncode == 2 and "was interrupted" in refused.stderr, refused.stdout + refused.stderr
+        assert f"code_rollback.py restore {backup} --yes" in refused.stderr
+    verify = run(env, "verify")
+    assert verify.returncode == 4 and "was interrupted" in verify.stdout, verify.stdout + verify.stderr
+    finished = run(env, "restore", backup, "--yes")
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert disk(repo) == disk_then and index_state(repo) == index_then
+    assert run(env, "verify").returncode == 0
+
+
+def test_a_folder_that_is_not_a_repository_is_refused_with_nothing_changed(world):
+    repo, env, tmp_path = world
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "f.txt").write_text("f\n")
+    commit_all(repo, "one")
     backup = json.loads(run(env, "backup", "--json").stdout)["path"]
-    git(repo, "sparse-checkout", "set", "--no-cone", "f0.txt")
-    before = disk(repo)
-    refused = run(env, "restore", backup, "--yes")
-    assert refused.returncode == 2 and "sparse checkout" in refused.stderr, refused.stdout + refused.stderr
-    assert disk(repo) == before
-    git(repo, "sparse-checkout", "disable")
-    # a repository whose git folder lives elsewhere
-    other = tmp_path / "sep"
-    other.mkdir()
-    git(other, "init", "-q", "-b", "main", f"--separate-git-dir={tmp_path / 'sep.git'}")
-    (other / "x.txt").write_text("x\n")
-    commit_all(other, "x")
-    before = disk(other)
-    refused = run(dict(env, REPO_PATH=str(other)), "restore", backup, "--yes")
-    assert refused.returncode == 2 and "separate-git-dir" in refused.stderr, refused.stdout + refused.stderr
-    assert disk(other) == before and (other / ".git").is_file()
-    # a folder with files that is not a repository
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "mine.txt").write_text("not in any backup\n")
