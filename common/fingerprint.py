@@ -13,20 +13,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Dict, List, Optional
+import queue
+import threading
+from typing import Dict, List, Optional, Sequence
 
 from psycopg2 import sql
 
 from . import database as db
 
-FORMAT = 1
+FORMAT = 2
 RANGES = 64
 ROWS_PER_RANGE = 1000
 SESSION = ("SET TimeZone = 'UTC'", "SET DateStyle = 'ISO, YMD'", "SET IntervalStyle = 'postgres'",
            "SET extra_float_digits = 1", "SET bytea_output = 'hex'", "SET search_path = pg_catalog")
-# hashtextextended: the server's 64-bit hash of text (what hash partitioning uses, so stable across
-# majors), several times cheaper per row than md5.
-_ROW_HASH = "hashtextextended({}::text, 0)::numeric"
+# Format 2: a row's hash is hash_record_extended over its columns, each hashed by its type's own
+# 64-bit hash function (those hash partitioning uses, so stable across majors), without turning the
+# row into text. Types whose equal values can differ in content (numeric 1.0 and 1.00, jsonb
+# holding them, intervals of 1 day and 24 hours, text under a nondeterministic collation) and types
+# without such a hash are hashed as their text. Format 1 (points made before) hashed the row's text.
+_NATIVE = ("smallint", "integer", "bigint", "oid", "boolean", "real", "double precision", "text",
+           "character varying", "character", "\"char\"", "name", "date", "timestamp without time zone",
+           "timestamp with time zone", "time without time zone", "uuid", "bytea", "inet")
+_ROW_HASH_V1 = "hashtextextended({}::text, 0)::numeric"
+_INT_KEYS = ("smallint", "integer", "bigint")
 
 
 def prepare(conn) -> None:
@@ -36,26 +45,55 @@ def prepare(conn) -> None:
 
 
 def _tables(conn) -> List[tuple]:
-    """(schema, table, primary key columns) of every ordinary table, as db.user_tables sees them."""
-    return [(s, t, list(k or [])) for s, t, k in db.rows(conn, """
+    """(schema, table, primary key columns, the key's type, [(column, hashed natively)]) of every
+    ordinary table, as db.user_tables sees them, largest first."""
+    found = db.rows(conn, """
         SELECT n.nspname, c.relname,
                (SELECT array_agg(a.attname ORDER BY array_position(i.indkey::int2[], a.attnum))
                 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-                WHERE i.indrelid = c.oid AND i.indisprimary)
+                WHERE i.indrelid = c.oid AND i.indisprimary),
+               (SELECT format_type(a.atttypid, NULL) FROM pg_index i
+                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                WHERE i.indrelid = c.oid AND i.indisprimary AND i.indnkeyatts = 1),
+               (SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_attribute a
+                WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+               (SELECT array_agg(format_type(a.atttypid, NULL) = ANY(%s)
+                                 AND coalesce((SELECT co.collisdeterministic FROM pg_collation co
+                                               WHERE co.oid = a.attcollation), true) ORDER BY a.attnum)
+                FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-          AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+          AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp\\_%%'
           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
-        ORDER BY c.relpages DESC, 1, 2""")]
+        ORDER BY c.relpages DESC, 1, 2""", (list(_NATIVE),))
+    return [(s, t, list(k or []), ktype, list(zip(cols or [], native or []))) for s, t, k, ktype, cols, native in found]
 
 
-def table(conn, schema: str, name: str, key: List[str]) -> dict:
-    """Rows and content hash of one table; with a key, per key range too."""
+def _row_hash(columns: List[tuple], fmt: int) -> sql.Composable:
+    if fmt < 2:
+        return sql.SQL(_ROW_HASH_V1).format(sql.Identifier("t"))
+    if not columns:
+        return sql.SQL("0::bigint")
+    parts = [sql.SQL("t.{}" if native else "t.{}::text").format(sql.Identifier(c)) for c, native in columns]
+    return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts))
+
+
+def table(conn, schema: str, name: str, key: List[str], columns: List[tuple] = (), key_type: Optional[str] = None,
+          fmt: int = FORMAT, like: Optional[dict] = None) -> dict:
+    """Rows and content hash of one table; with a key, per key range too. `like`: the same table's
+    entry in the fingerprint this one will be compared with (its key ranges are reused, so that
+    the ranges line up even when rows were added or removed)."""
     rel = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
-    row_hash = sql.SQL(_ROW_HASH).format(sql.Identifier("t"))
+    row_hash = _row_hash(list(columns), fmt)
     if not key:
         count, total = db.rows(conn, sql.SQL("SELECT count(*), coalesce(sum({}), 0) FROM {} t").format(row_hash, rel))[0]
         return {"rows": int(count), "hash": str(total)}
+    if fmt >= 2 and key_type in _INT_KEYS:
+        spans = _value_ranges(conn, rel, key[0], row_hash, (like or {}) if (like or {}).get("key") == key else {})
+        if spans is not None:
+            found, buckets = spans
+            return {"rows": sum(s[3] for s in found), "hash": str(sum(int(s[4]) for s in found)), "key": key,
+                    "buckets": buckets, "ranges": found}
     rows = int(db.scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(rel)))
     ranges = max(1, min(RANGES, -(-rows // ROWS_PER_RANGE)))
     keys = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in key)
@@ -73,6 +111,31 @@ def table(conn, schema: str, name: str, key: List[str]) -> dict:
                                          row_hash=row_hash, rel=rel)
     spans = [[first, last, int(count), str(total)] for _, first, last, count, total in db.rows(conn, query)]
     return {"rows": sum(s[2] for s in spans), "hash": str(sum(int(s[3]) for s in spans)), "key": key, "ranges": spans}
+
+
+def _value_ranges(conn, rel, key: str, row_hash, like: dict) -> Optional[tuple]:
+    """An integer key cut into ranges of equal width by value, in one scan and no sort: [bucket,
+    first key, last key, rows, hash] per range that has rows, and the cut [low, width, ranges].
+    Keys below the cut fall in bucket -1, above it in bucket `ranges`. None: the key's span is too
+    wide for 64-bit arithmetic (then ranges by position)."""
+    k = sql.SQL("t.{}").format(sql.Identifier(key))
+    cut = like.get("buckets")
+    if not (isinstance(cut, list) and len(cut) == 3 and all(isinstance(x, int) for x in cut) and cut[1] > 0):
+        low, high, rows = db.rows(conn, sql.SQL("SELECT min({k}), max({k}), count(*) FROM {rel} t").format(k=k, rel=rel))[0]
+        if rows == 0:
+            return [], [0, 1, 1]
+        n = max(1, min(RANGES, -(-int(rows) // ROWS_PER_RANGE)))
+        cut = [int(low), max(1, -(-(int(high) - int(low) + 1) // n)), n]
+    low, width, n = cut
+    if abs(low) >= 1 << 62 or width * (n + 1) >= 1 << 62:
+        return None
+    query = sql.SQL("""
+        SELECT b, min(k)::text, max(k)::text, count(*), sum(h) FROM (
+            SELECT CASE WHEN {k} < {low} THEN -1 ELSE least(({k}::bigint - {low}) / {width}, {n}) END AS b,
+                   {k} AS k, {row_hash} AS h FROM {rel} t) x
+        GROUP BY b ORDER BY b""").format(k=k, low=sql.Literal(low), width=sql.Literal(width), n=sql.Literal(n),
+                                         row_hash=row_hash, rel=rel)
+    return [[int(b), first, last, int(count), str(total)] for b, first, last, count, total in db.rows(conn, query)], cut
 
 
 def _digest(value) -> str:
@@ -144,18 +207,48 @@ def schema_objects(conn) -> Dict[str, str]:
     return found
 
 
-def take(conn, progress=None) -> dict:
-    """The fingerprint of the database this connection is in, in its current snapshot."""
+def take(conn, progress=None, like: Optional[dict] = None, helpers: Sequence = ()) -> dict:
+    """The fingerprint of the database this connection is in, in its current snapshot. `like`: the
+    fingerprint it will be compared with (its format and key ranges are used). `helpers`: more
+    connections in the same snapshot, each taking tables in parallel (largest first)."""
+    fmt = int((like or {}).get("format", FORMAT))
+    earlier = (like or {}).get("tables", {})
     prepare(conn)
-    tables = {}
-    for schema, name, key in _tables(conn):
-        tables[f"{schema}.{name}"] = table(conn, schema, name, key)
-        if progress:
-            progress(f"{schema}.{name}")
+    for helper in helpers:
+        prepare(helper)
+    jobs: "queue.Queue" = queue.Queue()
+    for job in _tables(conn):
+        jobs.put(job)
+    tables: Dict[str, dict] = {}
+    failure: List[BaseException] = []
+
+    def work(c) -> None:
+        try:
+            while not failure:
+                try:
+                    schema, name, key, key_type, columns = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                tables[f"{schema}.{name}"] = table(c, schema, name, key, columns, key_type, fmt,
+                                                   earlier.get(f"{schema}.{name}"))
+                if progress:
+                    progress(f"{schema}.{name}")
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    threads = [threading.Thread(target=work, args=(h,), daemon=True) for h in helpers]
+    for t in threads:
+        t.start()
+    work(conn)
+    for t in threads:
+        t.join()
+    if failure:
+        raise failure[0]
+    tables = dict(sorted(tables.items()))
     sequences = {f"{s}.{n}": [int(v), bool(c)] for s, n, v, c in _sequences(conn)}
     objects = schema_objects(conn)
     large = {str(oid): digest for oid, digest in _large_objects(conn)}
-    return {"format": FORMAT, "tables": tables, "sequences": sequences, "objects": objects, "large_objects": large}
+    return {"format": fmt, "tables": tables, "sequences": sequences, "objects": objects, "large_objects": large}
 
 
 def _sequences(conn) -> List[tuple]:
@@ -220,10 +313,19 @@ def _ranges(a: dict, b: dict, limit: int) -> Optional[str]:
     """The point's key ranges whose rows differ (ranges are cut by position in key order, so with the
     same row count they line up; otherwise from the first range that moved on)."""
     ra, rb = a.get("ranges"), b.get("ranges")
-    if not ra or not rb or a.get("key") != b.get("key"):
+    if ra is None or rb is None or a.get("key") != b.get("key"):
         return None
-    found = [f"{x[0]} .. {x[1]}" for x, y in zip(ra, rb) if x != y]
-    found += [f"{x[0]} .. {x[1]}" for x in ra[len(rb):]]
+    if a.get("buckets") or b.get("buckets"):  # ranges by value, cut alike: compared bucket by bucket
+        if a.get("buckets") != b.get("buckets"):
+            return None
+        low, width, n = a["buckets"]
+        wa, wb = {x[0]: x[1:] for x in ra}, {x[0]: x[1:] for x in rb}
+        found = [f"< {low}" if bucket < 0 else f">= {low + n * width}" if bucket >= n else
+                 f"{low + bucket * width} .. {low + (bucket + 1) * width - 1}"
+                 for bucket in sorted(set(wa) | set(wb)) if wa.get(bucket) != wb.get(bucket)]
+    else:
+        found = [f"{x[0]} .. {x[1]}" for x, y in zip(ra, rb) if x != y]
+        found += [f"{x[0]} .. {x[1]}" for x in ra[len(rb):]]
     if not found:
         return None
     return ", ".join(f"[{f}]" for f in found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")

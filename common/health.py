@@ -100,7 +100,7 @@ def check(info: ConnInfo, point: Optional[RollbackPoint], reference: str = "", q
             report.drift = diff_counts(point.tables, report.tables)
         else:
             report.compared = "content and schema (row hashes, definitions, sequences, large objects)"
-            report.drift = fingerprint.differences(point.fingerprint, fingerprint_of(info))
+            report.drift = fingerprint.differences(point.fingerprint, fingerprint_of(info, like=point.fingerprint))
         if point.migration_head != report.migration_head:
             report.drift.append(f"migration head is {report.migration_head or '-'}, the rollback point's is "
                                 f"{point.migration_head or '-'}")

@@ -733,27 +733,37 @@ def compare_with_point(target: ConnInfo, point: RollbackPoint, opened: Sequence 
     if not point.fingerprint:
         counts = db.count_rows_parallel(target, workers=2, analyze=True, opened=opened)
         return diff_counts(point.tables, counts), (len(counts), sum(counts.values()), 0)
-    actual = fingerprint_of(target, opened, analyze=True)
+    actual = fingerprint_of(target, opened, analyze=True, like=point.fingerprint)
     return (fingerprint.differences(point.fingerprint, actual),
             (len(actual["tables"]), sum(fingerprint.counts(actual).values()), len(actual["objects"])))
 
 
-def fingerprint_of(target: ConnInfo, opened: Sequence = (), analyze: bool = False) -> dict:
-    """The fingerprint of a database, with an ANALYZE beside it on a second connection."""
-    conns = list(opened) or [db.connect(target)] + ([db.connect(target)] if analyze else [])
+def fingerprint_of(target: ConnInfo, opened: Sequence = (), analyze: bool = False, like: Optional[dict] = None,
+                   workers: int = 2) -> dict:
+    """The fingerprint of a database, taken by `workers` connections in one snapshot, with an ANALYZE
+    beside it on one more. `like`: the fingerprint it is compared with (format, key ranges).
+    `opened` (a sealed copy, which takes no new connection): the first takes it, the second analyses."""
+    conns = list(opened) or [db.connect(target) for _ in range(workers + (1 if analyze else 0))]
+    takers = conns[:1] if opened else conns[:workers]
     failure: List[BaseException] = []
 
     def run_analyze() -> None:
         try:
-            db.execute(conns[1], "ANALYZE")
+            db.execute(conns[len(takers)], "ANALYZE")
         except BaseException as exc:  # re-raised below
             failure.append(exc)
 
-    worker = threading.Thread(target=run_analyze, daemon=True) if analyze and len(conns) > 1 else None
+    worker = threading.Thread(target=run_analyze, daemon=True) if analyze and len(conns) > len(takers) else None
     try:
         if worker:
             worker.start()
-        taken = fingerprint.take(conns[0])
+        if len(takers) > 1:  # one snapshot for all: the database may be in use (verify)
+            db.execute(takers[0], "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            snapshot_id = db.scalar(takers[0], "SELECT pg_export_snapshot()")
+            for helper in takers[1:]:
+                db.execute(helper, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                db.execute(helper, "SET TRANSACTION SNAPSHOT %s", (snapshot_id,))
+        taken = fingerprint.take(takers[0], like=like, helpers=takers[1:])
         if worker:
             worker.join()
     finally:
