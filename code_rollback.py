@@ -20,7 +20,7 @@ from common import venv  # noqa: E402
 
 venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
-from common import cli, coderepo, files, inplace, runbooks  # noqa: E402
+from common import cli, coderepo, files, inplace, journal, runbooks  # noqa: E402
 from common.errors import UsageError, VerifyProblems  # noqa: E402
 
 
@@ -117,6 +117,7 @@ def cmd_restore(args, ctx):
     with files.FolderLock(backups, ctx.script):
         swapped = coderepo.restore(repo_path, source, meta,
                                    backup_first=lambda at_risk: auto_backup(ctx, repo_path, backups, why, at_risk))
+    journal.record(backups, "code", source.name, f"code backup {source.name}")
     ctx.log.info("Restored %s to %s on %s (%d uncommitted file(s)).", repo_path, (meta["commit"] or "-")[:12],
                  meta["branch"] or "detached HEAD", len(meta["dirty_files"]))
     if inside and swapped:
@@ -158,7 +159,7 @@ def cmd_rollback(args, ctx):
 
 
 def cmd_verify(args, ctx):
-    repo_path, _, deploy = settings_paths(ctx)
+    repo_path, backups, deploy = settings_paths(ctx)
     repo = coderepo.open_repo(repo_path)
     problems = [f"git fsck: {line}" for line in coderepo.fsck(repo)]
     try:
@@ -173,6 +174,15 @@ def cmd_verify(args, ctx):
         report.update(deployment=str(deploy), current=str(current) if current else None, current_commit=deployed)
         if deployed != state.commit:
             problems.append(f"{deploy}/current is {(deployed or 'missing')[:12]}, HEAD is {(state.commit or '-')[:12]}")
+    chosen, why = _reference_backup(backups)
+    d = None
+    if chosen:
+        try:
+            d = coderepo.drift(repo, chosen.path, coderepo.load_backup(chosen.path))  # checksums first
+        except UsageError as exc:
+            problems.append(f"cannot compare with {chosen.path}: {str(exc).replace(' Nothing was changed.', '')}")
+            chosen = None
+    report.update(compared_with=str(chosen.path) if chosen else None, reference=why if chosen else None, drift=d)
     report.update(problems=problems, ok=not problems)
     if ctx.json:
         ctx.emit_json(report)
@@ -184,11 +194,30 @@ def cmd_verify(args, ctx):
             ctx.log.info("  %s", name)
         if deploy:
             ctx.log.info("deployment: current -> %s", report.get("current") or "(none)")
+        if d is None:
+            ctx.log.info("drift:      no backup to compare with")
+        else:
+            ctx.log.info("drift against %s (%s): %s; %d added, %d removed, %d changed", chosen.path.name, why,
+                         d["head"] or "same HEAD and branch", len(d["added"]), len(d["removed"]), len(d["changed"]))
+            for kind in ("added", "removed", "changed"):
+                for name in d[kind][:50]:
+                    ctx.log.info("  %s %s", kind, name)
         ctx.log.info("problems:   %s", "none" if not problems else len(problems))
         for line in problems:
             ctx.log.info("  %s", line)
     if problems:
         raise VerifyProblems(f"{len(problems)} problem(s) in {repo_path}")
+
+
+def _reference_backup(backups: Path):
+    """The backup the repository was last restored from, else the newest (and why it was chosen)."""
+    found = files.list_backups(backups, coderepo.PREFIX, coderepo.METADATA)
+    last = journal.last(backups, "code")
+    chosen = next((b for b in found if last and b.path.name == last.get("point")), None)
+    why = f"the backup last restored, at {last['at']}" if chosen else \
+        "the newest backup (none was restored by this toolkit)" if last is None else \
+        f"the newest backup: the one last restored ({last.get('point')}) is gone"
+    return chosen or (found[0] if found else None), why
 
 
 def cmd_cleanup(args, ctx):

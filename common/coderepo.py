@@ -541,6 +541,25 @@ def release_commit(release: Optional[Path]) -> Optional[str]:
         return None
 
 
+def drift(repo: git.Repo, backup_path: Path, meta: dict) -> dict:
+    """How the repository differs from a backup: HEAD and branch, and each working-tree entry
+    (content, mode, link target) added, removed or changed; ignored files left out."""
+    state = capture(repo)
+    found = {"head": None, "added": [], "removed": [], "changed": []}
+    if (state.commit, state.branch) != (meta.get("commit"), meta.get("branch")):
+        found["head"] = (f"HEAD is {(state.commit or '-')[:12]} on {state.branch or 'detached HEAD'}, the backup has "
+                         f"{(meta.get('commit') or '-')[:12]} on {meta.get('branch') or 'detached HEAD'}")
+    if meta.get("format_version", 1) < 2:
+        return found  # a backup made before the working-tree archive: HEAD only
+    ignored = worktree.Ignored(ignored_paths(repo))
+    now = worktree.manifest_of_disk(Path(repo.working_tree_dir), ignored)
+    then = worktree.manifest_of_archive(backup_path / worktree.ARCHIVE, ignored)
+    found["added"] = sorted(set(now) - set(then))
+    found["removed"] = sorted(set(then) - set(now))
+    found["changed"] = sorted(k for k in set(now) & set(then) if now[k] != then[k])
+    return found
+
+
 def fsck(repo: git.Repo) -> List[str]:
     try:
         repo.git.execute(["git", *SAFE, "fsck", "--no-progress", "--no-dangling"])

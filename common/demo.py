@@ -54,7 +54,7 @@ def main() -> int:
         base = f"postgresql://{quote(info.user or 'postgres')}:{quote(info.password or '', safe='')}@127.0.0.1:{info.port}"
         env = dict(os.environ, ENV_FILE=str(work / "demo.env"), BACKUP_DIR=str(work / "backups"),
                    LOG_DIR=str(work / "logs"), V2_DATABASE_URL=f"{base}/demo_v2",
-                   STAGING_DATABASE_URL=f"{base}/demo_staging", MIGRATIONS_DIR=str(PROJECT_ROOT / "migrations"))
+                   STAGING_DATABASE_URL=f"{base}/demo_staging", MIGRATIONS_DIR=str(PROJECT_ROOT / "examples" / "migrations"))
         if server.bindir:
             env["PG_BIN_DIR"] = server.bindir
 

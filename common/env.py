@@ -34,7 +34,7 @@ EXAMPLES = {
     "CONFIG_DIR": "/srv/app/config",
 }
 # Settings a command needs that have no default: what they are for, for the message naming them.
-NEEDED = {"MIGRATIONS_DIR": "the folder of your SQL migrations (the toolkit's migrations/ are samples for the demo)",
+NEEDED = {"MIGRATIONS_DIR": "the folder of your SQL migrations (the toolkit's examples/migrations/ are samples for the demo)",
           "REPO_PATH": "your application's git repository (never the toolkit's own)",
           "CONFIG_DIR": "your application's configuration folder"}
 

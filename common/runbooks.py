@@ -432,6 +432,7 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
                                        reason=f"automatic before release {chosen.id}")
                 ctx.log.info("  automatic backup of the code as it was: %s", auto)
             coderepo.restore(repo_path, code_path, code_meta, backup_first=backup_first)
+        journal.record(code_backups, "code", code_path.name, f"release {chosen.id}")
         state = coderepo.capture(coderepo.open_repo(repo_path))
         broken = coderepo.fsck(coderepo.open_repo(repo_path))
         if state.commit != code_meta["commit"] or state.branch != code_meta["branch"] or broken:

@@ -118,7 +118,7 @@ def world(pg_old, tmp_path):
     (config / "config.yml").write_text("key: old\ndatabase:\n  pool: 5\n")
     (tmp_path / "app.env").write_text("API_TOKEN=abc\n")
     migrations = tmp_path / "migrations"
-    shutil.copytree(ROOT / "migrations", migrations)
+    shutil.copytree(ROOT / "examples" / "migrations", migrations)
     env = pf.script_env(tmp_path, V2_DATABASE_URL=pf.url(pg_old, "v2"), STAGING_DATABASE_URL=pf.url(pg_old, "staging"),
                         MIGRATIONS_DIR=str(migrations), REPO_PATH=str(repo), CODE_BACKUP_DIR=str(tmp_path / "code_backups"),
                         CONFIG_DIR=str(config), CONFIG_BACKUP_DIR=str(tmp_path / "config_backups"),

@@ -141,3 +141,26 @@ def test_interrupted_at_the_question_says_nothing_changed(pg_old, rich_old, env_
     assert "\nerror: declined" in text.replace("\r", "")
     assert pf.fingerprint(pg_old, rich_old) == before
     assert json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"]
+
+
+def test_a_busy_machine_is_not_a_sick_database(pg_old, rich_old, env_for):
+    """Load on the toolkit's machine that is not the server's processes makes the verdict unknown;
+    the server's own processes over the limit make it not OK."""
+    env = env_for(pg_old, rich_old, ROLLBACK_MAX_CPU_PERCENT="40")
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    try:
+        result = pf.run_script("database_rollback.py", "verify", "--quick", "--json", env=env)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["machine_cpu_percent"] > 40 and metrics["cpu_percent"] < 40, metrics
+    assert metrics["verdict"] == "unknown" and not metrics["problems"], metrics
+    assert "not the server processes'" in metrics["unknown"][0] and "on this machine" in metrics["host"], metrics
+    strict = pf.run_script("database_rollback.py", "verify", "--quick", "--json",
+                           env=dict(env, ROLLBACK_MAX_CPU_PERCENT="-1"))
+    metrics = json.loads(strict.stdout)["metrics"]
+    assert metrics["verdict"] == "not OK" and metrics["problems"][0].startswith("the server processes' CPU"), metrics
+    text = pf.run_script("database_rollback.py", "verify", "--quick", env=env).stdout
+    assert "server processes CPU" in text and "this machine CPU" in text, text

@@ -30,7 +30,7 @@ def target(pg_old, tmp_path):
     """A database, the DB_* variables for it, and a copy of the shipped migrations."""
     name = pf.create_database(pg_old, pf.unique_name("app"))
     folder = tmp_path / "migrations"
-    shutil.copytree(ROOT / "migrations", folder)
+    shutil.copytree(ROOT / "examples" / "migrations", folder)
     info = pg_old.info
     env = pf.script_env(tmp_path, DB_HOST=info.host, DB_PORT=str(info.port), DB_NAME=name, DB_USER=info.user,
                         DB_PASSWORD=info.password, MIGRATIONS_DIR=str(folder), PG_BIN_DIR=pg_old.bindir)

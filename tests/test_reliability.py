@@ -3,6 +3,7 @@ backup is silently wrong, and every failure is one clear line (issue: reliabilit
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -131,22 +132,49 @@ def test_a_dump_of_another_database_under_this_name_is_caught(pg_old, env_for, t
         pf.drop_database(pg_old, other)
 
 
+class SmallDisk:
+    """A folder on a tmpfs of a given size. As root, mounted here (and unmounted after). As an
+    ordinary user, mounted inside an unprivileged user and mount namespace that the script runs
+    in (`python`: the prefix for pf.run_script), as that same user, never root; what the script
+    left on it is listed from inside, before the namespace ends."""
+
+    def __init__(self, folder: Path, megabytes: float):
+        self.folder, self.size = folder, f"size={int(megabytes * 1024)}k,mode=0700"
+        self.listing = folder.parent / f"{folder.name}.listing"
+        if os.geteuid() == 0:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", self.size, "tmpfs", str(folder)], check=True,
+                           capture_output=True)
+            self.python = (sys.executable,)
+        else:
+            inner = (f'mount -t tmpfs -o {self.size} tmpfs "$0" || exit 97; '
+                     f'unshare -U --map-user={os.getuid()} --map-group={os.getgid()} "$@"; rc=$?; '
+                     f'ls -A "$0" > "{self.listing}"; exit $rc')
+            self.python = ("unshare", "-rm", "sh", "-c", inner, str(folder), sys.executable)
+
+    def left(self) -> list:
+        if os.geteuid() == 0:
+            return sorted(p.name for p in self.folder.iterdir())
+        return self.listing.read_text().split()
+
+    def unmount(self) -> None:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(self.folder)], check=False)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
-    """mount_small(megabytes) -> a folder on a tmpfs of that size (root only; unmounted after)."""
-    mounts = []
+    """small_disk(megabytes) -> a SmallDisk (see there)."""
+    disks = []
 
-    def mount_small(megabytes: float) -> Path:
-        folder = tmp_path / f"disk{len(mounts)}"
+    def make(megabytes: float) -> SmallDisk:
+        folder = tmp_path / f"disk{len(disks)}"
         folder.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(megabytes * 1024)}k,mode=0700", "tmpfs", str(folder)],
-                       check=True, capture_output=True)
-        mounts.append(folder)
-        return folder
+        disks.append(SmallDisk(folder, megabytes))
+        return disks[-1]
 
-    yield mount_small
-    for folder in mounts:
-        subprocess.run(["umount", str(folder)], check=False)
+    yield make
+    for disk in disks:
+        disk.unmount()
 
 
 def _big_database(server) -> str:
@@ -160,11 +188,11 @@ def test_a_small_disk_is_refused_early_or_fails_cleanly(pg_old, env_for, small_d
     the estimate, so it starts) pg_dump runs out of space; either way nothing is left behind."""
     name = _big_database(pg_old)
     try:
-        backups = small_disk(megabytes)
-        env = env_for(pg_old, name, BACKUP_DIR=str(backups))
-        result = pf.run_script("create_rollback_point.py", "too big", env=env)
+        disk = small_disk(megabytes)
+        env = env_for(pg_old, name, BACKUP_DIR=str(disk.folder))
+        result = pf.run_script("create_rollback_point.py", "too big", env=env, python=disk.python)
         assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr
-        assert [p.name for p in backups.iterdir()] == []
+        assert disk.left() == []
         assert json.loads(pf.run_script("rollback_manager.py", "list", "--json", env=env).stdout)["points"] == []
     finally:
         pf.drop_database(pg_old, name)

@@ -467,3 +467,26 @@ def test_a_restore_over_an_ignored_file_keeps_its_current_content_in_the_automat
     automatic = _newest_backup(env)
     assert Path(automatic) != Path(backup)
     assert _archived(automatic, "config.local") == b"password=LOCAL-NOW\n"  # the way back
+
+
+def test_verify_compares_with_the_backup_last_restored_and_names_every_drift(world):
+    repo, env, tmp_path = world
+    git(repo, "init", "-q", "-b", "main")
+    backup, _ = _two_states(repo, env)
+    newer = run(env, "backup", "--json")  # newer than the one restored: not the reference after the restore
+    assert newer.returncode == 0
+    assert run(env, "restore", backup, "--yes").returncode == 0
+    report = json.loads(run(env, "verify", "--json").stdout)
+    assert report["compared_with"] == backup and report["reference"].startswith("the backup last restored")
+    assert report["drift"] == {"head": None, "added": [], "removed": [], "changed": []}, report["drift"]
+    (repo / "f1.txt").write_text("edited after the restore\n")
+    (repo / "key.pem").chmod(0o644)
+    (repo / "new.txt").write_text("new\n")
+    (repo / "f2.txt").unlink()
+    (repo / "ignored.log").write_text("x\n")
+    (repo / ".git" / "info" / "exclude").write_text("*.log\n")
+    result = run(env, "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    drift = json.loads(run(env, "verify", "--json").stdout)["drift"]
+    assert drift == {"head": None, "added": ["new.txt"], "removed": ["f2.txt"], "changed": ["f1.txt", "key.pem"]}
+    assert "drift against " + Path(backup).name in result.stdout and "added new.txt" in result.stdout
