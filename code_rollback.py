@@ -20,15 +20,13 @@ from common import venv  # noqa: E402
 
 venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
-from common import cli, coderepo, files, inplace, journal, runbooks  # noqa: E402
+from common import cli, journal, runbooks  # noqa: E402
 from common.errors import UsageError, VerifyProblems  # noqa: E402
+from common.files import coderepo, folders, inplace, publish  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="code_rollback.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    parser, sub = cli.command_parser("code_rollback.py", __doc__)
     p = sub.add_parser("backup", help="bundle every ref plus the uncommitted state")
     cli.common_flags(p, destructive=False, area="code", machine=True)
     p = sub.add_parser("restore", help="put the repository back exactly as in a backup")
@@ -39,10 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.common_flags(p, area="code")
     p = sub.add_parser("verify", help="integrity, HEAD, dirty files, deployment (exit 4 on a problem)")
     cli.common_flags(p, destructive=False, area="code", machine=True)
-    p = sub.add_parser("cleanup", help="remove backups older than DAYS (the newest stays)")
-    p.add_argument("days", type=float)
-    p.add_argument("--dry-run", action="store_true")
-    cli.common_flags(p, area="code")
+    cli.cleanup_command(sub, area="code")
     return parser
 
 
@@ -94,9 +89,9 @@ def _cwd_inside(repo_path: Path) -> bool:
     return cwd == repo_path.resolve() or repo_path.resolve() in cwd.parents
 
 
-def publish(ctx, repo_path: Path, deploy: Path) -> None:
+def publish_head(ctx, repo_path: Path, deploy: Path) -> None:
     repo = coderepo.open_repo(repo_path)
-    release = coderepo.publish(repo, deploy, repo.head.commit.hexsha)
+    release = publish.publish(repo, deploy, repo.head.commit.hexsha)
     ctx.log.info("Published %s; %s/current points to it.", release, deploy)
 
 
@@ -114,7 +109,7 @@ def cmd_restore(args, ctx):
         *at_risk_lines(coderepo.restore_preview(repo_path, source, meta))])
     inside = _cwd_inside(repo_path)
     why = f"automatic before restore of {source.name}"
-    with files.FolderLock(backups, ctx.script):
+    with folders.FolderLock(backups, ctx.script):
         swapped = coderepo.restore(repo_path, source, meta,
                                    backup_first=lambda at_risk: auto_backup(ctx, repo_path, backups, why, at_risk))
     journal.record(backups, "code", source.name, f"code backup {source.name}")
@@ -124,7 +119,7 @@ def cmd_restore(args, ctx):
         ctx.log.warning("Your shell's current folder was inside %s, which was swapped for the restored one: run "
                         "`cd %s` to see the restored files.", repo_path, repo_path)
     if deploy:
-        publish(ctx, repo_path, deploy)
+        publish_head(ctx, repo_path, deploy)
 
 
 def cmd_rollback(args, ctx):
@@ -148,14 +143,14 @@ def cmd_rollback(args, ctx):
         lines.append(f"{len(flagged)} edited file(s) marked assume-unchanged or skip-worktree, which a stash does not "
                      f"save (in the automatic backup): {', '.join(p for p, _ in flagged[:10])}")
     ctx.confirm(f"Reset branch {repo.head.ref.name} from {head[:12]} to {commit[:12]}?", lines)
-    with files.FolderLock(backups, ctx.script):
+    with folders.FolderLock(backups, ctx.script):
         auto_backup(ctx, repo_path, backups, f"automatic before rollback to {commit[:12]}", at_risk)
         result = coderepo.rollback(repo, commit, expected_head=head)
     ctx.log.info("Rolled %s back from %s to %s.", result.branch, result.old_head[:12], result.new_head[:12])
     ctx.log.info("  old head kept as %s (git checkout -B %s %s to undo)", result.kept_ref, result.branch, result.kept_ref)
     ctx.log.info("  local changes: %s", f"stashed as {result.stash}" if result.stash else "none stashed")
     if deploy:
-        publish(ctx, repo_path, deploy)
+        publish_head(ctx, repo_path, deploy)
 
 
 def cmd_verify(args, ctx):
@@ -169,12 +164,12 @@ def cmd_verify(args, ctx):
     state = coderepo.capture(repo)
     report = {"repo": str(repo_path), "head": state.commit, "branch": state.branch, "dirty_files": state.dirty_files}
     if deploy:
-        current = coderepo.current_release(deploy)
-        deployed = coderepo.release_commit(current)
+        current = publish.current_release(deploy)
+        deployed = publish.release_commit(current)
         report.update(deployment=str(deploy), current=str(current) if current else None, current_commit=deployed)
         if deployed != state.commit:
             problems.append(f"{deploy}/current is {(deployed or 'missing')[:12]}, HEAD is {(state.commit or '-')[:12]}")
-    chosen, why = _reference_backup(backups)
+    chosen, why = journal.reference(backups, "code", folders.list_backups(backups, coderepo.PREFIX, coderepo.METADATA))
     d = None
     if chosen:
         try:
@@ -207,17 +202,6 @@ def cmd_verify(args, ctx):
             ctx.log.info("  %s", line)
     if problems:
         raise VerifyProblems(f"{len(problems)} problem(s) in {repo_path}")
-
-
-def _reference_backup(backups: Path):
-    """The backup the repository was last restored from, else the newest (and why it was chosen)."""
-    found = files.list_backups(backups, coderepo.PREFIX, coderepo.METADATA)
-    last = journal.last(backups, "code")
-    chosen = next((b for b in found if last and b.path.name == last.get("point")), None)
-    why = f"the backup last restored, at {last['at']}" if chosen else \
-        "the newest backup (none was restored by this toolkit)" if last is None else \
-        f"the newest backup: the one last restored ({last.get('point')}) is gone"
-    return chosen or (found[0] if found else None), why
 
 
 def cmd_cleanup(args, ctx):

@@ -19,15 +19,13 @@ from common import venv  # noqa: E402
 
 venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
-from common import cli, configedit, configfiles, files, journal, runbooks  # noqa: E402
+from common import cli, journal, runbooks  # noqa: E402
 from common.errors import UsageError, VerifyProblems  # noqa: E402
+from common.files import configedit, configfiles, folders  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="config_rollback.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    parser, sub = cli.command_parser("config_rollback.py", __doc__)
     p = sub.add_parser("backup", help="copy CONFIG_DIR and ENV_FILE with a manifest")
     cli.common_flags(p, destructive=False, area="config", machine=True)
     p = sub.add_parser("restore", help="put every file back byte for byte (after a backup of now)")
@@ -41,10 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.common_flags(p, area="config")
     p = sub.add_parser("verify", help="every file parses; drift against the newest backup (exit 4 on errors)")
     cli.common_flags(p, destructive=False, area="config", machine=True)
-    p = sub.add_parser("cleanup", help="remove backups older than DAYS (the newest stays)")
-    p.add_argument("days", type=float)
-    p.add_argument("--dry-run", action="store_true")
-    cli.common_flags(p, area="config")
+    cli.cleanup_command(sub, area="config")
     return parser
 
 
@@ -74,7 +69,7 @@ def cmd_restore(args, ctx):
         f"{len(meta['files'])} files as of {meta['created_at']}",
         f"changed since: {len(d.changed)}, added since (will be removed): {len(d.added)}, "
         f"removed since (will come back): {len(d.removed)}", "the current state is backed up first"])
-    with files.FolderLock(backups, ctx.script):
+    with folders.FolderLock(backups, ctx.script):
         auto = configfiles.backup(config_dir, env_file, backups, reason=f"automatic before restore of {source.name}")
         ctx.log.info("Automatic backup of the current state: %s", auto)
         result = configfiles.restore(source, meta, config_dir, env_file,
@@ -106,7 +101,7 @@ def cmd_update(args, ctx):
         return
     ctx.confirm(f"Update {target}? It will change as this diff shows (secrets masked); the current "
                 "configuration is backed up first.", diff)
-    with files.FolderLock(backups, ctx.script):
+    with folders.FolderLock(backups, ctx.script):
         auto = configfiles.backup(config_dir, env_file, backups, reason=f"automatic before update of {args.file}")
         configedit.write(edit)
     ctx.log.info("Updated %s (backup first: %s):", target, auto)
@@ -127,13 +122,8 @@ def cmd_verify(args, ctx):
     if env_file.is_file():
         checked += 1
         errors += configfiles.env_errors(env_file)
-    found = files.list_backups(backups, configfiles.PREFIX, configfiles.MANIFEST)
-    last = journal.last(backups, "config")
-    chosen = next((b for b in found if last and b.path.name == last.get("point")), None)
-    why = f"the backup last restored, at {last['at']}" if chosen else \
-        "the newest backup (none was restored by this toolkit)" if last is None else \
-        f"the newest backup: the one last restored ({last.get('point')}) is gone"
-    chosen = chosen or (found[0] if found else None)
+    found = folders.list_backups(backups, configfiles.PREFIX, configfiles.MANIFEST)
+    chosen, why = journal.reference(backups, "config", found)
     d = configfiles.drift(chosen.metadata, config_dir, env_file) if chosen else None
     report = {"config_dir": str(config_dir), "env_file": str(env_file), "files_checked": checked,
               "parse_errors": errors, "compared_with": str(chosen.path) if chosen else None,

@@ -12,12 +12,12 @@ from common import venv  # noqa: E402
 
 venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
-from common import backup, cli  # noqa: E402
+from common import cli  # noqa: E402
+from common.points import backup  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="create_rollback_point.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.script_parser("create_rollback_point.py", __doc__)
     parser.add_argument("description", nargs="?", default="", help="what this point is for")
     parser.add_argument("--method", choices=backup.METHODS, help="force one backup approach")
     parser.add_argument("--compress", metavar="SPEC",

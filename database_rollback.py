@@ -18,17 +18,17 @@ from common import venv  # noqa: E402
 
 venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
-from common import backup, catalog, cli, migrations, runbooks, testhooks  # noqa: E402
-from common.database import connect  # noqa: E402
+from common import cli, runbooks  # noqa: E402
 from common.errors import RollbackError, UsageError  # noqa: E402
 from common.locks import DatabaseLock  # noqa: E402
+from common.pg import migrations  # noqa: E402
+from common.pg.database import connect  # noqa: E402
+from common.points import backup, catalog  # noqa: E402
+from common.testing import testhooks  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="database_rollback.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    parser, sub = cli.command_parser("database_rollback.py", __doc__)
     p = sub.add_parser("backup", help="make a rollback point of the target database")
     p.add_argument("description", nargs="?", default="")
     p.add_argument("--method", choices=backup.METHODS)
@@ -62,11 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", metavar="ID", help="compare with this rollback point instead")
     p.add_argument("--quick", action="store_true", help="compare tables and row counts only")
     cli.common_flags(p, destructive=False, machine=True, db_target=True)
-    p = sub.add_parser("cleanup", help="remove rollback points older than DAYS (the newest OK one stays)")
-    p.add_argument("days", type=float)
+    p = cli.cleanup_command(sub, "remove rollback points older than DAYS (the newest OK one stays)", db_target=True)
     p.add_argument("--keep", type=int, metavar="N")
-    p.add_argument("--dry-run", action="store_true")
-    cli.common_flags(p, db_target=True)
     return parser
 
 

@@ -17,8 +17,7 @@ from common import cli, runbooks  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quick_rollback.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.script_parser("quick_rollback.py", __doc__)
     parser.add_argument("--from-v2", action="store_true", help="reset staging from V2 instead")
     parser.add_argument("--drop-previous", action="store_true",
                         help="drop the replaced database instead of keeping it as <db>__pre_rollback_<ts>")

@@ -19,8 +19,7 @@ from common import cli, runbooks  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reset_staging.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.script_parser("reset_staging.py", __doc__)
     parser.add_argument("--drop-previous", action="store_true",
                         help="drop the replaced staging instead of keeping it")
     cli.common_flags(parser, machine=True)

@@ -22,15 +22,14 @@ from common import venv  # noqa: E402
 
 venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
-from common import backup, catalog, cli, release, report, restore, runbooks  # noqa: E402
+from common import cli, runbooks  # noqa: E402
 from common.errors import UsageError, VerifyProblems  # noqa: E402
+from common.points import backup, catalog, fill, report  # noqa: E402
+from common.release import records  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rollback_manager.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    parser, sub = cli.command_parser("rollback_manager.py", __doc__)
 
     p = sub.add_parser("list", help="rollback points, newest first, with their status")
     cli.common_flags(p, destructive=False, machine=True)
@@ -98,7 +97,7 @@ def cmd_list(args, ctx):
     staging = staging_or_none(ctx, args)
     points = runbooks.scan(ctx, staging)
     releases = runbooks.releases(ctx, points)
-    interrupted = release.interrupted(ctx.settings.backup_dir)
+    interrupted = records.interrupted(ctx.settings.backup_dir)
     held = runbooks.server_inventory(ctx, staging, points)
     if ctx.json:
         ctx.emit_json({"backup_dir": str(ctx.settings.backup_dir), "points": [p.summary() for p in points],
@@ -155,7 +154,7 @@ def cmd_verify(args, ctx):
         return
     point = catalog.resolve(ctx.settings.backup_dir, args.file)
     try:
-        restore.verify_point(point, ctx.pg_bin_dir, staging_or_none(ctx, args))
+        fill.verify_point(point, ctx.pg_bin_dir, staging_or_none(ctx, args))
     except VerifyProblems:
         raise
     except Exception as exc:

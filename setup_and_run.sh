@@ -63,7 +63,7 @@ run_test() {
 
 run_demo() {
   ensure_deps dev
-  "$PY" -m common.demo "$@"
+  "$PY" -m common.testing.demo "$@"
 }
 
 py() { "$PY" "$@"; }

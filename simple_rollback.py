@@ -17,16 +17,14 @@ from common import venv  # noqa: E402
 
 venv.ensure()  # runs again under the toolkit's .venv when this Python lacks its requirements
 
-from common import catalog, cli, report, runbooks, snapshot  # noqa: E402
-from common.database import maintenance_db  # noqa: E402
+from common import cli, runbooks  # noqa: E402
 from common.errors import UsageError  # noqa: E402
+from common.pg.database import maintenance_db  # noqa: E402
+from common.points import catalog, report, snapshot  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simple_rollback.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    parser, sub = cli.command_parser("simple_rollback.py", __doc__)
     p = sub.add_parser("create", help="snapshot staging (its connections are cut for the copy)")
     p.add_argument("description", nargs="?", default="")
     cli.common_flags(p, destructive=False, machine=True)

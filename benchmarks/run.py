@@ -28,9 +28,9 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.database import connect, database_exists, database_size, drop_database, execute  # noqa: E402
+from common.pg.database import connect, database_exists, database_size, drop_database, execute  # noqa: E402
 from common.progress import human_size  # noqa: E402
-from common.testserver import ThrowawayServer, server_bindirs  # noqa: E402
+from common.testing.testserver import ThrowawayServer, server_bindirs  # noqa: E402
 
 
 def parse_size(text: str) -> int:

@@ -24,15 +24,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run import cold_cache, generate, parse_size  # noqa: E402
 
-from common.testserver import ThrowawayServer, server_bindirs  # noqa: E402
+from common.testing.testserver import ThrowawayServer, server_bindirs  # noqa: E402
 
 
-def timed(argv, env) -> float:
+def timed(argv, env, expect: int = 0) -> float:
     cold_cache()
     started = time.monotonic()
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - started
-    if done.returncode not in (0,):
+    if done.returncode != expect:
         raise SystemExit(f"{argv[1] if len(argv) > 1 else argv[0]} failed ({done.returncode}): "
                          f"{(done.stderr or done.stdout)[-800:]}")
     return seconds
@@ -60,7 +60,8 @@ def main() -> int:
                    PGHOST=info.host, PGPORT=str(info.port), PGUSER=info.user or "")
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         pg_dump = os.path.join(server.bindir, "pg_dump") if server.bindir else "pg_dump"
-        rows = {"pg_dump -Fc -Z0": [], "verify --strict (fingerprint)": [], "verify --quick (counts)": [],
+        rows = {"pg_dump -Fc -Z0": [], "verify --strict (fingerprint)": [],
+                "verify --strict, one row changed (found and located)": [], "verify --quick (counts)": [],
                 "create_rollback_point --no-warm (with fingerprint)": []}
         if args.baseline:
             rows["create_rollback_point --no-warm (baseline, no fingerprint)"] = []
@@ -77,6 +78,11 @@ def main() -> int:
                     dict(env, BACKUP_DIR=str(work / "baseline-backups"))))
             rows["verify --strict (fingerprint)"].append(
                 timed([py, str(ROOT / "database_rollback.py"), "verify", "--strict"], env))
+            changed = f"UPDATE data_1 SET body = 'changed {run}' WHERE id = (SELECT max(id) / 2 FROM data_1)"
+            subprocess.run([os.path.join(server.bindir, "psql") if server.bindir else "psql", "-qX", "-d", "bench",
+                            "-c", changed], env=env, check=True, capture_output=True)
+            rows["verify --strict, one row changed (found and located)"].append(
+                timed([py, str(ROOT / "database_rollback.py"), "verify", "--strict"], env, expect=4))
             rows["verify --quick (counts)"].append(
                 timed([py, str(ROOT / "database_rollback.py"), "verify", "--quick"], env))
         medians = {k: statistics.median(v) for k, v in rows.items()}
@@ -90,7 +96,9 @@ def main() -> int:
             extra = medians["create_rollback_point --no-warm (with fingerprint)"] / base - 1
             lines += ["", f"Extra cost of the fingerprint when making a point: {extra * 100:+.0f} % (goal: at most +15 %)."]
         ratio = medians["verify --strict (fingerprint)"] / dump
-        lines.append(f"Verify against pg_dump -Fc -Z0: {ratio:.2f}x (goal: at most 0.5x).")
+        found = medians["verify --strict, one row changed (found and located)"] / dump
+        lines.append(f"Verify against pg_dump -Fc -Z0: {ratio:.2f}x with nothing changed, {found:.2f}x finding and "
+                     "locating one changed row (goal: at most 0.5x).")
         text = "\n".join(lines) + "\n"
         print(text)
         if args.out:

@@ -11,13 +11,15 @@ from typing import Callable, List, Optional
 
 import psycopg2
 
-from . import connections, pgbouncer, report, trust, warm
-from .connections import DEFAULT_WAIT
-from .database import ConnInfo
+from . import trust
 from .env import Settings, load_settings
 from .errors import EXIT_FAILED, ConfigError, NotConfirmed, RollbackError
 from .log import console_only, get_logger, mask, register_secret, setup_logging
-from .pgbouncer import DEFAULT_PAUSE_TIMEOUT
+from .pg import connections, pgbouncer
+from .pg.connections import DEFAULT_WAIT
+from .pg.database import ConnInfo
+from .pg.pgbouncer import DEFAULT_PAUSE_TIMEOUT
+from .points import report, warm
 
 
 @dataclass
@@ -182,6 +184,29 @@ def same_database(a: ConnInfo, b: ConnInfo) -> bool:
 _DB_TARGET = [("--db-host", "HOST", "the target's host (default: $DB_HOST)"),
               ("--db-port", "PORT", "(default: $DB_PORT)"), ("--db-name", "NAME", "(default: $DB_NAME)"),
               ("--db-user", "USER", "(default: $DB_USER; the password only from $DB_PASSWORD)")]
+
+
+def script_parser(prog: str, doc: Optional[str]) -> argparse.ArgumentParser:
+    """A script's parser: its name, and its docstring (the commands it runs) as the description."""
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def command_parser(prog: str, doc: Optional[str]):
+    """A parser whose first argument is a required COMMAND: (parser, the subparsers to add them to)."""
+    parser = script_parser(prog, doc)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    return parser, sub
+
+
+def cleanup_command(sub, help_text: str = "remove backups older than DAYS (the newest stays)",
+                    **flags) -> argparse.ArgumentParser:
+    """`cleanup DAYS [--dry-run]`, with the script's common flags (keyword arguments of common_flags)."""
+    p = sub.add_parser("cleanup", help=help_text)
+    p.add_argument("days", type=float)
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    common_flags(p, **flags)
+    return p
 
 
 def common_flags(parser: argparse.ArgumentParser, destructive: bool = True, machine: bool = False,

@@ -10,12 +10,14 @@ import shutil
 import sys
 from typing import List, Optional
 
-from . import catalog, cli, pgbouncer, trust
-from .database import ConnInfo, connect, database_size, server_version
+from . import cli, trust
 from .env import DEFAULTS, EXAMPLES, NEEDED
 from .errors import RollbackError, VerifyProblems
 from .log import mask
-from .pgtools import candidates, choose
+from .pg import pgbouncer
+from .pg.database import ConnInfo, connect, database_size, server_version
+from .pg.pgtools import candidates, choose
+from .points import catalog
 from .progress import human_size
 
 VARIABLES = ["V2_DATABASE_URL", "STAGING_DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD",

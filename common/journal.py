@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from . import catalog, trust
+from . import storage, trust
 
 NAME = ".restore-journal.json"
 
@@ -24,9 +24,9 @@ def read(folder: Path) -> dict:
 def record(folder: Path, database: str, point_id: Optional[str], source: str) -> None:
     """After a restore (point_id) or a reset from V2 (point_id None, source says so)."""
     data = read(folder)
-    data[database] = {"point": point_id, "source": source, "at": catalog.utc_now().isoformat(timespec="seconds")}
-    catalog.ensure_dir(folder)
-    catalog.write_json_atomic(Path(folder) / NAME, data)
+    data[database] = {"point": point_id, "source": source, "at": storage.utc_now().isoformat(timespec="seconds")}
+    storage.ensure_dir(folder)
+    storage.write_json_atomic(Path(folder) / NAME, data)
 
 
 def last(folder: Path, database: str) -> Optional[dict]:
@@ -34,3 +34,14 @@ def last(folder: Path, database: str) -> Optional[dict]:
     if not isinstance(entry, dict) or not isinstance(entry.get("at"), str):
         return None
     return entry
+
+
+def reference(folder: Path, area: str, found: list) -> tuple:
+    """Of backups `found` (newest first, each with a .path), the one `area` was last restored from,
+    else the newest; and why it was chosen, in words."""
+    entry = last(folder, area)
+    chosen = next((b for b in found if entry and b.path.name == entry.get("point")), None)
+    why = f"the backup last restored, at {entry['at']}" if chosen else \
+        "the newest backup (none was restored by this toolkit)" if entry is None else \
+        f"the newest backup: the one last restored ({entry.get('point')}) is gone"
+    return chosen or (found[0] if found else None), why

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import hashlib
 
-from .database import ConnInfo, app_name, maintenance_db, rows, scalar
 from .errors import LockHeld
 from .log import get_logger
+from .pg.database import ConnInfo, app_name, maintenance_db, rows, scalar
 
 
 def lock_key(dbname: str) -> int:

@@ -6,14 +6,20 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from . import backup, catalog, configfiles, files, journal, marks, metrics, release, restore, snapshot, testhooks, warm
-from . import cleanup as cleaning
-from .catalog import RollbackPoint
+from . import journal, storage
 from .cli import Context, same_database
-from .database import ConnInfo, app_name, connect, databases_like, drop_database, maintenance_db, name_prefix, rows
 from .errors import RollbackError, UsageError, VerifyProblems
+from .files import configfiles, folders
 from .locks import DatabaseLock
-from .streamcopy import StreamedCopy
+from .pg import metrics
+from .pg.database import ConnInfo, app_name, connect, databases_like, drop_database, maintenance_db, name_prefix, rows
+from .points import backup, catalog, fill, marks, restore, snapshot, warm
+from .points import cleanup as cleaning
+from .points.catalog import RollbackPoint
+from .points.plan import PREVIOUS_TAG
+from .points.streamcopy import StreamedCopy
+from .release import records
+from .testing import testhooks
 
 
 def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: bool = False,
@@ -48,7 +54,7 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
     ctx.confirm(f"Reset {staging.dbname} from V2?", the_plan.describe())
     testhooks.checkpoint("confirmed")
     folder = ctx.settings.backup_dir
-    scratch = catalog.ensure_dir(folder / ".tmp")
+    scratch = storage.ensure_dir(folder / ".tmp")
     with DatabaseLock(staging, staging.dbname, ctx.script) as lock:
         source = backup.Source.open(v2, app=app_name(ctx.script))
         try:
@@ -88,7 +94,7 @@ def _reset_through_file(ctx: Context, source: backup.Source, the_plan: restore.P
     source.close()  # V2 is not needed while the file is restored
     try:
         point.description = f"fresh copy of V2 {v2.masked()}"
-        point.created_at = catalog.utc_now().isoformat(timespec="seconds")
+        point.created_at = storage.utc_now().isoformat(timespec="seconds")
         the_plan.point = point
         return restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
                                pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, lock=lock,
@@ -133,7 +139,7 @@ def check_restorable(ctx: Context, point: RollbackPoint) -> None:
     if point.status != catalog.OK or point.kind != catalog.DUMP:
         return
     try:
-        point.restore_with = restore.restorer(point, _server_major(point), ctx.pg_bin_dir)
+        point.restore_with = fill.restorer(point, _server_major(point), ctx.pg_bin_dir)
     except RollbackError as exc:
         point.status = catalog.UNRESTORABLE
         point.problem = f"nothing on this machine can restore it: {exc}"
@@ -156,7 +162,7 @@ def server_inventory(ctx: Context, info: Optional[ConnInfo], points: List[Rollba
                                           THEN pg_database_size(oid) ELSE 0 END FROM pg_database"""))
         found["reachable"] = True
         found["replaced"] = [{"database": name, "bytes": sizes.get(name, 0)}
-                             for name in reversed(databases_like(conn, name_prefix(info.dbname, restore.PREVIOUS_TAG)))]
+                             for name in reversed(databases_like(conn, name_prefix(info.dbname, PREVIOUS_TAG)))]
         found["warm_bytes"] = sum(sizes.get(p.warm_database, 0) for p in points if p.warm_database)
         found["snapshot_bytes"] = sum(sizes.get(p.snapshot_database, 0) for p in points if p.snapshot_database)
     finally:
@@ -197,7 +203,8 @@ def reference_point(ctx: Context, info: ConnInfo, ref: Optional[str] = None) -> 
 def verify_database(ctx: Context, target: ConnInfo, ref: Optional[str], quick: bool, strict: bool) -> None:
     """Health, and every difference from the point the database was restored from (VerifyProblems,
     exit 4, on a problem; with strict, any difference is one)."""
-    from . import health, metrics  # health imports restore's helpers; metrics reads /proc
+    from .pg import metrics  # health imports restore's helpers; metrics reads /proc
+    from .points import health
     point, reference = reference_point(ctx, target, ref)
     report = health.check(target, point, reference, quick=quick)
     problems = report.problems(strict)
@@ -299,7 +306,7 @@ def cleanup(ctx: Context, info: Optional[ConnInfo], older_than: Optional[float],
 def cleanup_backup_folders(ctx: Context, parent, prefix: str, metadata: str, days: float, dry_run: bool,
                            what: str) -> None:
     """Cleanup of code and config backups older than `days` (never the newest): list, confirm, remove."""
-    doomed = files.old_backups(files.list_backups(parent, prefix, metadata), days)
+    doomed = folders.old_backups(folders.list_backups(parent, prefix, metadata), days)
     # The parts of the newest OK release stay with it (rollback_manager.py cleanup removes a release whole).
     newest_ok = next((r for r in releases(ctx, catalog.scan(ctx.settings.backup_dir)) if r.status == catalog.OK), None)
     if newest_ok is not None:
@@ -318,29 +325,29 @@ def cleanup_backup_folders(ctx: Context, parent, prefix: str, metadata: str, day
     ctx.log.info("Removed %d %s(s); the newest backup is always kept.", len(doomed), what)
 
 
-def releases(ctx: Context, points: List[RollbackPoint]) -> List[release.Release]:
+def releases(ctx: Context, points: List[RollbackPoint]) -> List[records.Release]:
     """The release rollback points, each part checked to lie in its configured backup folder."""
     s = ctx.settings
-    return release.scan(s.backup_dir, points, {"config": s.path("CONFIG_BACKUP_DIR"), "code": s.path("CODE_BACKUP_DIR")})
+    return records.scan(s.backup_dir, points, {"config": s.path("CONFIG_BACKUP_DIR"), "code": s.path("CODE_BACKUP_DIR")})
 
 
-def release_lock(ctx: Context) -> files.FolderLock:
+def release_lock(ctx: Context) -> folders.FolderLock:
     """One release operation at a time (create --all, restore --all): each step also takes its own
     lock, but two release rollbacks interleaved between steps could leave configuration from one
     release beside code from another."""
-    return files.FolderLock(ctx.settings.backup_dir, ctx.script, name=".release.lock",
+    return folders.FolderLock(ctx.settings.backup_dir, ctx.script, name=".release.lock",
                             what=f"release operation on {ctx.settings.backup_dir}")
 
 
-def create_release(ctx: Context, staging: ConnInfo, description: str) -> release.Release:
+def create_release(ctx: Context, staging: ConnInfo, description: str) -> records.Release:
     """A release rollback point: configuration, code and database backups under one id. The
     release sidecar is written last; when a part fails, none is, and the output says what was made."""
     with release_lock(ctx):
         return _create_release(ctx, staging, description)
 
 
-def _create_release(ctx: Context, staging: ConnInfo, description: str) -> release.Release:
-    from . import coderepo  # GitPython: imported only where code is handled (it needs a git executable)
+def _create_release(ctx: Context, staging: ConnInfo, description: str) -> records.Release:
+    from .files import coderepo  # GitPython: imported only where code is handled (it needs a git executable)
     s = ctx.settings
     config_dir, env_file, config_backups = s.path("CONFIG_DIR"), s.path("ENV_FILE"), s.path("CONFIG_BACKUP_DIR")
     repo_path, code_backups = s.path("REPO_PATH"), s.path("CODE_BACKUP_DIR")
@@ -349,12 +356,12 @@ def _create_release(ctx: Context, staging: ConnInfo, description: str) -> releas
     try:
         if not config_dir.is_dir():
             raise UsageError(f"CONFIG_DIR {config_dir} does not exist")
-        with files.FolderLock(config_backups, ctx.script):
+        with folders.FolderLock(config_backups, ctx.script):
             config_path = configfiles.backup(config_dir, env_file, config_backups, reason=f"release: {description}")
         made.append(f"configuration backup {config_path}")
         ctx.log.info("1/3 configuration backup: %s", config_path)
         step = "code"
-        with files.FolderLock(code_backups, ctx.script):
+        with folders.FolderLock(code_backups, ctx.script):
             code_path = coderepo.backup(coderepo.open_repo(repo_path), code_backups, reason=f"release: {description}")
         made.append(f"code backup {code_path}")
         ctx.log.info("2/3 code backup: %s", code_path)
@@ -365,10 +372,10 @@ def _create_release(ctx: Context, staging: ConnInfo, description: str) -> releas
         made.append(f"database rollback point {point.id}")
         ctx.log.info("3/3 database rollback point: %s%s", point.id, " (warm)" if point.warm_database else "")
     except RollbackError as exc:
-        raise release.ReleaseFailed(
+        raise records.ReleaseFailed(
             f"the {step} part failed ({exc}); no release rollback point was recorded. Made before the failure, "
             f"and kept as ordinary backups: {'; '.join(made) or 'nothing'}.") from None
-    made_release = release.record(s.backup_dir, description, release.parts_of(config_path, code_path, point))
+    made_release = records.record(s.backup_dir, description, records.parts_of(config_path, code_path, point))
     if ctx.json:
         ctx.emit_json(made_release.summary())
     else:
@@ -387,12 +394,12 @@ def restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monitor
 
 
 def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monitor_seconds: float = 0.0) -> int:
-    from . import coderepo  # GitPython: imported only where code is handled (it needs a git executable)
+    from .files import coderepo  # GitPython: imported only where code is handled (it needs a git executable)
     s = ctx.settings
     config_dir, env_file, config_backups = s.path("CONFIG_DIR"), s.path("ENV_FILE"), s.path("CONFIG_BACKUP_DIR")
     repo_path, code_backups = s.path("REPO_PATH"), s.path("CODE_BACKUP_DIR")
     points = scan(ctx, staging)
-    chosen = release.resolve(releases(ctx, points), ref)
+    chosen = records.resolve(releases(ctx, points), ref)
     parts = chosen.parts
     # Everything is checked before anything changes: both backups against their checksums, the
     # database point and its restore plan (tools, properties, PgBouncer).
@@ -412,10 +419,10 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
         f"{code_meta['branch'] or 'detached HEAD'}, {len(code_meta['dirty_files'])} uncommitted file(s))",
         "3. database:"] + [f"   {line}" for line in the_plan.describe()] +
         ["each step is backed up first and verified after; the first that fails stops the rest"])
-    progress = release.Progress(s.backup_dir, chosen.id)
+    progress = records.Progress(s.backup_dir, chosen.id)
 
     def config_step() -> str:
-        with files.FolderLock(config_backups, ctx.script):
+        with folders.FolderLock(config_backups, ctx.script):
             auto = configfiles.backup(config_dir, env_file, config_backups, reason=f"automatic before release {chosen.id}")
             done = configfiles.restore(config_path, config_meta, config_dir, env_file,
                                        present=json.loads((auto / configfiles.MANIFEST).read_text()))
@@ -426,7 +433,7 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
         return f"{len(done.written)} file(s) written, {len(done.removed)} removed; verified against the backup"
 
     def code_step() -> str:
-        with files.FolderLock(code_backups, ctx.script):
+        with folders.FolderLock(code_backups, ctx.script):
             def backup_first(at_risk):
                 auto = coderepo.backup(coderepo.open_repo(repo_path), code_backups, include_ignored=at_risk,
                                        reason=f"automatic before release {chosen.id}")
@@ -449,13 +456,13 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
                 f"unavailable {result.unavailable_seconds * 1000:.0f} ms" +
                 "".join(f"; WARNING, not finished: {u}" for u in result.unfinished))
 
-    def on_step(step: release.Step) -> None:
+    def on_step(step: records.Step) -> None:
         progress.record(step)
         ctx.log.info("%s", step.line())
         testhooks.checkpoint(f"release-{step.component}-done")
 
     ctx.log.info("Rolling back release %s: configuration -> code -> database", chosen.id)
-    steps = release.run_steps({"config": config_step, "code": code_step, "database": database_step}, on_step)
+    steps = records.run_steps({"config": config_step, "code": code_step, "database": database_step}, on_step)
     failed = next((st for st in steps if st.ok is False), None)
     health = None
     if failed is None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
-from common.testserver import UNPRIVILEGED, ThrowawayServer, free_port
+from common.testing.testserver import UNPRIVILEGED, ThrowawayServer, free_port
 
 INSTALL = "apt-get install pgbouncer (as root; ./setup_and_run.sh test does it when root)"
 

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.testserver import ThrowawayServer, describe_bindir  # noqa: E402
+from common.testing.testserver import ThrowawayServer, describe_bindir  # noqa: E402
 from tests import pgfixtures as pf  # noqa: E402
 from tests.pgfixtures import BINDIRS, NEW, OLD  # noqa: E402
 

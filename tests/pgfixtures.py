@@ -12,8 +12,8 @@ from typing import Dict, Optional
 
 from psycopg2 import sql
 
-from common.database import ConnInfo, connect, rows, scalar
-from common.testserver import ThrowawayServer, server_bindirs
+from common.pg.database import ConnInfo, connect, rows, scalar
+from common.testing.testserver import ThrowawayServer, server_bindirs
 
 ROOT = Path(__file__).resolve().parent.parent
 # Two majors in every run, so version mismatches are tested for real: the oldest and the newest
@@ -202,7 +202,7 @@ def cmdline(pid: int) -> str:
 
 def start_paused(script: str, *args: str, env: Dict[str, str], step: str, folder: Path,
                  seconds: float = 120) -> tuple:
-    """Start a script that pauses at `step` (common.testhooks); return (process, flag) once it is
+    """Start a script that pauses at `step` (common.testing.testhooks); return (process, flag) once it is
     there. The test may then kill it, or remove the flag to let it go on."""
     import time
     flag = folder / f"paused-at-{step}"

@@ -12,8 +12,8 @@ from urllib.parse import quote
 
 from psycopg2 import sql
 
-from common.database import connect, rows
-from common.testserver import ThrowawayServer
+from common.pg.database import connect, rows
+from common.testing.testserver import ThrowawayServer
 from tests import pgfixtures as pf
 
 # Run as the owner role: every object is the owner's. Trusted contrib extensions where the server
@@ -209,7 +209,7 @@ def database_fingerprint(server: ThrowawayServer, dbname: str) -> dict:
 
 
 def database_level(conn, dbname: str) -> dict:
-    """The database's own properties, read here independently of common.dbprops."""
+    """The database's own properties, read here independently of common.pg.dbprops."""
     [(oid, owner, acl, comment, limit, tablespace, allow)] = rows(conn, """
         SELECT d.oid, pg_get_userbyid(d.datdba),
                (SELECT array_agg(a::text ORDER BY a::text) FROM unnest(coalesce(d.datacl, acldefault('d', d.datdba))) a),

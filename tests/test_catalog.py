@@ -1,4 +1,4 @@
-"""common/catalog.py on real files: statuses, names, resolution (no server needed)."""
+"""common/points/catalog.py on real files: statuses, names, resolution (no server needed)."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common import catalog
 from common.errors import BackupCorrupt, UsageError
+from common.points import catalog
 
 
 def make(folder: Path, point_id: str, content: bytes = b"PGDMP data", **extra) -> Path:

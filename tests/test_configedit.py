@@ -1,5 +1,5 @@
 """config_rollback.py update keeps a file as its owners wrote it: only the asked-for lines change
-(common/configedit.py), on real files, through the script as an operator runs it."""
+(common/files/configedit.py), on real files, through the script as an operator runs it."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import yaml
 from dotenv import dotenv_values
 
-from common.configfiles import deep_merge
+from common.files.configfiles import deep_merge
 from tests import pgfixtures as pf
 
 APP_YML = """\

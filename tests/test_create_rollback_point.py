@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from common.database import connect
 from common.locks import lock_key
+from common.pg.database import connect
 from tests import pgfixtures as pf
 
 
@@ -168,7 +168,7 @@ def test_the_newer_server_with_older_tools_on_path_uses_pg_bin_dir(pg_new, new_b
 def test_the_tool_search_picks_the_first_binary_of_the_server_s_major(pg_old, pg_new):
     """find_tool stops at the first candidate of the server's major (each further one costs a
     --version run): the pick must still be that first one, whichever major's folder comes first."""
-    from common.pgtools import candidates, find_tool
+    from common.pg.pgtools import candidates, find_tool
 
     for server in (pg_old, pg_new):
         for first in (pg_old.bindir, pg_new.bindir, None):

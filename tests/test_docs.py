@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common.demo import SAMPLE_DATA
+from common.testing.demo import SAMPLE_DATA
 from tests import pgfixtures as pf
 from tests.test_code_rollback import GIT_ENV, commit_all, git
 

@@ -192,7 +192,7 @@ def test_reset_staging_streams_a_realistic_v2_into_staging_exactly(server, env_f
 def test_reset_staging_in_place_goes_through_a_dump_file(server, env_for):
     """An owner that may not create databases gets the in-place reset, which needs a file. (V2's
     objects belong to the same role, as the in-place restore sets each object's owner.)"""
-    from common.database import ConnInfo
+    from common.pg.database import ConnInfo
 
     with RealisticDatabase(server, createdb=False) as rd:
         v2 = rd.name + "_v2"  # dropped with rd, before its roles
@@ -219,7 +219,7 @@ class SlowAutovacuum:
     def __enter__(self):
         import time
 
-        from common.database import ConnInfo
+        from common.pg.database import ConnInfo
         pf.execute(self.server, "postgres", "ALTER SYSTEM SET autovacuum_naptime = 1")
         pf.execute(self.server, "postgres", "SELECT pg_reload_conf()")
         conn = pf.connect(ConnInfo.parse(self.owner_url).with_db(self.dbname))
@@ -329,7 +329,7 @@ def test_pgbench_clients_writing_during_the_rollback_leave_exactly_the_point(ser
     import subprocess
     import time
 
-    from common.database import ConnInfo
+    from common.pg.database import ConnInfo
     with RealisticDatabase(server) as rd:
         env = owner_env(env_for, server, rd)
         before = database_fingerprint(server, rd.name)

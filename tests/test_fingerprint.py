@@ -1,4 +1,4 @@
-"""Verify proves content, not counts (common/fingerprint.py, DESIGN §4): every change a migration
+"""Verify proves content, not counts (common/points/fingerprint.py, DESIGN §4): every change a migration
 can make without changing a row count is found and named, against the point staging was restored
 from, with no false alarm after any restore path."""
 from __future__ import annotations
@@ -117,8 +117,8 @@ def test_the_same_data_gives_the_same_fingerprint_on_both_majors(pg_old, pg_new)
     Left out: large objects (the server assigns their OIDs, so the rows naming them differ too),
     extensions (each major ships its own contrib versions: a real difference, not a false one) and
     the view's definition text (15 qualifies a single-table view's columns, 16+ does not)."""
-    from common import fingerprint
-    from common.database import connect
+    from common.pg.database import connect
+    from common.points import fingerprint
     from tests.realistic import available_extensions
     contrib = all({"citext", "pg_trgm"} <= set(available_extensions(s)) for s in (pg_old, pg_new))
     taken = []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.testserver import free_port
+from common.testing.testserver import free_port
 from tests import pgfixtures as pf
 from tests.realistic import RealisticDatabase
 

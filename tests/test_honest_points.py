@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.database import ConnInfo, connect, rows
+from common.pg.database import ConnInfo, connect, rows
 from tests import pgfixtures as pf
 from tests.realistic import RealisticDatabase, database_fingerprint, differences
 
@@ -147,7 +147,7 @@ def test_replaced_databases_keep_the_two_newest_and_list_shows_their_disk(pg_old
 
 @pytest.fixture
 def stopped_server(tmp_path):
-    from common.testserver import ThrowawayServer
+    from common.testing.testserver import ThrowawayServer
     from tests.pgfixtures import OLD
     server = ThrowawayServer(OLD).start()
     try:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.database import connect, rows
-from common.demo import SAMPLE_DATA
+from common.pg.database import connect, rows
+from common.testing.demo import SAMPLE_DATA
 from tests import pgfixtures as pf
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Behind PgBouncer (common/pgbouncer.py): clients through the pooler wait during the swap instead of
+"""Behind PgBouncer (common/pg/pgbouncer.py): clients through the pooler wait during the swap instead of
 failing; a killed run's pause is resumed by the next; a pooler that does not answer is refused."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from common.database import ConnInfo, connect, scalar
-from common.testserver import free_port
+from common.pg.database import ConnInfo, connect, scalar
+from common.testing.testserver import free_port
 from tests import pgfixtures as pf
 from tests.bouncer import Bouncer
 from tests.realistic import RealisticDatabase

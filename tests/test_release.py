@@ -1,4 +1,4 @@
-"""One command for the whole release (common/release.py): configuration, code and database under one
+"""One command for the whole release (common/release/records.py): configuration, code and database under one
 id, restored in the documents' order Configuration -> Code -> Database, each verified, then the
 documents' health metrics. Real files, a real git repository, a realistic database."""
 from __future__ import annotations

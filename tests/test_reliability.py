@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common.testserver import ThrowawayServer
+from common.testing.testserver import ThrowawayServer
 from tests import pgfixtures as pf
 from tests.test_restore import MIGRATION, drop_all, leftovers, make_point
 

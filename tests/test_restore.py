@@ -9,7 +9,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from common.database import connect, databases_like, rows
+from common.pg.database import connect, databases_like, rows
 from tests import pgfixtures as pf
 
 MIGRATION = """
@@ -366,7 +366,7 @@ def test_a_session_that_cannot_be_cut_is_named_before_anyone_is_cut(pg_old, env_
     import threading
     import time
 
-    from common.database import ConnInfo
+    from common.pg.database import ConnInfo
     with pf.OwnedDatabase(pg_old, createdb=True) as (name, url):
         owner = connect(ConnInfo.parse(url))
         rows(owner, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 50) RETURNING 1")

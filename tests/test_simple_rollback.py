@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.database import connect, rows
+from common.pg.database import connect, rows
 from tests import pgfixtures as pf
 from tests.test_restore import MIGRATION, drop_all, leftovers
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from common import catalog, trust
-from common.connections import marker_path
+from common import storage, trust
+from common.pg.connections import marker_path
+from common.points import catalog
 from tests import pgfixtures as pf
 from tests.realistic import RealisticDatabase, database_fingerprint, differences
 
@@ -194,7 +195,7 @@ def test_files_are_written_through_no_planted_link(tmp_path):
     folder = trust.ensure_folder(tmp_path / "backups")
     target = folder / "point.json"
     (folder / "point.json.partial").symlink_to(victim)
-    catalog.write_json_atomic(target, {"a": 1})
+    storage.write_json_atomic(target, {"a": 1})
     assert victim.read_text() == "keep me\n" and json.loads(target.read_text()) == {"a": 1}
     assert not (folder / "point.json.partial").exists()
 

@@ -1,4 +1,4 @@
-"""Warm copies (common/warm.py): every new dump point gets a sealed database holding exactly it, and
+"""Warm copies (common/points/warm.py): every new dump point gets a sealed database holding exactly it, and
 a rollback copies that server-side, falling back to the dump when it is missing or changed."""
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def test_a_kill_while_using_a_warm_copy_leaves_staging_whole_and_the_copy_sealed
 
 
 def _pause_at(env, folder, *steps):
-    """The environment of a run that pauses at each step in turn (common.testhooks), and its flags."""
+    """The environment of a run that pauses at each step in turn (common.testing.testhooks), and its flags."""
     flags = [folder / f"paused-at-{step}" for step in steps]
     spec = ";".join(f"{step}:{flag}" for step, flag in zip(steps, flags))
     return dict(env, ROLLBACK_TEST_PAUSE_AT=spec), flags
@@ -189,7 +189,7 @@ def test_a_session_open_on_the_warm_copy_is_ended_by_the_seal_and_its_rows_never
     """Review defect 1: a client connected while pg_restore filled the copy could write after the seal."""
     import psycopg2
 
-    from common.database import ConnInfo, connect
+    from common.pg.database import ConnInfo, connect
     with RealisticDatabase(pg_old) as rd:
         env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
         before = database_fingerprint(pg_old, rd.name)
@@ -218,7 +218,7 @@ def test_a_session_open_on_the_warm_copy_is_ended_by_the_seal_and_its_rows_never
 
 
 def test_a_session_the_owner_may_not_end_leaves_the_point_without_a_warm_copy(pg_old, env_for, tmp_path):
-    from common.database import connect
+    from common.pg.database import connect
     with RealisticDatabase(pg_old) as rd:
         env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
         before = database_fingerprint(pg_old, rd.name)

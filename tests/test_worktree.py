@@ -1,4 +1,4 @@
-"""Code rollback never loses work (common/coderepo.py, common/worktree.py): every state a git user's
+"""Code rollback never loses work (common/files/coderepo.py, worktree.py, inplace.py): every state a git user's
 repository can be in comes back byte for byte, or the operation refuses with nothing changed."""
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Tuple
 import psycopg2
 from psycopg2 import sql
 
+from ..errors import RollbackError
 from . import database as db
-from .errors import RollbackError
 
 # Settings whose value is a list: pg_dump quotes each element on its own (makeAlterConfigCommand),
 # or `search_path = '"$user", public'` would become one schema named `"$user", public`.

@@ -13,7 +13,7 @@ against the point, on connections opened before the seal: what was checked is wh
 Allowing connections again takes an ALTER DATABASE, which writes a new version of the database's
 pg_database row, with a new xmin (VACUUM's in-place updates of datfrozenxid keep it). The sidecar
 records the OID and that xmin at sealing; the copy is used only while it is still sealed with the
-same OID and xmin, carries this folder's mark for this point (common.marks: copies sealed before
+same OID and xmin, carries this folder's mark for this point (common.points.marks: copies sealed before
 sessions were ended carry none), and has no session. Anything else, and the restore uses the dump."""
 from __future__ import annotations
 
@@ -27,13 +27,18 @@ from typing import List, Optional
 
 import psycopg2
 
-from . import catalog, connections, marks, testhooks
-from . import database as db
+from .. import storage
+from ..errors import RestoreFailed, RollbackError
+from ..log import get_logger
+from ..pg import connections
+from ..pg import database as db
+from ..pg.database import ConnInfo
+from ..progress import human_size, timed
+from ..testing import testhooks
+from . import catalog, marks
 from .catalog import RollbackPoint
-from .database import ConnInfo
-from .errors import RestoreFailed, RollbackError
-from .log import get_logger
-from .progress import human_size, timed
+from .check import check_against_point
+from .fill import fill_database
 
 TAG = "warm"
 DEFAULT_KEEP = 1
@@ -114,14 +119,13 @@ def free_space(conn, needed: int) -> Optional[str]:
 def build(conn, info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str]) -> Optional[Seal]:
     """Make and seal the warm copy of a fresh dump point; None (with a warning) when it cannot be
     made: the point stays OK either way, and nothing is left behind."""
-    from .restore import check_against_point, fill_database  # the restore's own steps
     log = get_logger()
     needed = db.database_size(conn, info.dbname)
     room = free_space(conn, needed)
     if room:
         log.warning("No warm copy for %s: %s. The point is OK; a rollback will restore the dump.", point.id, room)
         return None
-    name = db.derived_name(info.dbname, TAG, catalog.stamp())
+    name = db.derived_name(info.dbname, TAG, storage.stamp())
     log.info("Warm copy: restoring the point into %s while %s keeps serving ...", name, info.dbname)
     started = time.monotonic()
     own: list = []

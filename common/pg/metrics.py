@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from ..errors import ConfigError
 from . import database as db
 from .database import ConnInfo
-from .errors import ConfigError
 
 try:
     import psutil

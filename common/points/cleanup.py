@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import List, Optional
 
+from ..log import get_logger
+from ..pg import database as db
 from . import catalog, snapshot, warm
-from . import database as db
 from .catalog import RollbackPoint
-from .log import get_logger
-from .restore import PREVIOUS_TAG
+from .plan import PREVIOUS_TAG
 
 _STAMP = re.compile(r"(\d{8}_\d{6})(?:_\d{3})?$")
 

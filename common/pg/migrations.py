@@ -12,9 +12,9 @@ from typing import Dict, List, Optional
 
 import psycopg2
 
+from ..errors import ConfigError, RollbackError, UsageError
+from ..log import get_logger
 from . import database as db
-from .errors import ConfigError, RollbackError, UsageError
-from .log import get_logger
 
 _FILE = re.compile(r"^(?P<version>[0-9][0-9A-Za-z.]*)_(?P<name>[^.]+)\.sql$")
 TRACKING_DDL = """CREATE TABLE IF NOT EXISTS public.schema_migrations (

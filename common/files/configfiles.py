@@ -15,8 +15,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 from dotenv.parser import parse_stream
 
-from . import files, testhooks, trust
-from .errors import UsageError
+from .. import trust
+from ..errors import UsageError
+from ..testing import testhooks
+from . import folders
 
 PREFIX, MANIFEST = "config", "manifest.json"
 PARSED = (".yml", ".yaml", ".json")
@@ -32,7 +34,7 @@ class Entry:
     size: int
 
 
-_OUR_TEMP = re.compile(r"^\..+\.tmp-\d+$")  # files.replace_many's temporary names
+_OUR_TEMP = re.compile(r"^\..+\.tmp-\d+$")  # folders.replace_many's temporary names
 
 
 def _walk(config_dir: Path, temps: Optional[List[Path]] = None) -> List[Path]:
@@ -66,17 +68,17 @@ def current_entries(config_dir: Path, env_file: Optional[Path]) -> Dict[Tuple[st
     for path in _walk(config_dir):
         rel = str(path.relative_to(config_dir))
         st = path.stat()
-        out[("config", rel)] = (path, Entry("config", rel, files.sha256_of(path), stat.S_IMODE(st.st_mode), st.st_size))
+        out[("config", rel)] = (path, Entry("config", rel, folders.sha256_of(path), stat.S_IMODE(st.st_mode), st.st_size))
     if env_file is not None and env_file.is_file():
         st = env_file.stat()
-        out[("env", env_file.name)] = (env_file, Entry("env", env_file.name, files.sha256_of(env_file),
+        out[("env", env_file.name)] = (env_file, Entry("env", env_file.name, folders.sha256_of(env_file),
                                                        stat.S_IMODE(st.st_mode), st.st_size))
     return out
 
 
 def backup(config_dir: Path, env_file: Optional[Path], parent: Path, reason: str = "") -> Path:
     """`<parent>/config_<ts>/` holding copies (0600) under files/ and manifest.json (path, sha256, mode)."""
-    partial = files.new_backup_dir(parent, PREFIX)
+    partial = folders.new_backup_dir(parent, PREFIX)
     sources = [("config", str(p.relative_to(config_dir)), p) for p in _walk(config_dir)]
     if env_file is not None and env_file.is_file():
         sources.append(("env", env_file.name, env_file))
@@ -91,10 +93,10 @@ def backup(config_dir: Path, env_file: Optional[Path], parent: Path, reason: str
         entries.append(Entry(area, rel, hashlib.sha256(data).hexdigest(), stat.S_IMODE(path.stat().st_mode),
                              len(data)).__dict__)
     # The folder is *.partial until finish_backup_dir renames it: one flush for all the copies.
-    files.sync_filesystem(partial)
+    folders.sync_filesystem(partial)
     meta = {"format_version": 1, "kind": "config", "config_dir": str(config_dir),
             "env_file": str(env_file) if env_file else None, "reason": reason, "files": entries}
-    return files.finish_backup_dir(partial, MANIFEST, meta)
+    return folders.finish_backup_dir(partial, MANIFEST, meta)
 
 
 def safe_mode(mode: int) -> int:
@@ -131,7 +133,7 @@ def load_backup(path: Path) -> dict:
     for e in entries:
         trust.inside(path / "files" / e.area, Path(e.path).parts[0], "backup file")
         copy_path = path / "files" / e.area / e.path
-        if not copy_path.is_file() or files.sha256_of(copy_path) != e.sha256:
+        if not copy_path.is_file() or folders.sha256_of(copy_path) != e.sha256:
             raise UsageError(f"backup {path} does not match its manifest ({e.area}/{e.path} is missing or "
                              "changed). Nothing was changed.")
     meta["entries"] = entries
@@ -168,14 +170,14 @@ def restore(backup_path: Path, meta: dict, config_dir: Path, env_file: Optional[
         target.parent.mkdir(parents=True, exist_ok=True)
         todo.append((target, (backup_path / "files" / e.area / e.path).read_bytes(), safe_mode(e.mode)))
         result.written.append(f"{e.area}/{e.path}")
-    files.replace_many(todo, on_each=lambda _: testhooks.checkpoint("config-restore-file-written"))
+    folders.replace_many(todo, on_each=lambda _: testhooks.checkpoint("config-restore-file-written"))
     holds_env = any(area == "env" for area, _ in wanted)
     for key, (path, _) in now.items():
         if key not in wanted and (key[0] == "config" or holds_env):  # ENV_FILE goes only when the backup holds one
             path.unlink()
             result.removed.append(f"{key[0]}/{key[1]}")
     for target, data, _ in todo:
-        if files.sha256_of(target) != hashlib.sha256(data).hexdigest():
+        if folders.sha256_of(target) != hashlib.sha256(data).hexdigest():
             raise UsageError(f"after the restore {target} does not match the backup: check the disk")
     _remove_empty_dirs(config_dir)
     return result

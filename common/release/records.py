@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from . import catalog, configfiles, files, trust
-from .catalog import RollbackPoint
-from .errors import RollbackError, UsageError
-from .log import mask
+from .. import storage, trust
+from ..errors import RollbackError, UsageError
+from ..files import configfiles, folders
+from ..log import mask
+from ..points import catalog
+from ..points.catalog import RollbackPoint
 
 FOLDER = "releases"
 ORDER = ("config", "code", "database")
@@ -61,14 +63,14 @@ def folder_of(backup_dir: Path) -> Path:
     return backup_dir / FOLDER
 
 
-# code_rollback's metadata file (common.coderepo.METADATA: not imported here, since GitPython fails to
+# code_rollback's metadata file (common.files.coderepo.METADATA: not imported here, since GitPython fails to
 # import on a machine without git, where the database commands must still work).
 CODE_METADATA = "metadata.json"
 
 
 def parts_of(config_path: Path, code_path: Path, point: RollbackPoint) -> Dict[str, dict]:
     code_meta = json.loads((code_path / CODE_METADATA).read_text())
-    return {"config": {"path": str(config_path), "sha256": files.sha256_of(config_path / configfiles.MANIFEST)},
+    return {"config": {"path": str(config_path), "sha256": folders.sha256_of(config_path / configfiles.MANIFEST)},
             "code": {"path": str(code_path), "sha256": code_meta["bundle_sha256"], "commit": code_meta["commit"],
                      "branch": code_meta["branch"]},
             "database": {"id": point.id, "database": point.database, "kind": point.kind,
@@ -76,10 +78,10 @@ def parts_of(config_path: Path, code_path: Path, point: RollbackPoint) -> Dict[s
 
 
 def record(backup_dir: Path, description: str, parts: Dict[str, dict]) -> Release:
-    folder = catalog.ensure_dir(folder_of(backup_dir))
+    folder = storage.ensure_dir(folder_of(backup_dir))
     release_id = catalog.new_id(folder, "release", description)
-    release = Release(release_id, description, catalog.utc_now().isoformat(timespec="seconds"), parts, folder=folder)
-    catalog.write_json_atomic(release.sidecar, release.to_json())
+    release = Release(release_id, description, storage.utc_now().isoformat(timespec="seconds"), parts, folder=folder)
+    storage.write_json_atomic(release.sidecar, release.to_json())
     return release
 
 
@@ -130,7 +132,7 @@ def validate(release: Release, part_folders: Optional[Dict[str, Path]]) -> None:
 def check(release: Release, points: Dict[str, RollbackPoint]) -> tuple:
     config, code, database = (release.parts.get(k, {}) for k in ORDER)
     manifest = Path(config.get("path", "")) / configfiles.MANIFEST
-    if not manifest.is_file() or files.sha256_of(manifest) != config.get("sha256"):
+    if not manifest.is_file() or folders.sha256_of(manifest) != config.get("sha256"):
         return catalog.MISSING, f"configuration backup {config.get('path')} is missing or changed"
     try:
         code_meta = json.loads((Path(code.get("path", "")) / CODE_METADATA).read_text())
@@ -210,14 +212,14 @@ class Progress:
     steps is reported by the next `list` (each step is all-or-nothing on its own)."""
 
     def __init__(self, backup_dir: Path, release_id: str):
-        self.path = catalog.ensure_dir(folder_of(backup_dir)) / f".restoring_{release_id}.json"
-        self.data = {"release": release_id, "pid": os.getpid(), "started": catalog.utc_now().isoformat(), "done": []}
-        catalog.write_json_atomic(self.path, self.data)
+        self.path = storage.ensure_dir(folder_of(backup_dir)) / f".restoring_{release_id}.json"
+        self.data = {"release": release_id, "pid": os.getpid(), "started": storage.utc_now().isoformat(), "done": []}
+        storage.write_json_atomic(self.path, self.data)
 
     def record(self, step: Step) -> None:
         if step.ok:
             self.data["done"].append(step.component)
-            catalog.write_json_atomic(self.path, self.data)
+            storage.write_json_atomic(self.path, self.data)
 
     def finish(self, failed: Optional[str] = None) -> None:
         self.path.unlink(missing_ok=True)

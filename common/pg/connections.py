@@ -16,17 +16,17 @@ from typing import Iterator, List, Optional, Sequence
 
 import psycopg2
 
-from . import catalog, trust
+from .. import storage, trust
+from ..errors import RollbackError
+from ..log import get_logger
 from . import database as db
-from .errors import RollbackError
-from .log import get_logger
 
 DEFAULT_WAIT = 30.0
 
 
 def marker_path(folder: Path, target: str) -> Path:
     digest = hashlib.sha256(target.encode()).hexdigest()[:8]
-    return folder / f".inflight_{catalog.slug(target)}_{digest}.json"
+    return folder / f".inflight_{storage.slug(target)}_{digest}.json"
 
 
 def recover(conn, folder: Path, target: str) -> None:
@@ -51,9 +51,9 @@ def repair(info, folder: Path, script: str, pooler=None) -> None:
     """What every command does first when a killed run left the target's connections cut (or its
     PgBouncer paused): allow them again (resume it) under the target's lock, and say so; or, when
     that run is in fact still going, say that. Costs one file check when nothing was left."""
+    from ..errors import LockHeld
+    from ..locks import DatabaseLock
     from . import pgbouncer
-    from .errors import LockHeld
-    from .locks import DatabaseLock
 
     cut_left = marker_path(folder, info.dbname).exists()
     pause_left = pooler is not None and pgbouncer.marker_path(folder, pooler.database).exists()
@@ -106,9 +106,9 @@ def cut(conn, folder: Path, target: str, also: List[str] = (), state: Optional["
     meanwhile, then named in a SessionsRemain error."""
     names = [target, *also]
     marker = marker_path(folder, target)
-    catalog.ensure_dir(folder)
-    catalog.write_json_atomic(marker, {"target": target, "databases": names, "pid": os.getpid(),
-                                       "started": catalog.utc_now().isoformat(timespec="seconds")})
+    storage.ensure_dir(folder)
+    storage.write_json_atomic(marker, {"target": target, "databases": names, "pid": os.getpid(),
+                                       "started": storage.utc_now().isoformat(timespec="seconds")})
     state = state or Cut()
     try:
         state.sessions_cut = cut_sessions(conn, target, wait)

@@ -14,15 +14,18 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
-from . import catalog, dbprops, fingerprint, marks, snapshot, testhooks, trust, warm
+from .. import storage, trust
+from ..errors import BackupFailed, ConfigError, NotConfirmed, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
+from ..locks import DatabaseLock
+from ..log import get_logger
+from ..pg import dbprops
+from ..pg.database import ConnInfo, connect, migration_head, reason, rows, scalar, server_version, table_row_counts
+from ..pg.pgtools import Tool, default_compression, find_tool
+from ..progress import Progress, human_size
+from ..runner import Process
+from ..testing import testhooks
+from . import catalog, fingerprint, marks, snapshot, warm
 from .catalog import RollbackPoint
-from .database import ConnInfo, connect, migration_head, reason, rows, scalar, server_version, table_row_counts
-from .errors import BackupFailed, ConfigError, NotConfirmed, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
-from .locks import DatabaseLock
-from .log import get_logger
-from .pgtools import Tool, default_compression, find_tool
-from .progress import Progress, human_size
-from .runner import Process
 
 METHODS = ("pg_dump", "docker", "snapshot")
 DUMP_METHODS = ("pg_dump", "docker")
@@ -175,12 +178,12 @@ def dump_to_file(source: Source, dest: Path, *, pg_bin_dir: Optional[str] = None
             _remove(partial)
             raise
         counts = source.counts()
-        catalog.fsync_file(partial)
+        storage.fsync_file(partial)
         os.chmod(partial, 0o600)
         size = partial.stat().st_size
         sha = catalog.sha256_file(partial)
         os.replace(partial, dest)
-        catalog.fsync_dir(dest.parent)
+        storage.fsync_dir(dest.parent)
         return RollbackPoint(
             id=dest.stem, kind=catalog.DUMP, database=source.info.dbname,
             source_url=source.info.masked().replace(":***", ""), server_version=source.version,
@@ -297,7 +300,7 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
     if method == "snapshot":
         return snapshot.create_snapshot(info, folder, script, description, lock=lock, confirm=confirm)
     started = time.monotonic()
-    catalog.ensure_dir(folder)
+    storage.ensure_dir(folder)
     log = get_logger()
     remove_stale_partials(folder, info.dbname)
     warm.remove_orphans(lock.conn, folder, info.dbname)
@@ -330,7 +333,7 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
         if not source.conn.closed:
             source.close()
     point.description = description
-    point.created_at = catalog.utc_now().isoformat(timespec="seconds")
+    point.created_at = storage.utc_now().isoformat(timespec="seconds")
     testhooks.checkpoint("backup-dump-written")
     try:
         catalog.save(point)
@@ -364,7 +367,7 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
 def remove_stale_partials(folder: Path, database: str, quiet_seconds: int = 600) -> None:
     """Delete leftovers of killed backups of this database (we hold its lock; a file nobody has
     written to for 10 minutes is not being written)."""
-    prefix = catalog.slug(database) + "_"
+    prefix = storage.slug(database) + "_"
     now = time.time()
     for leftover in folder.glob(f"{prefix}*.partial"):
         if leftover.is_symlink() or now - leftover.lstat().st_mtime > quiet_seconds:

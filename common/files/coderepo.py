@@ -3,10 +3,8 @@ working tree, restores that swap the whole folder at once, rollbacks that lose n
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import tarfile
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,14 +12,19 @@ from typing import Callable, Iterable, List, Optional
 
 import git
 
-from . import files, inplace, testhooks, trust, worktree
-from .catalog import stamp, utc_now
-from .errors import LockHeld, RollbackError, UsageError
-from .log import get_logger
+from .. import trust
+from ..errors import LockHeld, RollbackError, UsageError
+from ..log import get_logger
+from ..storage import stamp
+from ..testing import testhooks
+from . import folders, inplace, worktree
 
 PREFIX, METADATA, BUNDLE, INDEX = "code", "metadata.json", "repo.bundle", "index"
-KEEP_RELEASES = 5
+
+
 _TMP_REFS = "refs/rollback-backup"
+
+
 _IDENTITY = {"GIT_AUTHOR_NAME": "rollback-toolkit", "GIT_AUTHOR_EMAIL": "rollback-toolkit@localhost",
              "GIT_COMMITTER_NAME": "rollback-toolkit", "GIT_COMMITTER_EMAIL": "rollback-toolkit@localhost"}
 
@@ -140,12 +143,12 @@ def ignored_paths(repo: git.Repo, folders: bool = True) -> List[str]:
 
 def backup(repo: git.Repo, parent: Path, reason: str = "", include_ignored: Iterable[str] = ()) -> Path:
     """`<parent>/code_<ts>/`: a bundle of every ref (the history), the index file byte for byte
-    (flags and intent-to-add entries included), and the working tree as it is on disk (common.worktree);
+    (flags and intent-to-add entries included), and the working tree as it is on disk (common.files.worktree);
     ignored files only those named in include_ignored (those a restore or rollback would write over)."""
     refuse_unsafe(repo)
     state = capture(repo)
     gitdir = Path(repo.git_dir)
-    partial = files.new_backup_dir(parent, PREFIX)
+    partial = folders.new_backup_dir(parent, PREFIX)
     shallow = (gitdir / "shallow").exists()
     if state.commit:
         _git(repo, "bundle", "create", str(partial / BUNDLE), "--all")
@@ -161,10 +164,10 @@ def backup(repo: git.Repo, parent: Path, reason: str = "", include_ignored: Iter
             os.chmod(partial / name, 0o600)
     meta = {"format_version": 2, "kind": "code", "repo_path": str(repo.working_tree_dir), "reason": reason,
             **asdict(state), "dirty": state.dirty, "shallow": shallow, "ignored_included": include,
-            "bundle_sha256": files.sha256_of(partial / BUNDLE), "bundle_size": (partial / BUNDLE).stat().st_size,
-            "worktree_sha256": files.sha256_of(partial / worktree.ARCHIVE), "worktree_entries": entries,
-            "index_sha256": files.sha256_of(partial / INDEX) if (partial / INDEX).exists() else None}
-    return files.finish_backup_dir(partial, METADATA, meta)
+            "bundle_sha256": folders.sha256_of(partial / BUNDLE), "bundle_size": (partial / BUNDLE).stat().st_size,
+            "worktree_sha256": folders.sha256_of(partial / worktree.ARCHIVE), "worktree_entries": entries,
+            "index_sha256": folders.sha256_of(partial / INDEX) if (partial / INDEX).exists() else None}
+    return folders.finish_backup_dir(partial, METADATA, meta)
 
 
 def load_backup(path: Path) -> dict:
@@ -181,7 +184,7 @@ def load_backup(path: Path) -> dict:
         checks += [(worktree.ARCHIVE, "worktree_sha256")] + ([(INDEX, "index_sha256")] if meta.get("index_sha256") else [])
     for name, key in checks:
         part = path / name
-        if not part.is_file() or part.is_symlink() or files.sha256_of(part) != meta.get(key):
+        if not part.is_file() or part.is_symlink() or folders.sha256_of(part) != meta.get(key):
             raise UsageError(f"the {name} in {path} is missing or does not match its checksum. Nothing was changed.")
     return meta
 
@@ -287,7 +290,7 @@ def restore(repo_path: Path, backup_path: Path, meta: dict,
             backup_first: Optional[Callable[[List[str]], Path]] = None) -> bool:
     """Put the repository back as the backup has it, holding its index.lock throughout
     (backup_first(ignored files at risk) takes the automatic backup under it): by a folder swap, or
-    in place where a swap would break the layout (common.inplace). Ignored files are kept, those the
+    in place where a swap would break the layout (common.files.inplace). Ignored files are kept, those the
     backup has at the same path being in the automatic backup. Returns whether the folder was swapped."""
     repo_path = repo_path.resolve()
     refuse_layout(repo_path)
@@ -333,10 +336,10 @@ def _swap(repo_path: Path, backup_path: Path, meta: dict, existing: Optional[git
             raise RollbackError(f"{repo_path} changed while the restore was being built (a commit, a branch or "
                                 "a tag moved): nothing was changed. Run the restore again.")
         if repo_path.exists():
-            files.exchange(tmp, repo_path)
+            folders.exchange(tmp, repo_path)
         else:
             os.rename(tmp, repo_path)
-            files.fsync_dir(repo_path.parent)
+            folders.fsync_dir(repo_path.parent)
         testhooks.checkpoint("code-restore-swapped")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after the swap it holds the old state (backed up first)
@@ -459,86 +462,6 @@ def rollback(repo: git.Repo, commit: str, expected_head: Optional[str] = None) -
             stash = f"{made[:12]} ({message}; git stash apply {made[:12]})"
     _git(repo, "reset", "--hard", "--quiet", commit)
     return RollbackResult(old, commit, branch, kept, stash)
-
-
-def publish(repo: git.Repo, deploy_dir: Path, commit: str) -> Path:
-    """Export the commit's tree to releases/<ts>_<short>/, then point `current` at it atomically
-    (new symlink renamed over the old); keep the newest releases and always the current one."""
-    releases = deploy_dir / "releases"
-    releases.mkdir(parents=True, exist_ok=True)
-    name = f"{stamp()}_{commit[:8]}"
-    partial = releases / f".{name}.partial"
-    partial.mkdir()
-    with tempfile.TemporaryFile() as archive:
-        repo.git.execute(["git", *SAFE, "archive", "--format=tar", commit], output_stream=archive)
-        archive.seek(0)
-        with tarfile.open(fileobj=archive) as tar:
-            safe = {"filter": "tar"} if hasattr(tarfile, "data_filter") else {}  # Python 3.9.17+/3.11.4+
-            tar.extractall(partial, **safe)
-            written = sorted(m.name.rstrip("/") for m in tar.getmembers() if not m.isdir())
-    files.write_json_atomic(partial / ".release.json", {"commit": commit, "created_at": utc_now().isoformat(),
-                                                        "made_by": "rollback-toolkit", "files": written})
-    final = releases / name
-    os.rename(partial, final)
-    link_tmp = deploy_dir / f".current.tmp-{os.getpid()}"
-    link_tmp.unlink(missing_ok=True)
-    os.symlink(os.path.join("releases", name), link_tmp)
-    os.replace(link_tmp, deploy_dir / "current")
-    files.fsync_dir(deploy_dir)
-    prune_releases(deploy_dir)
-    return final
-
-
-def current_release(deploy_dir: Path) -> Optional[Path]:
-    link = deploy_dir / "current"
-    return (deploy_dir / os.readlink(link)).resolve() if link.is_symlink() else None
-
-
-def _written_by_us(release: Path) -> Optional[List[str]]:
-    """The files the toolkit wrote into a release folder, from its .release.json; None for a folder
-    it did not make (it is never pruned, nor taken for a release)."""
-    try:
-        data = trust.read_json(release / ".release.json")
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("made_by") != "rollback-toolkit" or not isinstance(data.get("files"), list):
-        return None
-    return data["files"]
-
-
-def prune_releases(deploy_dir: Path, keep: int = KEEP_RELEASES) -> None:
-    """Keep the newest releases the toolkit made and the current one. A folder it did not make is
-    never pruned; one holding files it did not write is kept, with a warning naming them."""
-    log = get_logger()
-    ours = []
-    for p in (deploy_dir / "releases").iterdir():
-        if p.is_dir() and not p.is_symlink() and not p.name.startswith("."):
-            written = _written_by_us(p)
-            if written is None:
-                log.warning("%s was not made by this toolkit: it is left alone and not counted as a release.", p)
-            else:
-                ours.append((p, written))
-    ours.sort(key=lambda item: item[0].name, reverse=True)
-    current = current_release(deploy_dir)
-    for old, written in ours[keep:]:
-        if current is not None and old.resolve() == current:
-            continue
-        present = {str(f.relative_to(old)) for f in old.rglob("*") if not f.is_dir()} - {".release.json"}
-        extra = sorted(present - set(written))
-        if extra:
-            log.warning("Not removing old release %s: it holds %d file(s) this toolkit did not write (%s). Move them, "
-                        "then delete the folder.", old, len(extra), ", ".join(extra[:5]))
-            continue
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def release_commit(release: Optional[Path]) -> Optional[str]:
-    if release is None:
-        return None
-    try:
-        return json.loads((release / ".release.json").read_text()).get("commit")
-    except (OSError, ValueError):
-        return None
 
 
 def drift(repo: git.Repo, backup_path: Path, meta: dict) -> dict:

@@ -20,9 +20,10 @@ import yaml
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from . import files, testhooks
+from ..errors import RollbackError, UsageError
+from ..testing import testhooks
+from . import folders
 from .configfiles import _MISSING, SECRET_KEY, deep_merge, parse_file
-from .errors import RollbackError, UsageError
 
 YAML_SUFFIXES, JSON_SUFFIXES = (".yml", ".yaml"), (".json",)
 _SECRET_LINE = re.compile(r"""^(?P<head>[ \t]*(?:export[ \t]+)?["']?(?P<key>[A-Za-z0-9_.-]+)["']?[ \t]*[:=][ \t]*)"""
@@ -219,13 +220,13 @@ def write(edit: Edit) -> None:
     original bytes go back and the update fails (exit 1)."""
     original = edit.path.read_bytes()
     mode = stat.S_IMODE(edit.path.stat().st_mode)
-    files.write_atomic(edit.path, edit.after.encode("utf-8"), mode)
+    folders.write_atomic(edit.path, edit.after.encode("utf-8"), mode)
     testhooks.checkpoint("config-update-written")
     try:
         ok = parse_text(edit.kind, edit.path.read_text(encoding="utf-8")) == edit.intended
     except (ValueError, yaml.YAMLError, UnicodeDecodeError):
         ok = False
     if not ok:
-        files.write_atomic(edit.path, original, mode)
+        folders.write_atomic(edit.path, original, mode)
         raise RollbackError(f"{edit.path} did not read back as the update intended after it was written; the "
                             "original was put back byte for byte. Nothing was changed.")

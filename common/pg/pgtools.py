@@ -10,10 +10,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from . import trust
-from .errors import ToolNotFound
-from .log import get_logger
-from .runner import run
+from .. import trust
+from ..errors import ToolNotFound
+from ..log import get_logger
+from ..runner import run
 
 SEARCH_GLOBS = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin",
                 "/usr/local/opt/postgresql@*/bin", "/opt/homebrew/opt/postgresql@*/bin")

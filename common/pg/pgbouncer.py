@@ -17,10 +17,10 @@ from typing import Iterator, Optional
 
 import psycopg2
 
-from . import catalog
+from .. import storage
+from ..errors import RollbackError
+from ..log import get_logger
 from .database import ConnInfo, connect, reason
-from .errors import RollbackError
-from .log import get_logger
 
 DEFAULT_PAUSE_TIMEOUT = 10.0
 
@@ -77,9 +77,9 @@ class Pooler:
         resumed on the way out however it ends (or by the next run, when this one is killed)."""
         state = PauseState()
         marker = marker_path(folder, self.database)
-        catalog.ensure_dir(folder)
-        catalog.write_json_atomic(marker, {"database": self.database, "admin": self.admin.masked(),
-                                           "pid": os.getpid(), "started": catalog.utc_now().isoformat()})
+        storage.ensure_dir(folder)
+        storage.write_json_atomic(marker, {"database": self.database, "admin": self.admin.masked(),
+                                           "pid": os.getpid(), "started": storage.utc_now().isoformat()})
         conn = self.console()
         started = time.monotonic()
         try:
@@ -131,7 +131,7 @@ class PauseState:
 
 
 def marker_path(folder: Path, database: str) -> Path:
-    return folder / f".pgbouncer_paused_{catalog.slug(database)}.json"
+    return folder / f".pgbouncer_paused_{storage.slug(database)}.json"
 
 
 def recover(pooler: Optional[Pooler], folder: Path) -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 from urllib.parse import quote
 
-from .database import ConnInfo, connect
-from .errors import ConnectionFailed, RollbackError
-from .log import get_logger
-from .pgtools import version_of
-from .runner import run
+from ..errors import ConnectionFailed, RollbackError
+from ..log import get_logger
+from ..pg.database import ConnInfo, connect
+from ..pg.pgtools import version_of
+from ..runner import run
 
 UNPRIVILEGED = ("nobody", "nogroup")
 

@@ -16,7 +16,8 @@ from typing import Optional
 
 from psycopg2 import sql
 
-from . import database as db
+from ..pg import database as db
+from ..storage import write_json_atomic
 
 MAKER = "rollback-toolkit"
 
@@ -61,7 +62,6 @@ def _intent_path(folder: Path, name: str) -> Path:
 def intend(folder: Path, name: str, kind: str) -> Path:
     """Before CREATE DATABASE: a note in BACKUP_DIR that this run is making `name`, so that a kill
     before the mark is set still leaves the database provably this folder's (removed with forget)."""
-    from .catalog import write_json_atomic
     path = _intent_path(folder, name)
     write_json_atomic(path, {"made_by": MAKER, "kind": kind, "database": name})
     return path
@@ -76,7 +76,7 @@ def forget(folder: Path, name: str) -> None:
 
 def intended(folder: Path, kind: str) -> set:
     """Databases of that kind a run of this folder began to make (and may have been killed making)."""
-    from .trust import read_json
+    from ..trust import read_json
     names = set()
     for path in Path(folder).glob(".making_*.json"):
         try:

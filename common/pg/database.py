@@ -13,8 +13,8 @@ import psycopg2
 import psycopg2.errors
 from psycopg2 import sql
 
-from .errors import ConfigError, ConnectionFailed
-from .log import get_logger, mask, register_secret
+from ..errors import ConfigError, ConnectionFailed
+from ..log import get_logger, mask, register_secret
 
 CONNECT_TIMEOUT = 5
 APP_NAME = "rollback-toolkit"

@@ -11,14 +11,17 @@ from typing import Callable, List, Optional
 
 import psycopg2
 
-from . import catalog, connections, dbprops, fingerprint, marks, testhooks
-from . import database as db
+from .. import storage
+from ..errors import BackupCorrupt, NotConfirmed, RollbackError, UsageError
+from ..locks import DatabaseLock
+from ..log import get_logger
+from ..pg import connections, dbprops
+from ..pg import database as db
+from ..pg.connections import DEFAULT_WAIT
+from ..pg.database import ConnInfo
+from ..testing import testhooks
+from . import catalog, fingerprint, marks
 from .catalog import RollbackPoint
-from .connections import DEFAULT_WAIT
-from .database import ConnInfo
-from .errors import BackupCorrupt, NotConfirmed, RollbackError, UsageError
-from .locks import DatabaseLock
-from .log import get_logger
 
 TAG, SEP = "snap", "_"
 
@@ -46,9 +49,9 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
     log = get_logger()
     conn = lock.conn
     require_createdb(conn, info)
-    catalog.ensure_dir(folder)
+    storage.ensure_dir(folder)
     started = time.monotonic()
-    name = db.derived_name(info.dbname, TAG, catalog.stamp(), SEP)
+    name = db.derived_name(info.dbname, TAG, storage.stamp(), SEP)
     major, version = db.server_version(conn)
     log.info("Creating snapshot %s of %s (PostgreSQL %s) ...", name, info.masked(), version)
     connections.recover(conn, folder, info.dbname)
@@ -89,7 +92,7 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
         own.close()
         point = RollbackPoint(
             id=catalog.new_id(folder, info.dbname, description), kind=catalog.SNAPSHOT, database=info.dbname,
-            description=description, created_at=catalog.utc_now().isoformat(timespec="seconds"),
+            description=description, created_at=storage.utc_now().isoformat(timespec="seconds"),
             source_url=info.masked().replace(":***", ""), server_version=version, method="snapshot",
             tool="CREATE DATABASE ... TEMPLATE", tool_version=f"PostgreSQL {version}", compression="-",
             snapshot_database=name, size_bytes=db.database_size(conn, name), tables=tables, migration_head=head,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+from ..progress import human_size
 from .catalog import RollbackPoint
-from .progress import human_size
 
 
 def points_table(points: List[RollbackPoint], server_known: bool = True) -> str:

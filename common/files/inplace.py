@@ -21,9 +21,11 @@ from typing import Callable, List, Optional
 
 import git
 
-from . import files, testhooks, trust, worktree
-from .catalog import stamp, utc_now
-from .errors import RollbackError, UsageError
+from .. import trust
+from ..errors import RollbackError, UsageError
+from ..storage import stamp, utc_now
+from ..testing import testhooks
+from . import folders, worktree
 
 MARK = "rollback-in-place.json"
 
@@ -112,7 +114,7 @@ def restore(repo_path: Path, backup_path: Path, meta: dict, git_dir: Path,
         if coderepo.refs_of(git_dir, repo, skip=ns) != before:
             raise RollbackError(f"{repo_path} changed while the restore was being prepared (a commit, a branch or a "
                                 "tag moved): nothing was changed. Run the restore again.")
-        files.write_json_atomic(git_dir / MARK, {"backup": str(backup_path), "automatic_backup": str(auto or ""),
+        folders.write_json_atomic(git_dir / MARK, {"backup": str(backup_path), "automatic_backup": str(auto or ""),
                                                  "pid": os.getpid(), "started_at": utc_now().isoformat()})
         _apply(repo_path, stage, git_dir, ignored)
         testhooks.checkpoint("code-restore-swapped")
@@ -210,4 +212,4 @@ def _apply(root: Path, stage: Path, git_dir: Path, ignored: worktree.Ignored) ->
             os.lchown(dst, st.st_uid, st.st_gid)
         os.chmod(dst, stat.S_IMODE(st.st_mode))
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-    files.fsync_dir(root)
+    folders.fsync_dir(root)

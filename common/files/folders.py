@@ -12,9 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
-from . import trust
-from .catalog import fsync_dir, stamp, utc_now, write_json_atomic
-from .errors import LockHeld, UsageError
+from .. import trust
+from ..errors import LockHeld, UsageError
+from ..storage import fsync_dir, stamp, utc_now, write_json_atomic
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:

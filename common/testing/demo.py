@@ -15,8 +15,8 @@ import warnings
 from pathlib import Path
 from urllib.parse import quote
 
-from .database import connect, execute
-from .env import PROJECT_ROOT
+from ..env import PROJECT_ROOT
+from ..pg.database import connect, execute
 from .testserver import ThrowawayServer
 
 SAMPLE_DATA = """

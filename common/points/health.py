@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from . import database as db
+from ..pg import database as db
+from ..pg.database import ConnInfo
+from ..progress import human_size
 from . import fingerprint
 from .catalog import RollbackPoint
-from .database import ConnInfo
-from .progress import human_size
-from .restore import diff_counts, fingerprint_of
+from .check import diff_counts, fingerprint_of
 
 LONG_TRANSACTION_MINUTES = 10
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import time
@@ -11,8 +10,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from . import trust
-from .errors import BackupCorrupt, UsageError
+from .. import trust
+from ..errors import BackupCorrupt, UsageError
+from ..storage import fsync_dir, slug, utc_now, write_json_atomic
 
 FORMAT_VERSION = 1
 OK, CORRUPT, MISSING, INCOMPLETE, INVALID = "OK", "CORRUPT", "MISSING", "INCOMPLETE", "INVALID"
@@ -44,9 +44,9 @@ class RollbackPoint:
     tables: Dict[str, int] = field(default_factory=dict)
     migration_head: Optional[str] = None
     duration_seconds: float = 0.0
-    # Owner, ACL, comment, settings... of the database (common.dbprops); None in points made before.
+    # Owner, ACL, comment, settings... of the database (common.pg.dbprops); None in points made before.
     database_properties: Optional[dict] = None
-    # The sealed warm copy of a dump point (common.warm): its database, OID and pg_database xmin.
+    # The sealed warm copy of a dump point (common.points.warm): its database, OID and pg_database xmin.
     warm_database: Optional[str] = None
     warm_oid: Optional[int] = None
     warm_xmin: Optional[str] = None
@@ -54,7 +54,7 @@ class RollbackPoint:
     warm_dump_key: Optional[str] = None  # the dump as it was when the copy was sealed (warm.dump_key)
     # Set when restoring the dump failed (its warm copy could not be built from it): the point is not OK.
     restore_problem: Optional[str] = None
-    # Content and schema, taken in the dump's snapshot (common.fingerprint); None in points made before.
+    # Content and schema, taken in the dump's snapshot (common.points.fingerprint); None in points made before.
     fingerprint: Optional[dict] = None
     format_version: int = FORMAT_VERSION
     # Not stored: where the catalog found it and what the last check said.
@@ -94,65 +94,15 @@ class RollbackPoint:
         return data
 
 
-def slug(text: str, limit: int = 48) -> str:
-    """A file-name-safe form: [A-Za-z0-9_-] only (the sidecar keeps the exact text)."""
-    s = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-_")
-    return s[:limit].rstrip("-_") or "db"
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def stamp() -> str:
-    """A local timestamp to the millisecond, for names of databases this toolkit creates."""
-    t = time.time()
-    return time.strftime("%Y%m%d_%H%M%S", time.localtime(t)) + f"_{int(t * 1000) % 1000:03d}"
-
-
-def ensure_dir(folder: Path, what: str = "BACKUP_DIR") -> Path:
-    """The backup folder (or one inside it), created 0700 (backups hold data), refused when it is
-    a link or another user could write it (common.trust)."""
-    return trust.ensure_folder(folder, what)
-
-
 def new_id(folder: Path, database: str, description: str = "", now: Optional[datetime] = None) -> str:
     """`<db>_<YYYYmmdd_HHMMSS>[_<slug>]`, unique in the folder even for two points in one second."""
-    stamp = (now or utc_now()).astimezone().strftime("%Y%m%d_%H%M%S")
-    base = f"{slug(database)}_{stamp}" + (f"_{slug(description)}" if description.strip() else "")
+    when = (now or utc_now()).astimezone().strftime("%Y%m%d_%H%M%S")
+    base = f"{slug(database)}_{when}" + (f"_{slug(description)}" if description.strip() else "")
     candidate, n = base, 1
     while any((folder / f"{candidate}{ext}").exists() for ext in (".json", ".dump", ".dump.partial", ".json.partial")):
         n += 1
         candidate = f"{base}_{n}"
     return candidate
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to *.partial, fsync, rename, fsync the folder: a reader sees the old file or the new."""
-    tmp = path.with_name(path.name + ".partial")
-    with trust.create_file(tmp) as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, ensure_ascii=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def save(point: RollbackPoint) -> None:
@@ -184,7 +134,7 @@ _DERIVED = re.compile(r"^\d{8}_\d{6}_\d{3}$")  # catalog.stamp()
 
 def _validate(point: RollbackPoint) -> None:
     """Types, names and paths of a sidecar: a bad one makes its point INVALID, never an action."""
-    from .database import name_prefix  # database imports nothing of the catalog's; kept local all the same
+    from ..pg.database import name_prefix  # database imports nothing of the catalog's; kept local all the same
     for name in _STRINGS:
         if not isinstance(getattr(point, name), str):
             raise ValueError(f"{name} must be text")

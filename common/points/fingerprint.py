@@ -1,8 +1,10 @@
 """A database's fingerprint: content and schema, computed by the server (DESIGN §4, "Fingerprint").
 
 For each table, its row count and an order-independent hash of every row (the sum of a 64-bit hash
-of each row's text, so no sort is needed); for a table with a primary key, the same per key range
-(up to RANGES ranges, in key order), so that a difference can be located. Sequences (last value),
+of each row, so no sort is needed); for a table with a primary key, the same per key range (up to
+RANGES ranges: by value for an integer key, in one scan; by position in key order otherwise), so
+that a difference can be located. Compared with another fingerprint, a table's totals are taken
+first and its ranges only when they differ. Sequences (last value),
 large objects (an md5 of each), and a hash per schema object: columns with their types and
 defaults, constraints, indexes, views, functions, triggers, policies, grants, extensions, comments.
 
@@ -19,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 from psycopg2 import sql
 
-from . import database as db
+from ..pg import database as db
 
 FORMAT = 2
 RANGES = 64
@@ -124,11 +126,13 @@ def _value_ranges(conn, rel, key: str, row_hash, like: dict) -> Optional[tuple]:
     k = sql.SQL("t.{}").format(sql.Identifier(key))
     cut = like.get("buckets")
     if not (isinstance(cut, list) and len(cut) == 3 and all(isinstance(x, int) for x in cut) and cut[1] > 0):
-        low, high, rows = db.rows(conn, sql.SQL("SELECT min({k}), max({k}), count(*) FROM {rel} t").format(k=k, rel=rel))[0]
-        if rows == 0:
+        # the key's ends from its index (no scan); the number of ranges from the span of the key
+        low, high = db.rows(conn, sql.SQL("SELECT min({k}), max({k}) FROM {rel} t").format(k=k, rel=rel))[0]
+        if low is None:
             return [], [0, 1, 1]
-        n = max(1, min(RANGES, -(-int(rows) // ROWS_PER_RANGE)))
-        cut = [int(low), max(1, -(-(int(high) - int(low) + 1) // n)), n]
+        span = int(high) - int(low) + 1
+        n = max(1, min(RANGES, -(-span // ROWS_PER_RANGE)))
+        cut = [int(low), max(1, -(-span // n)), n]
     low, width, n = cut
     if abs(low) >= 1 << 62 or width * (n + 1) >= 1 << 62:
         return None

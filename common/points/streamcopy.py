@@ -23,14 +23,14 @@ import threading
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..errors import RestoreFailed, ToolFailed, ToolNotFound
+from ..log import get_logger
+from ..pg.database import ConnInfo, rows
+from ..pg.pgtools import Tool, find_tool
+from ..progress import Progress
+from ..runner import Process, run
 from .backup import Source
-from .database import ConnInfo, rows
-from .errors import RestoreFailed, ToolFailed, ToolNotFound
-from .log import get_logger
-from .pgtools import Tool, find_tool
-from .progress import Progress
-from .restore import conninfo_dbname
-from .runner import Process, run
+from .fill import conninfo_dbname
 
 # Tables moved out of the first stream are named one by one on pg_dump's command line, and pg_dump
 # looks each name up with a query of its own: a bounded number keeps that cheap on a database of
