@@ -12,7 +12,7 @@ from typing import Callable, Iterable, List, Optional
 
 import git
 
-from .. import trust
+from .. import storage, trust
 from ..errors import LockHeld, RollbackError, UsageError
 from ..log import get_logger
 from ..storage import stamp
@@ -339,7 +339,7 @@ def _swap(repo_path: Path, backup_path: Path, meta: dict, existing: Optional[git
             folders.exchange(tmp, repo_path)
         else:
             os.rename(tmp, repo_path)
-            folders.fsync_dir(repo_path.parent)
+            storage.fsync_dir(repo_path.parent)
         testhooks.checkpoint("code-restore-swapped")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after the swap it holds the old state (backed up first)

@@ -21,11 +21,11 @@ from typing import Callable, List, Optional
 
 import git
 
-from .. import trust
+from .. import storage, trust
 from ..errors import RollbackError, UsageError
 from ..storage import stamp, utc_now
 from ..testing import testhooks
-from . import folders, worktree
+from . import worktree
 
 MARK = "rollback-in-place.json"
 
@@ -114,7 +114,7 @@ def restore(repo_path: Path, backup_path: Path, meta: dict, git_dir: Path,
         if coderepo.refs_of(git_dir, repo, skip=ns) != before:
             raise RollbackError(f"{repo_path} changed while the restore was being prepared (a commit, a branch or a "
                                 "tag moved): nothing was changed. Run the restore again.")
-        folders.write_json_atomic(git_dir / MARK, {"backup": str(backup_path), "automatic_backup": str(auto or ""),
+        storage.write_json_atomic(git_dir / MARK, {"backup": str(backup_path), "automatic_backup": str(auto or ""),
                                                  "pid": os.getpid(), "started_at": utc_now().isoformat()})
         _apply(repo_path, stage, git_dir, ignored)
         testhooks.checkpoint("code-restore-swapped")
@@ -186,7 +186,7 @@ def _apply(root: Path, stage: Path, git_dir: Path, ignored: worktree.Ignored) ->
             else:
                 path.unlink()
     # every entry of the backup into place, top down; folders' modes last, deepest first
-    folders = []
+    made = []
     for current, dirs, names in os.walk(stage):
         rel_dir = os.path.relpath(current, stage)
         if rel_dir == ".":
@@ -200,16 +200,16 @@ def _apply(root: Path, stage: Path, git_dir: Path, ignored: worktree.Ignored) ->
                 os.unlink(dst)
             if not os.path.lexists(dst):
                 os.mkdir(dst, 0o700)
-            folders.append((src, dst))
+            made.append((src, dst))
         for name in names + links:
             src, dst = stage / (prefix + name), root / (prefix + name)
             if os.path.isdir(dst) and not os.path.islink(dst):
                 shutil.rmtree(dst)  # a folder that is a file in the backup
             os.rename(src, dst)
-    for src, dst in reversed(folders):
+    for src, dst in reversed(made):
         st = os.lstat(src)
         if os.geteuid() == 0:
             os.lchown(dst, st.st_uid, st.st_gid)
         os.chmod(dst, stat.S_IMODE(st.st_mode))
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-    folders.fsync_dir(root)
+    storage.fsync_dir(root)

@@ -13,10 +13,9 @@ from typing import List, Optional
 
 import git
 
-from .. import trust
+from .. import storage, trust
 from ..log import get_logger
 from ..storage import stamp, utc_now
-from . import folders
 from .coderepo import SAFE
 
 KEEP_RELEASES = 5
@@ -37,7 +36,7 @@ def publish(repo: git.Repo, deploy_dir: Path, commit: str) -> Path:
             safe = {"filter": "tar"} if hasattr(tarfile, "data_filter") else {}  # Python 3.9.17+/3.11.4+
             tar.extractall(partial, **safe)
             written = sorted(m.name.rstrip("/") for m in tar.getmembers() if not m.isdir())
-    folders.write_json_atomic(partial / ".release.json", {"commit": commit, "created_at": utc_now().isoformat(),
+    storage.write_json_atomic(partial / ".release.json", {"commit": commit, "created_at": utc_now().isoformat(),
                                                         "made_by": "rollback-toolkit", "files": written})
     final = releases / name
     os.rename(partial, final)
@@ -45,7 +44,7 @@ def publish(repo: git.Repo, deploy_dir: Path, commit: str) -> Path:
     link_tmp.unlink(missing_ok=True)
     os.symlink(os.path.join("releases", name), link_tmp)
     os.replace(link_tmp, deploy_dir / "current")
-    folders.fsync_dir(deploy_dir)
+    storage.fsync_dir(deploy_dir)
     prune_releases(deploy_dir)
     return final
 
