@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def handle(args, ctx: cli.Context) -> int:
     staging = ctx.staging()
-    ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description, confirm=ctx.confirm,
+    ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
+                                       code_commit=ctx.code_commit(), confirm=ctx.confirm,
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress,
                                        warm_copies=ctx.warm_copies))
 

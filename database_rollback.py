@@ -87,7 +87,8 @@ def cmd_status(args, ctx):
 
 def automatic_point(ctx, target, lock, description: str):
     """The rollback point taken, under the lock already held, before migrations change the database."""
-    point = backup.create_point(target, ctx.settings.backup_dir, ctx.script, description, pg_bin_dir=ctx.pg_bin_dir,
+    point = backup.create_point(target, ctx.settings.backup_dir, ctx.script, description,
+                                code_commit=ctx.code_commit(), pg_bin_dir=ctx.pg_bin_dir,
                                 lock=lock, warm_copies=ctx.warm_copies, confirm=ctx.confirm)
     ctx.log.info("Automatic rollback point: %s", point.id)
     return point
@@ -178,7 +179,8 @@ def cmd_cleanup(args, ctx):
 
 def cmd_backup(args, ctx):
     target = ctx.db_target()
-    ctx.show_point(backup.create_point(target, ctx.settings.backup_dir, ctx.script, args.description, confirm=ctx.confirm,
+    ctx.show_point(backup.create_point(target, ctx.settings.backup_dir, ctx.script, args.description,
+                                       code_commit=ctx.code_commit(), confirm=ctx.confirm,
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress,
                                        warm_copies=ctx.warm_copies))
 

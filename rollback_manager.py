@@ -143,7 +143,8 @@ def cmd_create(args, ctx):
     if args.all:
         runbooks.create_release(ctx, staging, args.description)
         return
-    ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description, confirm=ctx.confirm,
+    ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
+                                       code_commit=ctx.code_commit(), confirm=ctx.confirm,
                                        pg_bin_dir=ctx.pg_bin_dir, method=args.method, compress=args.compress,
                                        warm_copies=ctx.warm_copies))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import traceback
 from dataclasses import dataclass
@@ -39,6 +40,16 @@ class Context:
     @property
     def log(self):
         return get_logger()
+
+    def code_commit(self) -> Optional[str]:
+        """The commit checked out at REPO_PATH (recorded with a rollback point: the code that expects
+        that database); None when REPO_PATH is unset or no repository."""
+        repo = self.settings.get("REPO_PATH")
+        if not repo:
+            return None
+        done = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-C", repo,
+                               "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, check=False)
+        return done.stdout.strip() or None if done.returncode == 0 else None
 
     def conninfo(self, variable: str, override: Optional[str] = None) -> ConnInfo:
         url = override or self.settings.require(variable)

@@ -366,7 +366,8 @@ def _create_release(ctx: Context, staging: ConnInfo, description: str) -> record
         made.append(f"code backup {code_path}")
         ctx.log.info("2/3 code backup: %s", code_path)
         step = "database"
-        point = backup.create_point(staging, s.backup_dir, ctx.script, description, pg_bin_dir=ctx.pg_bin_dir,
+        point = backup.create_point(staging, s.backup_dir, ctx.script, description,
+                                    code_commit=ctx.code_commit(), pg_bin_dir=ctx.pg_bin_dir,
                                     confirm=ctx.confirm,
                                     warm_copies=ctx.warm_copies)
         made.append(f"database rollback point {point.id}")

@@ -15,6 +15,7 @@ import psycopg2
 from ..errors import ConfigError, RollbackError, UsageError
 from ..log import get_logger
 from . import database as db
+from . import frameworks
 
 _FILE = re.compile(r"^(?P<version>[0-9][0-9A-Za-z.]*)_(?P<name>[^.]+)\.sql$")
 TRACKING_DDL = """CREATE TABLE IF NOT EXISTS public.schema_migrations (
@@ -120,7 +121,7 @@ def discover(folder: Path) -> List[Migration]:
 
 
 def read_status(conn, migrations: List[Migration]) -> Status:
-    refuse_alembic(conn)
+    refuse_managed(conn)
     applied: Dict[str, Applied] = {}
     if db.scalar(conn, "SELECT to_regclass('public.schema_migrations') IS NOT NULL"):
         for version, name, checksum, at in db.rows(conn, """SELECT version, name, checksum,
@@ -129,10 +130,15 @@ def read_status(conn, migrations: List[Migration]) -> Status:
     return Status(migrations, applied)
 
 
-def refuse_alembic(conn) -> None:
-    if db.scalar(conn, "SELECT to_regclass('public.alembic_version') IS NOT NULL"):
-        raise UsageError("this database is managed by Alembic (it has an alembic_version table): use "
-                         "`alembic downgrade <revision>` / `alembic upgrade head` instead. Nothing was changed.")
+def refuse_managed(conn) -> None:
+    """The toolkit's own migrations stay out of a database an application framework migrates."""
+    found = frameworks.heads(conn)
+    managed = frameworks.managed_by(found)
+    if managed:
+        name = managed[0]
+        raise UsageError(f"this database is managed by {name} (its migrations stand at {found[name]}): use "
+                         f"`{frameworks.COMMANDS[name]}` instead; the toolkit's own migrate, status and rollback "
+                         "would add their table beside it. Nothing was changed.")
 
 
 def resolve(migrations: List[Migration], target: str) -> Migration:

@@ -18,7 +18,7 @@ from .. import storage, trust
 from ..errors import BackupFailed, ConfigError, NotConfirmed, RollbackError, ToolFailed, ToolNotFound, ToolVersionMismatch
 from ..locks import DatabaseLock
 from ..log import get_logger
-from ..pg import dbprops
+from ..pg import dbprops, frameworks
 from ..pg.database import ConnInfo, connect, migration_head, reason, rows, scalar, server_version, table_row_counts
 from ..pg.pgtools import Tool, default_compression, find_tool
 from ..progress import Progress, human_size
@@ -189,8 +189,8 @@ def dump_to_file(source: Source, dest: Path, *, pg_bin_dir: Optional[str] = None
             source_url=source.info.masked().replace(":***", ""), server_version=source.version,
             method=name, tool=tool_desc, tool_version=tool_version, compression=used_compress,
             file=dest.name, size_bytes=size, sha256=sha, tables=counts, fingerprint=source.fingerprint,
-            migration_head=migration_head(source.conn), duration_seconds=round(time.monotonic() - started, 3),
-            folder=dest.parent)
+            migration_head=migration_head(source.conn), migration_heads=frameworks.heads(source.conn) or None,
+            duration_seconds=round(time.monotonic() - started, 3), folder=dest.parent)
     error = BackupFailed("every backup approach failed; nothing was written:\n  " + "\n  ".join(failures))
     error.failures = failures
     error.no_tool = not failures or all(isinstance(e, (ToolNotFound, ToolVersionMismatch)) for e in errors)
@@ -288,17 +288,20 @@ _APPROACHES = {"pg_dump": _pg_dump, "docker": _docker}
 def create_point(info: ConnInfo, folder: Path, script: str, description: str = "", *,
                  pg_bin_dir: Optional[str] = None, method: Optional[str] = None,
                  compress: Optional[str] = None, lock: Optional[DatabaseLock] = None,
-                 warm_copies: int = 0, confirm=None) -> RollbackPoint:
+                 warm_copies: int = 0, confirm=None, code_commit: Optional[str] = None) -> RollbackPoint:
     """A rollback point of one database: lock (unless the caller holds it), dump, sidecar last;
-    then, with warm_copies > 0, its warm copy, keeping that many of the database's newest warm."""
+    then, with warm_copies > 0, its warm copy, keeping that many of the database's newest warm.
+    code_commit: the commit at REPO_PATH, recorded with it (the code that expects this database)."""
     if method and method not in METHODS:
         raise ConfigError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
     if lock is None:
         with DatabaseLock(info, info.dbname, script) as own:
             return create_point(info, folder, script, description, pg_bin_dir=pg_bin_dir, method=method,
-                                compress=compress, lock=own, warm_copies=warm_copies, confirm=confirm)
+                                compress=compress, lock=own, warm_copies=warm_copies, confirm=confirm,
+                                code_commit=code_commit)
     if method == "snapshot":
-        return snapshot.create_snapshot(info, folder, script, description, lock=lock, confirm=confirm)
+        return _with_commit(snapshot.create_snapshot(info, folder, script, description, lock=lock, confirm=confirm),
+                            code_commit)
     started = time.monotonic()
     storage.ensure_dir(folder)
     log = get_logger()
@@ -322,7 +325,8 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
         # DESIGN §4, approach 3: no dump tool can do the job, so copy the database on its own server.
         log.warning("Every dump approach failed; falling back to a server-side snapshot (approach 3).")
         try:
-            return snapshot.create_snapshot(info, folder, script, description, lock=lock, confirm=confirm)
+            return _with_commit(snapshot.create_snapshot(info, folder, script, description, lock=lock,
+                                                         confirm=confirm), code_commit)
         except NotConfirmed:
             raise
         except RollbackError as snap_exc:
@@ -333,6 +337,7 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
         if not source.conn.closed:
             source.close()
     point.description = description
+    point.code_commit = code_commit
     point.created_at = storage.utc_now().isoformat(timespec="seconds")
     testhooks.checkpoint("backup-dump-written")
     try:
@@ -361,6 +366,13 @@ def create_point(info: ConnInfo, folder: Path, script: str, description: str = "
             raise BackupFailed(f"rollback point {point.id} was written, but it cannot be restored on this machine: "
                                f"{point.restore_problem}. It is listed UNRESTORABLE and no rollback will pick it; "
                                f"{info.dbname} was not touched.")
+    return point
+
+
+def _with_commit(point: RollbackPoint, code_commit: Optional[str]) -> RollbackPoint:
+    if code_commit:
+        point.code_commit = code_commit
+        catalog.save(point)
     return point
 
 

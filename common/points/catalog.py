@@ -42,7 +42,11 @@ class RollbackPoint:
     size_bytes: int = 0
     sha256: Optional[str] = None
     tables: Dict[str, int] = field(default_factory=dict)
-    migration_head: Optional[str] = None
+    migration_head: Optional[str] = None  # the toolkit's own schema_migrations
+    # Every framework's head (common.pg.frameworks): {'django': 'shop 0001_initial', ...}
+    migration_heads: Optional[Dict[str, str]] = None
+    # The commit at REPO_PATH when the point was made (the code that expected this database)
+    code_commit: Optional[str] = None
     duration_seconds: float = 0.0
     # Owner, ACL, comment, settings... of the database (common.pg.dbprops); None in points made before.
     database_properties: Optional[dict] = None
@@ -157,9 +161,12 @@ def _validate(point: RollbackPoint) -> None:
             for k, v in point.tables.items()):
         raise ValueError("tables must map table names to row counts")
     for name in ("sha256", "migration_head", "warm_xmin", "warm_dump_key", "file", "snapshot_database",
-                 "warm_database", "restore_problem"):
+                 "warm_database", "restore_problem", "code_commit"):
         if getattr(point, name) is not None and not isinstance(getattr(point, name), str):
             raise ValueError(f"{name} must be text")
+    if point.migration_heads is not None and not (isinstance(point.migration_heads, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in point.migration_heads.items())):
+        raise ValueError("migration_heads must map frameworks to their heads")
     if point.database_properties is not None and not isinstance(point.database_properties, dict):
         raise ValueError("database_properties must be an object")
     if point.fingerprint is not None and not (isinstance(point.fingerprint, dict)
@@ -347,3 +354,11 @@ def remove_files(point: RollbackPoint) -> List[Path]:
     if removed:
         fsync_dir(removed[0].parent)
     return removed
+
+
+def heads_text(point: RollbackPoint) -> str:
+    """The point's migration heads in one line: every framework's where it recorded them, else the
+    toolkit's own (points made before)."""
+    if point.migration_heads:
+        return "; ".join(f"{name}: {head}" for name, head in point.migration_heads.items())
+    return point.migration_head or "-"

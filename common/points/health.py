@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..pg import database as db
+from ..pg import frameworks
 from ..pg.database import ConnInfo
 from ..progress import human_size
 from . import fingerprint
@@ -21,6 +22,7 @@ class HealthReport:
     size_bytes: int = 0
     tables: Dict[str, int] = field(default_factory=dict)
     migration_head: Optional[str] = None
+    migration_heads: Dict[str, str] = field(default_factory=dict)  # every framework's (common.pg.frameworks)
     point: Optional[str] = None
     reference: str = ""  # why that point: the one restored from, the newest, or --file
     compared: str = ""  # what was compared: content and schema, or row counts only
@@ -43,7 +45,7 @@ class HealthReport:
     def lines(self, strict: bool = False) -> List[str]:
         out = [f"database:       {self.database} (PostgreSQL {self.server_version}, {human_size(self.size_bytes)})",
                f"tables:         {len(self.tables)} ({sum(self.tables.values())} rows)",
-               f"migration head: {self.migration_head or '-'}"]
+               f"migration head: {frameworks.describe(self.migration_heads)}"]
         if self.point is None:
             out.append(f"drift:          not compared: {self.reference or 'no OK rollback point of this database'}")
         else:
@@ -60,7 +62,8 @@ class HealthReport:
 
     def to_json(self, strict: bool = False) -> dict:
         return {"database": self.database, "server_version": self.server_version, "size_bytes": self.size_bytes,
-                "tables": self.tables, "migration_head": self.migration_head, "compared_with": self.point,
+                "tables": self.tables, "migration_head": self.migration_head,
+                "migration_heads": self.migration_heads, "compared_with": self.point,
                 "reference": self.reference, "compared": self.compared,
                 "drift": self.drift, "blocked": self.blocked, "long_transactions": self.long_transactions,
                 "invalid_indexes": self.invalid_indexes, "connections_allowed": self.connections_allowed,
@@ -78,6 +81,7 @@ def check(info: ConnInfo, point: Optional[RollbackPoint], reference: str = "", q
         report.size_bytes = db.database_size(conn, info.dbname)
         report.tables = db.table_row_counts(conn)
         report.migration_head = db.migration_head(conn)
+        report.migration_heads = frameworks.heads(conn)
         report.connections_allowed = bool(db.allows_connections(conn, info.dbname))
         report.blocked = [f"pid {pid} waits for a lock held by {blockers}: {query}" for pid, blockers, query in db.rows(conn, """
             SELECT pid, pg_blocking_pids(pid)::text, left(regexp_replace(query, '\\s+', ' ', 'g'), 80)
@@ -101,7 +105,12 @@ def check(info: ConnInfo, point: Optional[RollbackPoint], reference: str = "", q
         else:
             report.compared = "content and schema (row hashes, definitions, sequences, large objects)"
             report.drift = fingerprint.differences(point.fingerprint, fingerprint_of(info, like=point.fingerprint))
-        if point.migration_head != report.migration_head:
+        if point.migration_heads is not None:  # every framework's head, recorded with the point
+            for name in sorted(set(point.migration_heads) | set(report.migration_heads)):
+                now, then = report.migration_heads.get(name, "-"), point.migration_heads.get(name, "-")
+                if now != then:
+                    report.drift.append(f"{name} migration head is {now}, the rollback point's is {then}")
+        elif point.migration_head != report.migration_head:
             report.drift.append(f"migration head is {report.migration_head or '-'}, the rollback point's is "
                                 f"{point.migration_head or '-'}")
     return report

@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+import psycopg2
+
 from ..errors import BackupCorrupt, RestoreFailed, UsageError
 from ..log import get_logger
 from ..pg import database as db
-from ..pg import dbprops
+from ..pg import dbprops, frameworks
 from ..pg.connections import DEFAULT_WAIT
 from ..pg.database import ConnInfo
 from ..pg.dbprops import DatabaseProperties
@@ -48,6 +50,7 @@ class Plan:
     fill_text: str = ""
     # Set when the point was read from a sidecar in the catalog: it is read again under the lock.
     from_catalog: bool = False
+    current_heads: Optional[Dict[str, str]] = None  # the target's migration heads now
 
     def describe(self) -> List[str]:
         p = self.point
@@ -57,7 +60,8 @@ class Plan:
             lines.append(f"source:         {self.source_text}")
         else:
             lines += [f"rollback point: {p.id} ({p.kind}, {p.description or 'no description'}, created {p.created_at})",
-                      f"                {len(p.tables)} tables, {p.rows} rows, migration head {p.migration_head or '-'}"]
+                      f"                {len(p.tables)} tables, {p.rows} rows"]
+            lines += self.head_lines()
         if self.can_create:
             fill = "copy the snapshot (TEMPLATE)" if p.kind == catalog.SNAPSHOT else "restore the dump"
             if self.source_text:
@@ -84,6 +88,19 @@ class Plan:
             lines.append("connections that will be cut: none")
         return lines
 
+
+    def head_lines(self) -> List[str]:
+        """Each framework's migration head now and after the restore."""
+        after = self.point.migration_heads or ({frameworks.TOOLKIT: self.point.migration_head}
+                                               if self.point.migration_head else {})
+        now = self.current_heads or {}
+        if not after and not now:
+            return ["migration heads: none recorded (no migration tracking table)"]
+        lines = []
+        for name in list(now) + [n for n in after if n not in now]:
+            a, b = now.get(name, "(none)"), after.get(name, "(none)")
+            lines.append(f"  {name}: {a} (unchanged)" if a == b else f"  {name}: {a} -> {b}")
+        return ["migration heads, now -> after the restore:"] + lines
 
     def property_lines(self) -> List[str]:
         if self.props_note:
@@ -187,6 +204,8 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
             _check_extensions(conn, info, archive_extensions(tool, point))
     finally:
         conn.close()
+    if exists:
+        the_plan.current_heads = _heads_of(info)
     if pooler is not None:
         pooler.check()  # a configured PgBouncer that does not answer is refused now, not mid-swap
     if point.kind == catalog.DUMP:
@@ -200,6 +219,20 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
             raise BackupCorrupt(f"snapshot {point.id} is MISSING: database {point.snapshot_database!r} does "
                                 "not exist. Nothing was changed.")
     return the_plan
+
+
+def _heads_of(info: ConnInfo) -> Optional[Dict[str, str]]:
+    """The target's migration heads, for the confirmation (None when it cannot be read)."""
+    try:
+        conn = db.connect(info)
+    except Exception:  # e.g. connections not allowed: the confirmation says the heads are unknown
+        return None
+    try:
+        return frameworks.heads(conn)
+    except psycopg2.Error:
+        return None
+    finally:
+        conn.close()
 
 
 def refresh(the_plan: Plan, conn) -> List[str]:

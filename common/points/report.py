@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from ..progress import human_size
+from . import catalog
 from .catalog import RollbackPoint
 
 
@@ -17,7 +18,7 @@ def points_table(points: List[RollbackPoint], server_known: bool = True) -> str:
         body.append((str(n), p.id, p.created_at.replace("T", " ")[:19], _cut(p.description, 30), p.kind,
                      p.database or "?", human_size(p.size_bytes) if p.size_bytes else "-",
                      (human_size(p.warm_size_bytes or 0) if server_known else "unknown") if p.warm_database else "-",
-                     p.migration_head or "-", status))
+                     catalog.heads_text(p), status))
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header) - 1)]
     lines = []
     for row in [header] + body:
@@ -52,7 +53,7 @@ def point_details(p: RollbackPoint) -> List[str]:
     lines += [
         f"size:           {human_size(p.size_bytes)} ({p.size_bytes} bytes)",
         f"sha256:         {p.sha256 or '-'}",
-        f"migration head: {p.migration_head or '-'}",
+        f"migration head: {catalog.heads_text(p)}",
         f"duration:       {p.duration_seconds:.1f} s",
         f"tables:         {len(p.tables)} ({p.rows} rows)",
     ]
@@ -66,7 +67,7 @@ def created_lines(p: RollbackPoint) -> List[str]:
         f"  file:     {p.path}" if p.path else f"  database: {p.snapshot_database} (server-side snapshot)",
         f"  size:     {human_size(p.size_bytes)}",
         f"  method:   {p.method} ({p.tool_version}), compression {p.compression or '-'}",
-        f"  tables:   {len(p.tables)} ({p.rows} rows), migration head {p.migration_head or '-'}",
+        f"  tables:   {len(p.tables)} ({p.rows} rows), migration head {catalog.heads_text(p)}",
         f"  duration: {p.duration_seconds:.1f} s" + (" (" + ", ".join(f"{k} {v:.1f} s" for k, v in p.timings.items())
                                                      + ")" if len(p.timings) > 1 else ""),
     ] + ([f"  warm:     {p.warm_database} ({human_size(p.warm_size_bytes or 0)}), sealed: a rollback to this "

@@ -15,7 +15,7 @@ from .. import storage
 from ..errors import BackupCorrupt, NotConfirmed, RollbackError, UsageError
 from ..locks import DatabaseLock
 from ..log import get_logger
-from ..pg import connections, dbprops
+from ..pg import connections, dbprops, frameworks
 from ..pg import database as db
 from ..pg.connections import DEFAULT_WAIT
 from ..pg.database import ConnInfo
@@ -88,7 +88,7 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
         connections.seal(conn, name, [own])
         testhooks.checkpoint("snapshot-sealed")
         taken = fingerprint.take(own)
-        tables, head = fingerprint.counts(taken), db.migration_head(own)
+        tables, head, heads = fingerprint.counts(taken), db.migration_head(own), frameworks.heads(own) or None
         own.close()
         point = RollbackPoint(
             id=catalog.new_id(folder, info.dbname, description), kind=catalog.SNAPSHOT, database=info.dbname,
@@ -96,6 +96,7 @@ def create_snapshot(info: ConnInfo, folder: Path, script: str, description: str 
             source_url=info.masked().replace(":***", ""), server_version=version, method="snapshot",
             tool="CREATE DATABASE ... TEMPLATE", tool_version=f"PostgreSQL {version}", compression="-",
             snapshot_database=name, size_bytes=db.database_size(conn, name), tables=tables, migration_head=head,
+            migration_heads=heads,
             duration_seconds=round(time.monotonic() - started, 3), folder=folder,
             database_properties=props.to_json() if props else None, fingerprint=taken)
         marks.put(conn, name, TAG, folder, point.id)
