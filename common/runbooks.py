@@ -431,22 +431,33 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
         left = configfiles.drift(config_meta, config_dir, env_file)
         if left.added or left.removed or left.changed:
             raise RollbackError(f"configuration differs from the backup after the restore: {left}")
-        return f"{len(done.written)} file(s) written, {len(done.removed)} removed; verified against the backup"
+        return (f"{len(done.written)} file(s) written, {len(done.removed)} removed; verified against the backup; "
+                f"the configuration as it was is in {auto}")
 
     def code_step() -> str:
+        taken = []
+        before = coderepo.capture(coderepo.open_repo(repo_path))
         with folders.FolderLock(code_backups, ctx.script):
             def backup_first(at_risk):
-                auto = coderepo.backup(coderepo.open_repo(repo_path), code_backups, include_ignored=at_risk,
-                                       reason=f"automatic before release {chosen.id}")
-                ctx.log.info("  automatic backup of the code as it was: %s", auto)
+                taken.append(coderepo.backup(coderepo.open_repo(repo_path), code_backups, include_ignored=at_risk,
+                                             reason=f"automatic before release {chosen.id}"))
+                ctx.log.info("  automatic backup of the code as it was: %s", taken[-1])
             coderepo.restore(repo_path, code_path, code_meta, backup_first=backup_first)
         journal.record(code_backups, "code", code_path.name, f"release {chosen.id}")
-        state = coderepo.capture(coderepo.open_repo(repo_path))
-        broken = coderepo.fsck(coderepo.open_repo(repo_path))
+        repo = coderepo.open_repo(repo_path)
+        state = coderepo.capture(repo)
+        broken = coderepo.fsck(repo)
         if state.commit != code_meta["commit"] or state.branch != code_meta["branch"] or broken:
             raise RollbackError(f"the repository is not as backed up after the restore (HEAD {state.commit}, "
                                 f"branch {state.branch}, fsck: {broken[:2]})")
-        return f"commit {(state.commit or '-')[:12]} on {state.branch or 'detached HEAD'}; verified"
+        text = f"commit {(state.commit or '-')[:12]} on {state.branch or 'detached HEAD'}; verified"
+        if taken:
+            text += f"; the code as it was is in {taken[-1]}"
+        left = coderepo.left_behind(repo, before.commit)
+        if left:
+            text += (f"; commit {left[:12]} (HEAD before) is on no branch now: `git -C {repo_path} branch "
+                     f"rescued-{left[:8]} {left}` brings it back")
+        return text
 
     def database_step() -> str:
         result = restore.execute(the_plan, script=ctx.script, folder=s.backup_dir, pg_bin_dir=ctx.pg_bin_dir,

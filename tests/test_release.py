@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,16 @@ def test_the_whole_release_comes_back_in_order_and_exactly(release_world):
     assert report["health"]["ok"] and {"error_rate", "response_ms", "cpu_percent", "memory_percent"} <= set(report["health"])
     assert state(w) == before
     assert differences(db_before, database_fingerprint(w["server"], w["rd"].name)) == []
+    # the summary names what it moved: the backups of configuration and code as they were, and the
+    # release-42 commit that left the branch, with the one command that brings it back
+    config_step, code_step = report["steps"][0]["detail"], report["steps"][1]["detail"]
+    assert "the configuration as it was is in " + str(w["env"]["CONFIG_BACKUP_DIR"]) in config_step, config_step
+    assert "the code as it was is in " + str(w["env"]["CODE_BACKUP_DIR"]) in code_step, code_step
+    command = code_step.split("`")[1]
+    assert "(HEAD before) is on no branch now" in code_step and command.startswith("git -C ")
+    subprocess.run(command.split(), check=True, capture_output=True)
+    rescued = command.split()[-2]
+    assert git(w["repo"], "log", "-1", "--format=%s", rescued).strip() == "release 42"
     # the log shows the order: configuration, then code, then database
     log = next(Path(w["env"]["LOG_DIR"]).glob("rollback_manager_*.log"))
     text = "".join(p.read_text() for p in Path(w["env"]["LOG_DIR"]).glob("rollback_manager_*.log"))

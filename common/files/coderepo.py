@@ -418,6 +418,15 @@ def remove_leftovers(repo_path: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def left_behind(repo: git.Repo, commit: Optional[str]) -> Optional[str]:
+    """The commit, when no branch contains it any more (only the reflog and the backups do)."""
+    if not commit:
+        return None
+    holders = _git(repo, "for-each-ref", "--contains", commit, "--format=%(refname)", "refs/heads",
+                   with_exceptions=False)
+    return None if holders.strip() else commit
+
+
 def resolve_commit(repo: git.Repo, ref: str) -> str:
     try:
         return _git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
