@@ -10,7 +10,7 @@ import shutil
 import sys
 from typing import List, Optional
 
-from . import cli, trust
+from . import cli, runbooks, trust
 from .env import DEFAULTS, EXAMPLES, NEEDED
 from .errors import RollbackError, VerifyProblems
 from .log import mask
@@ -53,6 +53,7 @@ def check(ctx: cli.Context) -> dict:
             report["problems"].append(str(exc))
     folders_ok = all(f["ok"] for f in report["folders"].values())
     staging_size: Optional[int] = None
+    code_advice: List[str] = []  # what to run when code and staging's migrations are out of step
     for name in REQUIRED:
         if not s.get(name):
             continue
@@ -69,6 +70,9 @@ def check(ctx: cli.Context) -> dict:
                 conn.close()
             if name == "STAGING_DATABASE_URL":
                 staging_size = entry["size_bytes"]
+                found = runbooks.out_of_step_lines(ctx, info)
+                report["problems"] += found[:-1]
+                code_advice += found[-1:]
             for tool in ("pg_dump", "pg_restore"):
                 found = candidates(tool, s.get("PG_BIN_DIR"))
                 chosen = choose(found, major, major if tool == "pg_dump" else 0)
@@ -103,7 +107,7 @@ def check(ctx: cli.Context) -> dict:
         if folders_ok else None
     report["backup_dir"] = {"path": str(folder), "free_bytes": free, "staging_bytes": staging_size,
                             "newest_point_bytes": newest.size_bytes if newest else None}
-    report["warnings"] = []
+    report["warnings"] = list(code_advice)
     if staging_size is not None and free < staging_size:
         report["problems"].append(f"{folder} has {human_size(free)} free, staging is {human_size(staging_size)}")
     if newest is not None and free < 2 * newest.size_bytes:

@@ -9,9 +9,9 @@ from typing import List, Optional
 from . import journal, storage
 from .cli import Context, same_database
 from .errors import RollbackError, UsageError, VerifyProblems
-from .files import configfiles, folders
+from .files import appcode, configfiles, folders
 from .locks import DatabaseLock
-from .pg import metrics
+from .pg import frameworks, metrics
 from .pg.database import ConnInfo, app_name, connect, databases_like, drop_database, maintenance_db, name_prefix, rows
 from .points import backup, catalog, fill, marks, restore, snapshot, warm
 from .points import cleanup as cleaning
@@ -32,8 +32,39 @@ def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: 
     result = restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
                              pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, reconfirm=ctx.confirm,
                              keep_replaced=ctx.keep_replaced)
+    result.notes += [f"WARNING: {line}" for line in out_of_step_lines(ctx, info, point)]
     show_result(ctx, result)
     return result
+
+
+def code_out_of_step(ctx: Context, info: ConnInfo) -> Optional[List[str]]:
+    """Where the migrations the code at REPO_PATH expects and those the database has differ, per
+    framework (None: REPO_PATH unset, or no framework's migrations in its code)."""
+    repo = ctx.settings.get("REPO_PATH")
+    if not repo or not ctx.settings.path("REPO_PATH").is_dir():
+        return None
+    code = appcode.expected(ctx.settings.path("REPO_PATH"))
+    if not code:
+        return None
+    conn = connect(info)
+    try:
+        database = frameworks.applied(conn)
+    finally:
+        conn.close()
+    return appcode.mismatches(code, database)
+
+
+def out_of_step_lines(ctx: Context, info: ConnInfo, point: Optional[RollbackPoint] = None) -> List[str]:
+    """The mismatches, and what to run: the code back too, or the migrations on purpose."""
+    found = code_out_of_step(ctx, info)
+    if not found:
+        return []
+    commit = point.code_commit if point is not None else None
+    back = f"python3 code_rollback.py rollback {commit[:12]} (the commit recorded with the point)" if commit else \
+        "python3 code_rollback.py rollback <the release's commit>"
+    return [f"the code at {ctx.settings.get('REPO_PATH')} and {info.dbname} are out of step: {line}" for line in found] + \
+        [f"to bring them in step, roll the code back too ({back}, or python3 rollback_manager.py restore --all), "
+         "or apply the migrations on purpose with the framework's own command"]
 
 
 def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previous: bool = False) -> restore.Result:
@@ -207,6 +238,7 @@ def verify_database(ctx: Context, target: ConnInfo, ref: Optional[str], quick: b
     from .points import health
     point, reference = reference_point(ctx, target, ref)
     report = health.check(target, point, reference, quick=quick)
+    report.code_out_of_step = out_of_step_lines(ctx, target, point)
     problems = report.problems(strict)
     # The documents' key metrics against their alert thresholds: reported, not counted as problems
     # (a busy machine is not a broken database); the release rollback acts on them.

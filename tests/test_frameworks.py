@@ -6,6 +6,7 @@ toolkit's own migrations stay out of a database a framework manages."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 from common.pg import frameworks
 from common.pg.database import connect, rows
@@ -137,3 +138,72 @@ def _databases(server) -> list:
         return [d for (d,) in rows(conn, "SELECT datname FROM pg_database")]
     finally:
         conn.close()
+
+
+def django_code(repo, migrations):
+    """A Django-shaped project: the shop app's migrations folder holds these files."""
+    folder = repo / "shop" / "migrations"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "__init__.py").write_text("")
+    for name in migrations:
+        (folder / f"{name}.py").write_text("from django.db import migrations\n")
+
+
+def test_a_database_only_rollback_that_leaves_the_code_ahead_is_named_with_what_to_run(pg_old, env_for, tmp_path):
+    name = pf.create_database(pg_old, pf.unique_name("django"), DJANGO.replace(
+        "('contenttypes', '0001_initial', '2026-11-01 10:00+00'), ('auth', '0001_initial', '2026-11-01 10:00+00'),\n"
+        "    ('auth', '0012_alter_user_first_name_max_length', '2026-11-01 10:01+00'),\n", ""))
+    repo = tmp_path / "app"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    django_code(repo, ["0001_initial"])
+    release_1 = commit_all(repo, "release 1")
+    try:
+        env = env_for(pg_old, name, REPO_PATH=str(repo), CODE_BACKUP_DIR=str(tmp_path / "code_backups"))
+        assert pf.run_script("create_rollback_point.py", "release 1", "--no-warm", env=env).returncode == 0
+        verify = pf.run_script("database_rollback.py", "verify", "--strict", env=env)
+        assert verify.returncode == 0 and "out of step" not in verify.stdout, verify.stdout + verify.stderr
+        # release 2 ships a migration: in the code and applied to the database
+        django_code(repo, ["0001_initial", "0002_price_in_cents"])
+        commit_all(repo, "release 2")
+        pf.execute(pg_old, name, "ALTER TABLE shop_product ADD COLUMN price_in_cents integer; INSERT INTO "
+                   "django_migrations (app, name, applied) VALUES ('shop', '0002_price_in_cents', now());")
+        rolled = pf.run_script("quick_rollback.py", "--yes", env=env)  # the database only
+        assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+        said = rolled.stdout + rolled.stderr
+        assert "out of step: django: the code expects 1 migration(s) the database does not have: " \
+               "shop 0002_price_in_cents" in said, said
+        assert f"code_rollback.py rollback {release_1[:12]}" in said
+        verify = pf.run_script("database_rollback.py", "verify", "--strict", "--json", env=env)
+        report = json.loads(verify.stdout)
+        assert verify.returncode == 4 and any(p.startswith("code: ") for p in report["problems"]), report
+        doctor = subprocess.run([str(pf.ROOT / "setup_and_run.sh"), "2"], env=env, capture_output=True, text=True,
+                                timeout=120, stdin=subprocess.DEVNULL)
+        assert "shop 0002_price_in_cents" in doctor.stdout and "Problems: none" not in doctor.stdout, doctor.stdout
+        # the command it names brings them in step
+        back = pf.run_script("code_rollback.py", "rollback", release_1[:12], "--yes", env=env)
+        assert back.returncode == 0, back.stdout + back.stderr
+        verify = pf.run_script("database_rollback.py", "verify", "--strict", env=env)
+        assert verify.returncode == 0 and "out of step" not in verify.stdout, verify.stdout + verify.stderr
+    finally:
+        for leftover in [name] + [d for d in _databases(pg_old) if d.startswith(name + "__")]:
+            pf.drop_database(pg_old, leftover)
+
+
+def test_alembic_heads_are_read_from_its_scripts(pg_old, env_for, tmp_path):
+    name = pf.create_database(pg_old, pf.unique_name("alembic"), ALEMBIC.replace("a1b2c3d4e5f6", "a1"))
+    repo = tmp_path / "app"
+    (repo / "migrations" / "versions").mkdir(parents=True)
+    (repo / "alembic.ini").write_text("[alembic]\nscript_location = %(here)s/migrations\n")
+    (repo / "migrations" / "versions" / "a1_init.py").write_text('revision = "a1"\ndown_revision = None\n')
+    (repo / "migrations" / "versions" / "b2_add.py").write_text(
+        'revision: str = "b2"\ndown_revision: Union[str, None] = "a1"\n')
+    try:
+        env = env_for(pg_old, name, REPO_PATH=str(repo))
+        report = json.loads(pf.run_script("database_rollback.py", "verify", "--json", env=env).stdout)
+        assert report["code_out_of_step"][0].endswith("alembic: the code's head is b2, the database is at a1"), report
+        pf.execute(pg_old, name, "UPDATE alembic_version SET version_num = 'b2'")
+        report = json.loads(pf.run_script("database_rollback.py", "verify", "--json", env=env).stdout)
+        assert report["code_out_of_step"] == [], report
+    finally:
+        pf.drop_database(pg_old, name)

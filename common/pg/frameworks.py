@@ -7,7 +7,7 @@ the toolkit's by their columns: (version) for Rails, (version, dirty) for golang
 (version, name, checksum, applied_at) for the toolkit."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from psycopg2 import sql
 
@@ -88,6 +88,27 @@ def heads(conn) -> Dict[str, str]:
         row = db.rows(conn, sql.SQL("""SELECT id, author, filename FROM {}
                                        ORDER BY orderexecuted DESC LIMIT 1""").format(_rel(found)))
         out["liquibase"] = f"{row[0][0]} by {row[0][1]} ({row[0][2]})" if row else "(none applied)"
+    return out
+
+
+def applied(conn) -> Dict[str, Set[str]]:
+    """Every migration each framework records as applied, in the form its code names them (for
+    common.files.appcode): Django 'app name', Alembic revisions, Flyway and Rails versions, Prisma names."""
+    out: Dict[str, Set[str]] = {}
+    queries = {
+        "django": ("django_migrations", "SELECT app || ' ' || name FROM {}"),
+        "alembic": ("alembic_version", "SELECT version_num FROM {}"),
+        "flyway": ("flyway_schema_history", "SELECT version FROM {} WHERE success AND version IS NOT NULL"),
+        "prisma": ("_prisma_migrations", "SELECT migration_name FROM {} WHERE finished_at IS NOT NULL "
+                                         "AND rolled_back_at IS NULL"),
+    }
+    for name, (table, query) in queries.items():
+        found = _table(conn, table)
+        if found:
+            out[name] = {r for (r,) in db.rows(conn, sql.SQL(query).format(_rel(found)))}
+    found = _table(conn, "schema_migrations")
+    if found and set(found[2]) == {"version"}:
+        out["rails"] = {r for (r,) in db.rows(conn, sql.SQL("SELECT version FROM {}").format(_rel(found)))}
     return out
 
 

@@ -31,6 +31,7 @@ class HealthReport:
     long_transactions: List[str] = field(default_factory=list)
     invalid_indexes: List[str] = field(default_factory=list)
     connections_allowed: bool = True
+    code_out_of_step: List[str] = field(default_factory=list)  # the code at REPO_PATH against the migrations
 
     def problems(self, strict: bool = False) -> List[str]:
         found = [f"blocked: {b}" for b in self.blocked]
@@ -40,6 +41,7 @@ class HealthReport:
             found.append("the database does not allow connections (ALLOW_CONNECTIONS false)")
         if strict:
             found += [f"drift: {d}" for d in self.drift]
+            found += [f"code: {d}" for d in self.code_out_of_step[:-1]]  # the last line says what to run
         return found
 
     def lines(self, strict: bool = False) -> List[str]:
@@ -55,6 +57,7 @@ class HealthReport:
                 out += [f"  {d}" for d in self.drift]
             else:
                 out.append(f"drift:          none: {self.compared} identical to rollback point {self.point}")
+        out += [f"code:           {line}" for line in self.code_out_of_step]
         problems = self.problems(strict)
         out.append("problems:       " + ("none" if not problems else str(len(problems))))
         out += [f"  {p}" for p in problems]
@@ -67,6 +70,7 @@ class HealthReport:
                 "reference": self.reference, "compared": self.compared,
                 "drift": self.drift, "blocked": self.blocked, "long_transactions": self.long_transactions,
                 "invalid_indexes": self.invalid_indexes, "connections_allowed": self.connections_allowed,
+                "code_out_of_step": self.code_out_of_step,
                 "problems": self.problems(strict), "ok": not self.problems(strict)}
 
 
