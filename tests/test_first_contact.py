@@ -4,6 +4,7 @@ what a script uses, and nothing is a trap (a typo'd staging, a missing V2, migra
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,7 +148,7 @@ def test_a_busy_machine_is_not_a_sick_database(pg_old, rich_old, env_for):
     """Load on the toolkit's machine that is not the server's processes makes the verdict unknown;
     the server's own processes over the limit make it not OK."""
     env = env_for(pg_old, rich_old, ROLLBACK_MAX_CPU_PERCENT="40")
-    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
     try:
         result = pf.run_script("database_rollback.py", "verify", "--quick", "--json", env=env)
     finally:
