@@ -96,9 +96,10 @@ class Plan:
         now = self.current_heads or {}
         if not after and not now:
             return ["migration heads: none recorded (no migration tracking table)"]
+        missing = "(unknown: could not be read)" if self.exists and self.current_heads is None else "(none)"
         lines = []
         for name in list(now) + [n for n in after if n not in now]:
-            a, b = now.get(name, "(none)"), after.get(name, "(none)")
+            a, b = now.get(name, missing), after.get(name, "(none)")
             lines.append(f"  {name}: {a} (unchanged)" if a == b else f"  {name}: {a} -> {b}")
         return ["migration heads, now -> after the restore:"] + lines
 
