@@ -83,29 +83,18 @@ def _row_hash(columns: List[tuple], fmt: int) -> sql.Composable:
 def table(conn, schema: str, name: str, key: List[str], columns: List[tuple] = (), key_type: Optional[str] = None,
           fmt: int = FORMAT, like: Optional[dict] = None) -> dict:
     """Rows and content hash of one table; with a key, per key range too. `like`: the same table's
-    entry in the fingerprint this one will be compared with. Then the whole table's rows and hash
-    come first (a quarter cheaper than by range), and a table that differs is returned marked
-    "locate": `locate` finds its differing ranges (take runs it in parts, on every connection)."""
+    entry in the fingerprint this one will be compared with (its key ranges are reused, so that
+    the ranges line up even when rows were added or removed)."""
     rel = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
     row_hash = _row_hash(list(columns), fmt)
     if not key or (like and "hash" in like):
+        # Without a key, or when comparing: the whole table's rows and hash first (a quarter cheaper
+        # than by range); ranges only for a table that differs, to locate the difference.
         count, total = db.rows(conn, sql.SQL("SELECT count(*), coalesce(sum({}), 0) FROM {} t").format(row_hash, rel))[0]
         if not key or (int(count) == like.get("rows") and str(total) == like.get("hash")):
             return {"rows": int(count), "hash": str(total)}
-        return {"rows": int(count), "hash": str(total), "key": key, "locate": True}
-    return locate(conn, schema, name, key, columns, key_type, fmt, like)
-
-
-def locate(conn, schema: str, name: str, key: List[str], columns: List[tuple] = (), key_type: Optional[str] = None,
-           fmt: int = FORMAT, like: Optional[dict] = None, part: Optional[tuple] = None) -> dict:
-    """The table by key range: by value for an integer key (`like`'s cut when it has one, so that
-    the ranges line up; `part`: only keys in [low, high), either end open when None), else by
-    position in key order."""
-    rel = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
-    row_hash = _row_hash(list(columns), fmt)
     if fmt >= 2 and key_type in _INT_KEYS:
-        spans = _value_ranges(conn, rel, key[0], row_hash, (like or {}) if (like or {}).get("key") == key else {},
-                              part)
+        spans = _value_ranges(conn, rel, key[0], row_hash, (like or {}) if (like or {}).get("key") == key else {})
         if spans is not None:
             found, buckets = spans
             return {"rows": sum(s[3] for s in found), "hash": str(sum(int(s[4]) for s in found)), "key": key,
@@ -129,41 +118,30 @@ def locate(conn, schema: str, name: str, key: List[str], columns: List[tuple] = 
     return {"rows": sum(s[2] for s in spans), "hash": str(sum(int(s[3]) for s in spans)), "key": key, "ranges": spans}
 
 
-def _cut(like: Optional[dict]) -> Optional[list]:
-    cut = (like or {}).get("buckets")
-    if isinstance(cut, list) and len(cut) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in cut) \
-            and cut[1] > 0 and cut[2] > 0 and abs(cut[0]) < 1 << 62 and cut[1] * (cut[2] + 1) < 1 << 62:
-        return cut
-    return None
-
-
-def _value_ranges(conn, rel, key: str, row_hash, like: dict, part: Optional[tuple] = None) -> Optional[tuple]:
+def _value_ranges(conn, rel, key: str, row_hash, like: dict) -> Optional[tuple]:
     """An integer key cut into ranges of equal width by value, in one scan and no sort: [bucket,
     first key, last key, rows, hash] per range that has rows, and the cut [low, width, ranges].
     Keys below the cut fall in bucket -1, above it in bucket `ranges`. None: the key's span is too
     wide for 64-bit arithmetic (then ranges by position)."""
     k = sql.SQL("t.{}").format(sql.Identifier(key))
-    cut = _cut(like)
-    if cut is None:
+    cut = like.get("buckets")
+    if not (isinstance(cut, list) and len(cut) == 3 and all(isinstance(x, int) for x in cut) and cut[1] > 0):
         # the key's ends from its index (no scan); the number of ranges from the span of the key
         low, high = db.rows(conn, sql.SQL("SELECT min({k}), max({k}) FROM {rel} t").format(k=k, rel=rel))[0]
         if low is None:
             return [], [0, 1, 1]
         span = int(high) - int(low) + 1
         n = max(1, min(RANGES, -(-span // ROWS_PER_RANGE)))
-        cut = _cut({"buckets": [int(low), max(1, -(-span // n)), n]})
-        if cut is None:
-            return None
+        cut = [int(low), max(1, -(-span // n)), n]
     low, width, n = cut
-    where = [sql.SQL("{} >= {}").format(k, sql.Literal(part[0])) for _ in [0] if part and part[0] is not None]
-    where += [sql.SQL("{} < {}").format(k, sql.Literal(part[1])) for _ in [0] if part and part[1] is not None]
+    if abs(low) >= 1 << 62 or width * (n + 1) >= 1 << 62:
+        return None
     query = sql.SQL("""
         SELECT b, min(k)::text, max(k)::text, count(*), sum(h) FROM (
             SELECT CASE WHEN {k} < {low} THEN -1 ELSE least(({k}::bigint - {low}) / {width}, {n}) END AS b,
-                   {k} AS k, {row_hash} AS h FROM {rel} t {where}) x
-        GROUP BY b ORDER BY b""").format(
-        k=k, low=sql.Literal(low), width=sql.Literal(width), n=sql.Literal(n), row_hash=row_hash, rel=rel,
-        where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
+                   {k} AS k, {row_hash} AS h FROM {rel} t) x
+        GROUP BY b ORDER BY b""").format(k=k, low=sql.Literal(low), width=sql.Literal(width), n=sql.Literal(n),
+                                         row_hash=row_hash, rel=rel)
     return [[int(b), first, last, int(count), str(total)] for b, first, last, count, total in db.rows(conn, query)], cut
 
 
@@ -245,58 +223,23 @@ def take(conn, progress=None, like: Optional[dict] = None, helpers: Sequence = (
     prepare(conn)
     for helper in helpers:
         prepare(helper)
-    found = _tables(conn)
+    jobs: "queue.Queue" = queue.Queue()
+    for job in _tables(conn):
+        jobs.put(job)
     tables: Dict[str, dict] = {}
-    # First every table's totals (or all of it, with nothing to compare with); then, for those that
-    # differ, their key ranges: an integer key's in two halves, so that both connections work.
-    run_jobs([("table", job) for job in found], tables, conn, helpers, fmt, earlier, progress)
-    second = []
-    for job in found:
-        full = f"{job[0]}.{job[1]}"
-        if tables[full].get("locate"):
-            cut = _cut(earlier.get(full)) if fmt >= 2 and job[3] in _INT_KEYS else None
-            if cut is not None and helpers:
-                middle = cut[0] + (cut[2] // 2) * cut[1]
-                second += [("part", job, (None, middle)), ("part", job, (middle, None))]
-            else:
-                second.append(("part", job, None))
-    parts: Dict[str, list] = {}
-    run_jobs(second, parts, conn, helpers, fmt, earlier, None)
-    for full, pieces in parts.items():
-        merged = pieces[0] if len(pieces) == 1 else dict(pieces[0], ranges=sorted(
-            pieces[0]["ranges"] + pieces[1]["ranges"], key=lambda span: span[0]))
-        merged["rows"], merged["hash"] = tables[full]["rows"], tables[full]["hash"]  # one snapshot: the same
-        tables[full] = merged
-    tables = dict(sorted(tables.items()))
-    sequences = {f"{s}.{n}": [int(v), bool(c)] for s, n, v, c in _sequences(conn)}
-    objects = schema_objects(conn)
-    large = {str(oid): digest for oid, digest in _large_objects(conn)}
-    return {"format": fmt, "tables": tables, "sequences": sequences, "objects": objects, "large_objects": large}
-
-
-def run_jobs(jobs: list, out: dict, conn, helpers: Sequence, fmt: int, earlier: dict, progress) -> None:
-    """Fingerprint jobs on this connection and each helper (all in one snapshot), largest first:
-    ("table", table) -> out[name] = its entry; ("part", table, part) -> out[name] += [located part]."""
-    pending: "queue.Queue" = queue.Queue()
-    for job in jobs:
-        pending.put(job)
     failure: List[BaseException] = []
 
     def work(c) -> None:
         try:
             while not failure:
                 try:
-                    kind, (schema, name, key, key_type, columns), *part = pending.get_nowait()
+                    schema, name, key, key_type, columns = jobs.get_nowait()
                 except queue.Empty:
                     return
-                full = f"{schema}.{name}"
-                if kind == "table":
-                    out[full] = table(c, schema, name, key, columns, key_type, fmt, earlier.get(full))
-                    if progress:
-                        progress(full)
-                else:
-                    out.setdefault(full, []).append(
-                        locate(c, schema, name, key, columns, key_type, fmt, earlier.get(full), part[0]))
+                tables[f"{schema}.{name}"] = table(c, schema, name, key, columns, key_type, fmt,
+                                                   earlier.get(f"{schema}.{name}"))
+                if progress:
+                    progress(f"{schema}.{name}")
         except BaseException as exc:  # re-raised in the caller's thread
             failure.append(exc)
 
@@ -308,6 +251,11 @@ def run_jobs(jobs: list, out: dict, conn, helpers: Sequence, fmt: int, earlier: 
         t.join()
     if failure:
         raise failure[0]
+    tables = dict(sorted(tables.items()))
+    sequences = {f"{s}.{n}": [int(v), bool(c)] for s, n, v, c in _sequences(conn)}
+    objects = schema_objects(conn)
+    large = {str(oid): digest for oid, digest in _large_objects(conn)}
+    return {"format": fmt, "tables": tables, "sequences": sequences, "objects": objects, "large_objects": large}
 
 
 def _sequences(conn) -> List[tuple]:
