@@ -207,3 +207,36 @@ def test_alembic_heads_are_read_from_its_scripts(pg_old, env_for, tmp_path):
         assert report["code_out_of_step"] == [], report
     finally:
         pf.drop_database(pg_old, name)
+
+
+def test_flyway_rails_and_prisma_code_is_compared_with_their_tables(pg_old, tmp_path):
+    """The code's migrations as each framework lays them out, against the versions its table holds:
+    one migration more in the code than in the database is named, for each."""
+    from common.files import appcode
+    layouts = {
+        "flyway": (FLYWAY, ["db/migration/V1__create_tables.sql", "db/migration/V2__add_column.sql",
+                            "db/migration/V3__broken.sql"], "flyway: the code expects 1 migration(s) the database "
+                                                            "does not have: 3"),
+        "rails": (RAILS, ["db/migrate/20261101100000_create_orders.rb", "db/migrate/20261115093000_add_status.rb",
+                          "db/migrate/20261120120000_add_index.rb"],
+                  "rails: the code expects 1 migration(s) the database does not have: 20261120120000"),
+        "prisma": (PRISMA, ["prisma/migrations/20261101100000_init/migration.sql",
+                            "prisma/migrations/20261102100000_add_price/migration.sql",
+                            "prisma/migrations/20261103100000_add_stock/migration.sql"],
+                   "prisma: the code expects 1 migration(s) the database does not have: 20261103100000_add_stock"),
+    }
+    for key, (schema, files, named) in layouts.items():
+        repo = tmp_path / key
+        for rel in files:
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            (repo / rel).write_text("-- migration\n")
+        name = pf.create_database(pg_old, pf.unique_name(key), schema)
+        try:
+            conn = connect(pg_old.info, name)
+            try:
+                found = appcode.mismatches(appcode.expected(repo), frameworks.applied(conn))
+            finally:
+                conn.close()
+            assert found == [named], (key, found)
+        finally:
+            pf.drop_database(pg_old, name)
