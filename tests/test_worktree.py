@@ -490,3 +490,21 @@ def test_verify_compares_with_the_backup_last_restored_and_names_every_drift(wor
     drift = json.loads(run(env, "verify", "--json").stdout)["drift"]
     assert drift == {"head": None, "added": ["new.txt"], "removed": ["f2.txt"], "changed": ["f1.txt", "key.pem"]}
     assert "drift against " + Path(backup).name in result.stdout and "added new.txt" in result.stdout
+
+
+def test_in_place_never_replaces_a_folder_of_ignored_files_with_a_file(world):
+    repo, env, tmp_path = world
+    git(repo, "init", "-q", "-b", "main", f"--separate-git-dir={tmp_path / 'sep.git'}")
+    (repo / ".gitignore").write_text("*.secret\n")
+    (repo / "settings").write_text("a file in the backup\n")
+    commit_all(repo, "settings as a file")
+    backup = json.loads(run(env, "backup", "--json").stdout)["path"]
+    git(repo, "rm", "-q", "settings")
+    (repo / "settings").mkdir()
+    (repo / "settings" / "local.py").write_text("tracked\n")
+    (repo / "settings" / "db.secret").write_text("password, ignored, in no backup\n")
+    commit_all(repo, "settings as a folder")
+    before = disk(repo)
+    refused = run(env, "restore", backup, "--yes")
+    assert refused.returncode == 2 and "settings/db.secret" in refused.stderr, refused.stdout + refused.stderr
+    assert disk(repo) == before and not (tmp_path / "sep.git" / "rollback-in-place.json").exists()

@@ -294,7 +294,6 @@ def restore(repo_path: Path, backup_path: Path, meta: dict,
     backup has at the same path being in the automatic backup. Returns whether the folder was swapped."""
     repo_path = repo_path.resolve()
     refuse_layout(repo_path)
-    remove_leftovers(repo_path)
     if meta.get("shallow") and not (repo_path / ".git").is_dir():
         raise UsageError(f"the backup is of a shallow clone: its bundle cannot rebuild a repository where none is. "
                          f"Clone the repository into {repo_path} first, then restore. Nothing was changed.")
@@ -302,6 +301,7 @@ def restore(repo_path: Path, backup_path: Path, meta: dict,
         raise UsageError(f"{repo_path} is not a git repository and is not empty: a restore would replace files no "
                          "backup holds. Move them away, or set REPO_PATH to the repository. Nothing was changed.")
     with locked(repo_path):
+        remove_leftovers(repo_path)  # under the lock: a running restore's folders are its own
         existing = open_repo(repo_path) if (repo_path / ".git").exists() else None
         if existing is not None:
             refuse_unsafe(existing, lock_held=True, finishing=backup_path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tarfile
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -67,9 +68,20 @@ def interrupted(git_dir: Path) -> Optional[dict]:
     if not isinstance(found, dict):
         found = {}
     pid = found.get("pid")
-    if isinstance(pid, int) and pid != os.getpid() and os.path.exists(f"/proc/{pid}"):
-        return None  # still running: its index.lock says so
+    if isinstance(pid, int) and pid != os.getpid() and process_start(pid) == found.get("pid_start"):
+        return None  # still running (the same process: its pid and start time): its index.lock says so
     return found
+
+
+def process_start(pid: int) -> Optional[int]:
+    """A process's start time in clock ticks since boot (/proc/<pid>/stat), so that a pid reused
+    after a kill or a reboot is not taken for the run that wrote a marker; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def refuse_interrupted(repo_path: Path, git_dir: Path, allow_backup: Optional[Path] = None) -> None:
@@ -94,16 +106,25 @@ def restore(repo_path: Path, backup_path: Path, meta: dict, git_dir: Path,
     The caller holds the repository's index.lock."""
     from . import coderepo  # noqa: PLC0415 (coderepo imports this module)
     repo = git.Repo(repo_path)
-    ignored = worktree.Ignored(coderepo.ignored_paths(repo))
     if meta.get("branch"):
         _refuse_branch_checked_out_elsewhere(repo, meta["branch"], git_dir)
     resuming = interrupted(git_dir)  # the same restore, killed part-way: the state before it is backed up
+    if resuming is not None and isinstance(resuming.get("ignored"), list):
+        listing = [p for p in resuming["ignored"] if isinstance(p, str)]  # what was ignored before it began
+    else:
+        listing = coderepo.ignored_paths(repo)
+    ignored = worktree.Ignored(listing)
+    stage = repo_path.parent / f".{repo_path.name}.rollback-{stamp()}"
+    with tarfile.open(backup_path / worktree.ARCHIVE) as tar:
+        members = tar.getmembers()
+    modules = any(m.name == worktree.MODULES for m in members)
+    _refuse_other_file_systems(repo_path, git_dir if modules else None, stage.parent)
+    _refuse_ignored_under_files(repo_path, {m.name for m in members if not m.isdir()}, ignored)
     if resuming is not None:
         auto = resuming.get("automatic_backup") or None
     else:
         auto = backup_first(coderepo.restore_preview(repo_path, backup_path, meta)["ignored"]) if backup_first else None
     before = coderepo.refs_of(git_dir, repo)
-    stage = repo_path.parent / f".{repo_path.name}.rollback-{stamp()}"
     stage.mkdir(mode=0o700)
     ns = "refs/rollback-restore"
     try:
@@ -115,7 +136,8 @@ def restore(repo_path: Path, backup_path: Path, meta: dict, git_dir: Path,
             raise RollbackError(f"{repo_path} changed while the restore was being prepared (a commit, a branch or a "
                                 "tag moved): nothing was changed. Run the restore again.")
         storage.write_json_atomic(git_dir / MARK, {"backup": str(backup_path), "automatic_backup": str(auto or ""),
-                                                 "pid": os.getpid(), "started_at": utc_now().isoformat()})
+                                                   "pid": os.getpid(), "pid_start": process_start(os.getpid()),
+                                                   "started_at": utc_now().isoformat(), "ignored": listing})
         _apply(repo_path, stage, git_dir, ignored)
         testhooks.checkpoint("code-restore-swapped")
         if meta["branch"]:
@@ -131,6 +153,28 @@ def restore(repo_path: Path, backup_path: Path, meta: dict, git_dir: Path,
         for ref in coderepo._git(repo, "for-each-ref", "--format=%(refname)", ns).split():
             coderepo._git(repo, "update-ref", "-d", ref)
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _refuse_other_file_systems(repo_path: Path, git_dir: Optional[Path], stage_parent: Path) -> None:
+    """Every entry is renamed into place from a folder beside the repository, and the submodules'
+    git folders (git_dir, when the backup has them) into the git folder: all must be on one file
+    system (a bind-mounted repository or a git folder on another disk would fail half-way)."""
+    places = [repo_path, stage_parent] + ([git_dir] if git_dir is not None else [])
+    if len({os.stat(place).st_dev for place in places}) > 1:
+        raise UsageError(f"{', '.join(str(x) for x in places)} are not all on one file system: an in-place restore "
+                         "renames files between them. Restore it by hand from the backup's bundle and archive. "
+                         "Nothing was changed.")
+
+
+def _refuse_ignored_under_files(repo_path: Path, files: set, ignored: worktree.Ignored) -> None:
+    """A folder that holds ignored files, where the backup has a file or a link (`files`): replacing
+    it would delete ignored files no backup holds."""
+    lost = sorted(rel for rel in ignored.files | ignored.dirs
+                  if any("/".join(rel.split("/")[:i]) in files for i in range(1, rel.count("/") + 1)))
+    if lost:
+        raise UsageError(f"the backup has a file where {repo_path} has a folder holding ignored files ("
+                         f"{', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}): restoring it would delete them. "
+                         "Move them away first. Nothing was changed.")
 
 
 def _refuse_branch_checked_out_elsewhere(repo: git.Repo, branch: str, git_dir: Path) -> None:
