@@ -94,6 +94,8 @@ def manifest_of_disk(root: Path, ignored: Ignored) -> Dict[str, tuple]:
             found[rel] = ("link", os.readlink(full))
         elif stat.S_ISDIR(st.st_mode):
             found[rel] = ("folder", stat.S_IMODE(st.st_mode))
+        elif not stat.S_ISREG(st.st_mode):  # a FIFO, socket or device: never opened
+            found[rel] = ("special", stat.S_IFMT(st.st_mode))
         else:
             with open(full, "rb") as fh:
                 found[rel] = ("file", stat.S_IMODE(st.st_mode), _sha256(fh))
@@ -114,6 +116,9 @@ def manifest_of_archive(archive: Path, ignored: Ignored) -> Dict[str, tuple]:
             elif m.islnk():
                 target = found.get(m.linkname)
                 found[m.name] = ("file", m.mode & 0o7777, target[2] if target else "")
+            elif not m.isreg():
+                found[m.name] = ("special", {tarfile.FIFOTYPE: stat.S_IFIFO, tarfile.CHRTYPE: stat.S_IFCHR,
+                                             tarfile.BLKTYPE: stat.S_IFBLK}.get(m.type, 0))
             else:
                 found[m.name] = ("file", m.mode & 0o7777, _sha256(tar.extractfile(m)))
     return found
@@ -129,11 +134,15 @@ def extract(archive: Path, dest: Path) -> None:
     The archive was written by write() and its checksum verified; its names are checked all the same."""
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
-        seen = set()
+        seen, links = set(), set()
         for m in members:
             parts = Path(m.name).parts
             if m.name.startswith("/") or ".." in parts or not parts:
                 raise ValueError(f"{archive} holds an entry outside the repository: {m.name!r}")
+            if any("/".join(parts[:i]) in links for i in range(1, len(parts))):
+                raise ValueError(f"{archive} holds an entry below a symbolic link: {m.name!r}")
+            if m.issym():
+                links.add("/".join(parts))
             if m.islnk() and m.linkname not in seen:
                 raise ValueError(f"{archive} holds a hard link to an entry it does not have: {m.linkname!r}")
             seen.add(m.name)
