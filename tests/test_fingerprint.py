@@ -139,3 +139,19 @@ def test_the_same_data_gives_the_same_fingerprint_on_both_majors(pg_old, pg_new)
         fp["objects"] = {k: v for k, v in fp["objects"].items() if not k.startswith("extension ")
                          and k != "relation app.revenue"}  # a view: deparsed differently by 15 and 16+
     assert fingerprint.differences(taken[0], taken[1]) == []
+
+
+def test_a_key_far_beyond_the_point_s_ranges_is_named_not_an_error(pg_old, env_for):
+    name = pf.create_database(pg_old, pf.unique_name("wide"), """
+        CREATE TABLE events (id bigint PRIMARY KEY, payload text);
+        INSERT INTO events SELECT i, md5(i::text) FROM generate_series(-5000, 5000) i;""")
+    try:
+        env = env_for(pg_old, name)
+        assert pf.run_script("create_rollback_point.py", "wide", "--no-warm", env=env).returncode == 0
+        pf.execute(pg_old, name, "INSERT INTO events VALUES (9223372036854775000, 'sentinel')")
+        code, report = verify(env, "--strict")
+        assert code == 4, report
+        [line] = [d for d in report["drift"] if d.startswith("table public.events")]
+        assert "10002 rows, the point has 10001" in line and ">= " in line, line
+    finally:
+        pf.drop_database(pg_old, name)

@@ -76,7 +76,9 @@ def _row_hash(columns: List[tuple], fmt: int) -> sql.Composable:
         return sql.SQL(_ROW_HASH_V1).format(sql.Identifier("t"))
     if not columns:
         return sql.SQL("0::bigint")
-    parts = [sql.SQL("t.{}" if native else "t.{}::text").format(sql.Identifier(c)) for c, native in columns]
+    # as text in the C collation: a column's own nondeterministic collation would hash 'Alice' and
+    # 'ALICE' alike
+    parts = [sql.SQL("t.{}" if native else 't.{}::text COLLATE "C"').format(sql.Identifier(c)) for c, native in columns]
     return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts))
 
 
@@ -138,10 +140,11 @@ def _value_ranges(conn, rel, key: str, row_hash, like: dict) -> Optional[tuple]:
         return None
     query = sql.SQL("""
         SELECT b, min(k)::text, max(k)::text, count(*), sum(h) FROM (
-            SELECT CASE WHEN {k} < {low} THEN -1 ELSE least(({k}::bigint - {low}) / {width}, {n}) END AS b,
+            SELECT CASE WHEN {k} < {low} THEN -1 WHEN {k} >= {high} THEN {n}
+                        ELSE ({k}::bigint - {low}) / {width} END AS b,
                    {k} AS k, {row_hash} AS h FROM {rel} t) x
-        GROUP BY b ORDER BY b""").format(k=k, low=sql.Literal(low), width=sql.Literal(width), n=sql.Literal(n),
-                                         row_hash=row_hash, rel=rel)
+        GROUP BY b ORDER BY b""").format(k=k, low=sql.Literal(low), high=sql.Literal(low + n * width),
+                                         width=sql.Literal(width), n=sql.Literal(n), row_hash=row_hash, rel=rel)
     return [[int(b), first, last, int(count), str(total)] for b, first, last, count, total in db.rows(conn, query)], cut
 
 
@@ -219,6 +222,8 @@ def take(conn, progress=None, like: Optional[dict] = None, helpers: Sequence = (
     fingerprint it will be compared with (its format and key ranges are used). `helpers`: more
     connections in the same snapshot, each taking tables in parallel (largest first)."""
     fmt = int((like or {}).get("format", FORMAT))
+    if like is None and int(db.scalar(conn, "SELECT current_setting('server_version_num')")) < 140000:
+        fmt = 1  # hash_record_extended is PostgreSQL 14's: older servers hash each row's text
     earlier = (like or {}).get("tables", {})
     prepare(conn)
     for helper in helpers:
