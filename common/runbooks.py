@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
+import psycopg2
+
 from . import journal, storage
 from .cli import Context, same_database
 from .errors import RollbackError, UsageError, VerifyProblems
@@ -56,7 +58,11 @@ def code_out_of_step(ctx: Context, info: ConnInfo) -> Optional[List[str]]:
 
 def out_of_step_lines(ctx: Context, info: ConnInfo, point: Optional[RollbackPoint] = None) -> List[str]:
     """The mismatches, and what to run: the code back too, or the migrations on purpose."""
-    found = code_out_of_step(ctx, info)
+    try:
+        found = code_out_of_step(ctx, info)
+    except (OSError, ValueError, psycopg2.Error, RollbackError) as exc:  # advisory: never fails the command
+        return [f"the code at {ctx.settings.get('REPO_PATH')} was not compared with {info.dbname}'s migrations: "
+                f"{exc}", "compare them by hand with the framework's own status command"]
     if not found:
         return []
     commit = point.code_commit if point is not None else None

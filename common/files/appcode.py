@@ -74,8 +74,12 @@ def mismatches(code: Dict[str, Set[str]], database: Dict[str, Set[str]]) -> List
     """Where code and database are out of step, named, per framework both know."""
     out = []
     for name in sorted(set(code) & set(database)):
-        ahead = sorted(code[name] - database[name])
-        behind = sorted(database[name] - code[name])
+        have = database[name]
+        if name == "django":  # the apps of Django itself and of installed packages are not in this code
+            apps = {entry.split(" ", 1)[0] for entry in code[name]}
+            have = {entry for entry in have if entry.split(" ", 1)[0] in apps}
+        ahead = sorted(code[name] - have)
+        behind = sorted(have - code[name])
         if name == "alembic":
             if code[name] != database[name]:
                 out.append(f"alembic: the code's head is {', '.join(sorted(code[name])) or '(none)'}, the database is "

@@ -98,7 +98,9 @@ def applied(conn) -> Dict[str, Set[str]]:
     queries = {
         "django": ("django_migrations", "SELECT app || ' ' || name FROM {}"),
         "alembic": ("alembic_version", "SELECT version_num FROM {}"),
-        "flyway": ("flyway_schema_history", "SELECT version FROM {} WHERE success AND version IS NOT NULL"),
+        # a baseline row stands for versions the code may not have as files: not a migration
+        "flyway": ("flyway_schema_history", "SELECT version FROM {} WHERE success AND version IS NOT NULL "
+                                            "AND type NOT IN ('BASELINE', 'SQL_BASELINE', 'JDBC_BASELINE', 'DELETE')"),
         "prisma": ("_prisma_migrations", "SELECT migration_name FROM {} WHERE finished_at IS NOT NULL "
                                          "AND rolled_back_at IS NULL"),
     }
