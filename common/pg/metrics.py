@@ -93,8 +93,15 @@ def server_processes(conn) -> Tuple[Optional[list], str]:
         return None, "psutil is not installed: not measured"
     pid, started = db.rows(conn, "SELECT pg_backend_pid(), extract(epoch FROM pg_postmaster_start_time())")[0]
     try:
-        postmaster = psutil.Process(int(pid)).parent()
-        if postmaster is not None and abs(postmaster.create_time() - float(started)) < 5:
+        backend_start = db.scalar(conn, "SELECT extract(epoch FROM backend_start) FROM pg_stat_activity "
+                                        "WHERE pid = pg_backend_pid()")
+        backend = psutil.Process(int(pid))
+        postmaster = backend.parent()
+        # our own backend (its start time) under the server's postmaster (its start time and name)
+        if postmaster is not None and backend_start is not None \
+                and abs(backend.create_time() - float(backend_start)) < 2 \
+                and abs(postmaster.create_time() - float(started)) < 5 \
+                and any(word in " ".join(postmaster.cmdline() or [postmaster.name()]) for word in ("postgres", "postmaster")):
             return [postmaster] + postmaster.children(), f"PostgreSQL pid {postmaster.pid} on this machine"
     except psutil.Error:
         pass
@@ -102,11 +109,14 @@ def server_processes(conn) -> Tuple[Optional[list], str]:
 
 
 def _cpu_seconds(processes: list) -> Dict[int, float]:
+    """CPU seconds of each process; the postmaster's (the first) with those of its children that
+    ended, so that short-lived connections count too."""
     found = {}
-    for proc in processes:
+    for i, proc in enumerate(processes):
         try:
             times = proc.cpu_times()
-            found[proc.pid] = times.user + times.system
+            found[proc.pid] = times.user + times.system + (
+                getattr(times, "children_user", 0.0) + getattr(times, "children_system", 0.0) if i == 0 else 0.0)
         except psutil.Error:
             pass
     return found
