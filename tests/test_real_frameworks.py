@@ -16,7 +16,7 @@ CALM = {"ROLLBACK_MAX_CPU_PERCENT": "100", "ROLLBACK_MAX_MEMORY_PERCENT": "100"}
 
 SETTINGS = '''import os
 SECRET_KEY = "test"
-INSTALLED_APPS = ["shop"]
+INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "shop"]  # installed apps migrate too
 DATABASES = {"default": {"ENGINE": "django.db.backends.postgresql", "NAME": os.environ["APP_DB_NAME"],
                          "HOST": os.environ["APP_DB_HOST"], "PORT": os.environ["APP_DB_PORT"],
                          "USER": os.environ["APP_DB_USER"], "PASSWORD": os.environ["APP_DB_PASSWORD"]}}
@@ -132,7 +132,8 @@ def test_django_release_rollback_keeps_code_and_database_in_step(pg_old, tmp_pat
         made = pf.run_script("rollback_manager.py", "create", "--all", "--description", "Release 1", "--json", env=env)
         assert made.returncode == 0, made.stdout + made.stderr
         listed = pf.run_script("rollback_manager.py", "list", env=env).stdout
-        assert "django: shop 0001_initial" in listed, listed
+        assert "django: auth 0012_alter_user_first_name_max_length, contenttypes 0002_remove_content_type_name, " \
+               "shop 0001_initial" in listed, listed
         # release 2: a rename, an added column and a data migration, in code and database
         (repo / "shop" / "models.py").write_text(MODELS_2)
         (repo / "shop" / "migrations" / "0002_title_and_cents.py").write_text(MIGRATION_2)
