@@ -34,6 +34,9 @@ def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: 
     result = restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
                              pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, reconfirm=ctx.confirm,
                              keep_replaced=ctx.keep_replaced)
+    now = restore.heads_of(info)
+    if now is not None:
+        result.notes.append(f"migration heads now: {frameworks.describe(now)}")
     result.notes += [f"WARNING: {line}" for line in out_of_step_lines(ctx, info, point)]
     show_result(ctx, result)
     return result

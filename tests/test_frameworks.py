@@ -107,8 +107,10 @@ def test_a_point_records_the_heads_and_the_commit_and_a_restore_shows_them_movin
         rolled = pf.run_script("quick_rollback.py", "--yes", env=env)
         assert rolled.returncode == 0, rolled.stdout + rolled.stderr
         assert "migration heads, now -> after the restore:" in rolled.stdout
-        assert "shop 0002_price_in_cents -> auth 0012_alter_user_first_name_max_length, contenttypes 0001_initial, " \
-               "shop 0001_initial" in rolled.stdout, rolled.stdout
+        assert "  django shop: 0002_price_in_cents -> 0001_initial" in rolled.stdout, rolled.stdout
+        assert "django auth" not in rolled.stdout  # an app whose head stays is not listed as moving
+        assert "migration heads now: django: auth 0012_alter_user_first_name_max_length, contenttypes " \
+               "0001_initial, shop 0001_initial" in rolled.stdout, rolled.stdout
         assert heads_of(pg_old, name)["django"].endswith("shop 0001_initial")
     finally:
         for leftover in [name] + [d for d in _databases(pg_old) if d.startswith(name + "__")]:

@@ -100,6 +100,13 @@ class Plan:
         lines = []
         for name in list(now) + [n for n in after if n not in now]:
             a, b = now.get(name, missing), after.get(name, "(none)")
+            if name == "django" and a != b and a != missing:  # app by app: 'shop 0003_x -> shop 0001_initial'
+                apps_now, apps_after = _django_apps(a), _django_apps(b)
+                for app in sorted(set(apps_now) | set(apps_after)):
+                    x, y = apps_now.get(app, "(none)"), apps_after.get(app, "(none)")
+                    if x != y:
+                        lines.append(f"  django {app}: {x} -> {y}")
+                continue
             lines.append(f"  {name}: {a} (unchanged)" if a == b else f"  {name}: {a} -> {b}")
         return ["migration heads, now -> after the restore:"] + lines
 
@@ -206,7 +213,7 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
     finally:
         conn.close()
     if exists:
-        the_plan.current_heads = _heads_of(info)
+        the_plan.current_heads = heads_of(info)
     if pooler is not None:
         pooler.check()  # a configured PgBouncer that does not answer is refused now, not mid-swap
     if point.kind == catalog.DUMP:
@@ -222,7 +229,12 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
     return the_plan
 
 
-def _heads_of(info: ConnInfo) -> Optional[Dict[str, str]]:
+def _django_apps(head: str) -> Dict[str, str]:
+    """'auth 0012_x, shop 0001_initial' -> {'auth': '0012_x', 'shop': '0001_initial'}."""
+    return dict(part.strip().split(" ", 1) for part in head.split(",") if " " in part.strip())
+
+
+def heads_of(info: ConnInfo) -> Optional[Dict[str, str]]:
     """The target's migration heads, for the confirmation (None when it cannot be read)."""
     try:
         conn = db.connect(info)

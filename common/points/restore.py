@@ -26,10 +26,11 @@ from . import catalog, snapshot, warm
 from .check import check_against_point
 from .fill import ChecksumBeside, fill_database
 from .in_place import restore_in_place
-from .plan import PREVIOUS_TAG, RESTORE_TAG, Plan, Result, plan, property_notes, refresh
+from .plan import PREVIOUS_TAG, RESTORE_TAG, Plan, Result, heads_of, plan, property_notes, refresh
 
 # A restore's entry points: plan it (before the confirmation), then execute the plan.
-__all__ = ["Plan", "Result", "RestoreInterrupted", "execute", "plan", "prune_replaced", "recover_interrupted"]
+__all__ = ["Plan", "Result", "RestoreInterrupted", "execute", "heads_of", "plan", "prune_replaced",
+           "recover_interrupted"]
 
 
 class RestoreInterrupted(RestoreFailed):
