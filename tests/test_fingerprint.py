@@ -95,24 +95,6 @@ def test_an_older_point_restored_is_verified_against_itself(world):
         assert result.returncode == 0 and first["id"] in result.stdout, result.stdout + result.stderr
 
 
-def test_one_changed_row_in_a_million_is_located_to_its_key_range(pg_old, env_for):
-    name = pf.create_database(pg_old, pf.unique_name("big"), """
-        CREATE TABLE events (id bigint PRIMARY KEY, payload text);
-        INSERT INTO events SELECT i, md5(i::text) FROM generate_series(1, 1000000) i;""")
-    try:
-        env = env_for(pg_old, name)
-        assert pf.run_script("create_rollback_point.py", "big", "--no-warm", env=env).returncode == 0
-        pf.execute(pg_old, name, "UPDATE events SET payload = 'changed' WHERE id = 654321")
-        code, report = verify(env, "--strict")
-        assert code == 4, report
-        [line] = [d for d in report["drift"] if d.startswith("table public.events")]
-        assert "same 1000000 rows, different content" in line
-        low, high = line.split("differing key ranges: [")[1].split("]")[0].split(" .. ")
-        assert int(low) <= 654321 <= int(high) and int(high) - int(low) < 20000, line
-    finally:
-        pf.drop_database(pg_old, name)
-
-
 def test_the_same_data_gives_the_same_fingerprint_on_both_majors(pg_old, pg_new):
     """Rows, sequences and schema objects of the same database built on the run's two majors hash
     alike: text output and catalogs are normalized (PostgreSQL 18 lists NOT NULL as constraints).
@@ -141,17 +123,30 @@ def test_the_same_data_gives_the_same_fingerprint_on_both_majors(pg_old, pg_new)
     assert fingerprint.differences(taken[0], taken[1]) == []
 
 
-def test_a_key_far_beyond_the_point_s_ranges_is_named_not_an_error(pg_old, env_for):
-    name = pf.create_database(pg_old, pf.unique_name("wide"), """
+def events_line(server, env_for, first: int, last: int, change: str) -> str:
+    """A table `events` keyed first..last, a point of it, the change, then verify's line for it."""
+    name = pf.create_database(server, pf.unique_name("events"), f"""
         CREATE TABLE events (id bigint PRIMARY KEY, payload text);
-        INSERT INTO events SELECT i, md5(i::text) FROM generate_series(-5000, 5000) i;""")
+        INSERT INTO events SELECT i, md5(i::text) FROM generate_series({first}, {last}) i;""")
     try:
-        env = env_for(pg_old, name)
-        assert pf.run_script("create_rollback_point.py", "wide", "--no-warm", env=env).returncode == 0
-        pf.execute(pg_old, name, "INSERT INTO events VALUES (9223372036854775000, 'sentinel')")
+        env = env_for(server, name)
+        assert pf.run_script("create_rollback_point.py", "events", "--no-warm", env=env).returncode == 0
+        pf.execute(server, name, change)
         code, report = verify(env, "--strict")
         assert code == 4, report
         [line] = [d for d in report["drift"] if d.startswith("table public.events")]
-        assert "10002 rows, the point has 10001" in line and ">= " in line, line
+        return line
     finally:
-        pf.drop_database(pg_old, name)
+        pf.drop_database(server, name)
+
+
+def test_one_changed_row_in_a_million_is_located_to_its_key_range(pg_old, env_for):
+    line = events_line(pg_old, env_for, 1, 1000000, "UPDATE events SET payload = 'changed' WHERE id = 654321")
+    assert "same 1000000 rows, different content" in line
+    low, high = line.split("differing key ranges: [")[1].split("]")[0].split(" .. ")
+    assert int(low) <= 654321 <= int(high) and int(high) - int(low) < 20000, line
+
+
+def test_a_key_far_beyond_the_point_s_ranges_is_named_not_an_error(pg_old, env_for):
+    line = events_line(pg_old, env_for, -5000, 5000, "INSERT INTO events VALUES (9223372036854775000, 'sentinel')")
+    assert "10002 rows, the point has 10001" in line and ">= " in line, line
