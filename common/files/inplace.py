@@ -68,7 +68,8 @@ def interrupted(git_dir: Path) -> Optional[dict]:
     if not isinstance(found, dict):
         found = {}
     pid = found.get("pid")
-    if isinstance(pid, int) and pid != os.getpid() and process_start(pid) == found.get("pid_start"):
+    started = found.get("pid_start")
+    if isinstance(pid, int) and pid != os.getpid() and started is not None and process_start(pid) == started:
         return None  # still running (the same process: its pid and start time): its index.lock says so
     return found
 
