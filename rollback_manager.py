@@ -26,6 +26,7 @@ from common import cli, runbooks  # noqa: E402
 from common.errors import UsageError, VerifyProblems  # noqa: E402
 from common.points import backup, catalog, fill, report  # noqa: E402
 from common.release import records  # noqa: E402
+from common.release import runbook as release_runbook  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +142,7 @@ def cmd_info(args, ctx):
 def cmd_create(args, ctx):
     staging = ctx.staging()
     if args.all:
-        runbooks.create_release(ctx, staging, args.description)
+        release_runbook.create_release(ctx, staging, args.description)
         return
     ctx.show_point(backup.create_point(staging, ctx.settings.backup_dir, ctx.script, args.description,
                                        code_commit=ctx.code_commit(), confirm=ctx.confirm,
@@ -174,7 +175,7 @@ def cmd_restore(args, ctx):
     if args.all:
         if args.pick is not None:
             raise UsageError("--all takes --latest or --file RELEASE_ID, not --pick. Nothing was changed.")
-        return runbooks.restore_release(ctx, staging, None if args.latest else args.file, args.monitor)
+        return release_runbook.restore_release(ctx, staging, None if args.latest else args.file, args.monitor)
     if args.latest:
         point = runbooks.newest_point(ctx, staging)
         if point is None:

@@ -10,7 +10,7 @@ import shutil
 import sys
 from typing import List, Optional
 
-from . import cli, runbooks, trust
+from . import cli, instep, trust
 from .env import DEFAULTS, EXAMPLES, NEEDED
 from .errors import RollbackError, VerifyProblems
 from .log import mask
@@ -70,7 +70,7 @@ def check(ctx: cli.Context) -> dict:
                 conn.close()
             if name == "STAGING_DATABASE_URL":
                 staging_size = entry["size_bytes"]
-                found = runbooks.out_of_step_lines(ctx, info)
+                found = instep.out_of_step_lines(ctx, info)
                 report["problems"] += found[:-1]
                 code_advice += found[-1:]
             for tool in ("pg_dump", "pg_restore"):

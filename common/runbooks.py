@@ -1,17 +1,14 @@
 """The sequences several scripts share: plan → confirm → carry out → summarise."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import List, Optional
 
-import psycopg2
-
-from . import journal, storage
+from . import instep, journal, storage
 from .cli import Context, same_database
 from .errors import RollbackError, UsageError, VerifyProblems
-from .files import appcode, configfiles, folders
+from .files import folders
 from .locks import DatabaseLock
 from .pg import frameworks, metrics
 from .pg.database import ConnInfo, app_name, connect, databases_like, drop_database, maintenance_db, name_prefix, rows
@@ -37,43 +34,9 @@ def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: 
     now = restore.heads_of(info)
     if now is not None:
         result.notes.append(f"migration heads now: {frameworks.describe(now)}")
-    result.notes += [f"WARNING: {line}" for line in out_of_step_lines(ctx, info, point)]
+    result.notes += [f"WARNING: {line}" for line in instep.out_of_step_lines(ctx, info, point)]
     show_result(ctx, result)
     return result
-
-
-def code_out_of_step(ctx: Context, info: ConnInfo) -> Optional[List[str]]:
-    """Where the migrations the code at REPO_PATH expects and those the database has differ, per
-    framework (None: REPO_PATH unset, or no framework's migrations in its code)."""
-    repo = ctx.settings.get("REPO_PATH")
-    if not repo or not ctx.settings.path("REPO_PATH").is_dir():
-        return None
-    code = appcode.expected(ctx.settings.path("REPO_PATH"))
-    if not code:
-        return None
-    conn = connect(info)
-    try:
-        database = frameworks.applied(conn)
-    finally:
-        conn.close()
-    return appcode.mismatches(code, database)
-
-
-def out_of_step_lines(ctx: Context, info: ConnInfo, point: Optional[RollbackPoint] = None) -> List[str]:
-    """The mismatches, and what to run: the code back too, or the migrations on purpose."""
-    try:
-        found = code_out_of_step(ctx, info)
-    except (OSError, ValueError, psycopg2.Error, RollbackError) as exc:  # advisory: never fails the command
-        return [f"the code at {ctx.settings.get('REPO_PATH')} was not compared with {info.dbname}'s migrations: "
-                f"{exc}", "compare them by hand with the framework's own status command"]
-    if not found:
-        return []
-    commit = point.code_commit if point is not None else None
-    back = f"python3 code_rollback.py rollback {commit[:12]} (the commit recorded with the point)" if commit else \
-        "python3 code_rollback.py rollback <the release's commit>"
-    return [f"the code at {ctx.settings.get('REPO_PATH')} and {info.dbname} are out of step: {line}" for line in found] + \
-        [f"to bring them in step, roll the code back too ({back}, or python3 rollback_manager.py restore --all), "
-         "or apply the migrations on purpose with the framework's own command"]
 
 
 def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previous: bool = False) -> restore.Result:
@@ -243,11 +206,10 @@ def reference_point(ctx: Context, info: ConnInfo, ref: Optional[str] = None) -> 
 def verify_database(ctx: Context, target: ConnInfo, ref: Optional[str], quick: bool, strict: bool) -> None:
     """Health, and every difference from the point the database was restored from (VerifyProblems,
     exit 4, on a problem; with strict, any difference is one)."""
-    from .pg import metrics  # health imports restore's helpers; metrics reads /proc
     from .points import health
     point, reference = reference_point(ctx, target, ref)
     report = health.check(target, point, reference, quick=quick)
-    report.code_out_of_step = out_of_step_lines(ctx, target, point)
+    report.code_out_of_step = instep.out_of_step_lines(ctx, target, point)
     problems = report.problems(strict)
     # The documents' key metrics against their alert thresholds: reported, not counted as problems
     # (a busy machine is not a broken database); the release rollback acts on them.
@@ -370,175 +332,3 @@ def releases(ctx: Context, points: List[RollbackPoint]) -> List[records.Release]
     """The release rollback points, each part checked to lie in its configured backup folder."""
     s = ctx.settings
     return records.scan(s.backup_dir, points, {"config": s.path("CONFIG_BACKUP_DIR"), "code": s.path("CODE_BACKUP_DIR")})
-
-
-def release_lock(ctx: Context) -> folders.FolderLock:
-    """One release operation at a time (create --all, restore --all): each step also takes its own
-    lock, but two release rollbacks interleaved between steps could leave configuration from one
-    release beside code from another."""
-    return folders.FolderLock(ctx.settings.backup_dir, ctx.script, name=".release.lock",
-                            what=f"release operation on {ctx.settings.backup_dir}")
-
-
-def create_release(ctx: Context, staging: ConnInfo, description: str) -> records.Release:
-    """A release rollback point: configuration, code and database backups under one id. The
-    release sidecar is written last; when a part fails, none is, and the output says what was made."""
-    with release_lock(ctx):
-        return _create_release(ctx, staging, description)
-
-
-def _create_release(ctx: Context, staging: ConnInfo, description: str) -> records.Release:
-    from .files import coderepo  # GitPython: imported only where code is handled (it needs a git executable)
-    s = ctx.settings
-    config_dir, env_file, config_backups = s.path("CONFIG_DIR"), s.path("ENV_FILE"), s.path("CONFIG_BACKUP_DIR")
-    repo_path, code_backups = s.path("REPO_PATH"), s.path("CODE_BACKUP_DIR")
-    made: List[str] = []
-    step = "configuration"
-    try:
-        if not config_dir.is_dir():
-            raise UsageError(f"CONFIG_DIR {config_dir} does not exist")
-        with folders.FolderLock(config_backups, ctx.script):
-            config_path = configfiles.backup(config_dir, env_file, config_backups, reason=f"release: {description}")
-        made.append(f"configuration backup {config_path}")
-        ctx.log.info("1/3 configuration backup: %s", config_path)
-        step = "code"
-        with folders.FolderLock(code_backups, ctx.script):
-            code_path = coderepo.backup(coderepo.open_repo(repo_path), code_backups, reason=f"release: {description}")
-        made.append(f"code backup {code_path}")
-        ctx.log.info("2/3 code backup: %s", code_path)
-        step = "database"
-        point = backup.create_point(staging, s.backup_dir, ctx.script, description,
-                                    code_commit=ctx.code_commit(), pg_bin_dir=ctx.pg_bin_dir,
-                                    confirm=ctx.confirm,
-                                    warm_copies=ctx.warm_copies)
-        made.append(f"database rollback point {point.id}")
-        ctx.log.info("3/3 database rollback point: %s%s", point.id, " (warm)" if point.warm_database else "")
-    except RollbackError as exc:
-        raise records.ReleaseFailed(
-            f"the {step} part failed ({exc}); no release rollback point was recorded. Made before the failure, "
-            f"and kept as ordinary backups: {'; '.join(made) or 'nothing'}.") from None
-    made_release = records.record(s.backup_dir, description, records.parts_of(config_path, code_path, point))
-    if ctx.json:
-        ctx.emit_json(made_release.summary())
-    else:
-        ctx.log.info("Release rollback point created: %s", made_release.id)
-        for line in made_release.lines()[1:]:
-            ctx.log.info("%s", line)
-    return made_release
-
-
-def restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monitor_seconds: float = 0.0) -> int:
-    """Configuration, then code, then database, each verified, stopping at the first failure; then
-    the documents' health metrics. Returns the exit code (1 a step failed, 4 health not OK). A
-    second release operation is refused before anything is checked or changed."""
-    with release_lock(ctx):
-        return _restore_release(ctx, staging, ref, monitor_seconds)
-
-
-def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monitor_seconds: float = 0.0) -> int:
-    from .files import coderepo  # GitPython: imported only where code is handled (it needs a git executable)
-    s = ctx.settings
-    config_dir, env_file, config_backups = s.path("CONFIG_DIR"), s.path("ENV_FILE"), s.path("CONFIG_BACKUP_DIR")
-    repo_path, code_backups = s.path("REPO_PATH"), s.path("CODE_BACKUP_DIR")
-    points = scan(ctx, staging)
-    chosen = records.resolve(releases(ctx, points), ref)
-    parts = chosen.parts
-    # Everything is checked before anything changes: both backups against their checksums, the
-    # database point and its restore plan (tools, properties, PgBouncer).
-    config_path, code_path = Path(parts["config"]["path"]), Path(parts["code"]["path"])
-    config_meta = configfiles.load_backup(config_path)
-    code_meta = coderepo.load_backup(code_path)
-    point = next(p for p in points if p.id == parts["database"]["id"])
-    the_plan = restore.plan(staging, point, pg_bin_dir=ctx.pg_bin_dir, pooler=ctx.pooler(staging))
-    the_plan.wait, the_plan.no_warm = ctx.wait, ctx.no_warm
-    drift = configfiles.drift(config_meta, config_dir, env_file)
-    ctx.confirm(f"Roll the whole release back to {chosen.id}?", [
-        f"release {chosen.id} ({chosen.description or '-'}, created {chosen.created_at}), in this order:",
-        f"1. configuration: {config_dir} and {env_file} := {config_path} ({len(config_meta['files'])} files; "
-        f"{len(drift.changed)} changed since, {len(drift.added)} added since (removed), {len(drift.removed)} "
-        "removed since (put back))",
-        f"2. code: {repo_path} := {code_path} (commit {(code_meta['commit'] or '-')[:12]} on "
-        f"{code_meta['branch'] or 'detached HEAD'}, {len(code_meta['dirty_files'])} uncommitted file(s))",
-        "3. database:"] + [f"   {line}" for line in the_plan.describe()] +
-        ["each step is backed up first and verified after; the first that fails stops the rest"])
-    progress = records.Progress(s.backup_dir, chosen.id)
-
-    def config_step() -> str:
-        with folders.FolderLock(config_backups, ctx.script):
-            auto = configfiles.backup(config_dir, env_file, config_backups, reason=f"automatic before release {chosen.id}")
-            done = configfiles.restore(config_path, config_meta, config_dir, env_file,
-                                       present=json.loads((auto / configfiles.MANIFEST).read_text()))
-        journal.record(config_backups, "config", config_path.name, f"release {chosen.id}")
-        left = configfiles.drift(config_meta, config_dir, env_file)
-        if left.added or left.removed or left.changed:
-            raise RollbackError(f"configuration differs from the backup after the restore: {left}")
-        return (f"{len(done.written)} file(s) written, {len(done.removed)} removed; verified against the backup; "
-                f"the configuration as it was is in {auto}")
-
-    def code_step() -> str:
-        taken = []
-        before = coderepo.capture(coderepo.open_repo(repo_path))
-        with folders.FolderLock(code_backups, ctx.script):
-            def backup_first(at_risk):
-                taken.append(coderepo.backup(coderepo.open_repo(repo_path), code_backups, include_ignored=at_risk,
-                                             reason=f"automatic before release {chosen.id}"))
-                ctx.log.info("  automatic backup of the code as it was: %s", taken[-1])
-            coderepo.restore(repo_path, code_path, code_meta, backup_first=backup_first)
-        journal.record(code_backups, "code", code_path.name, f"release {chosen.id}")
-        repo = coderepo.open_repo(repo_path)
-        state = coderepo.capture(repo)
-        broken = coderepo.fsck(repo)
-        if state.commit != code_meta["commit"] or state.branch != code_meta["branch"] or broken:
-            raise RollbackError(f"the repository is not as backed up after the restore (HEAD {state.commit}, "
-                                f"branch {state.branch}, fsck: {broken[:2]})")
-        text = f"commit {(state.commit or '-')[:12]} on {state.branch or 'detached HEAD'}; verified"
-        if taken:
-            text += f"; the code as it was is in {taken[-1]}"
-        left = coderepo.left_behind(repo, before.commit)
-        if left:
-            text += (f"; commit {left[:12]} (HEAD before) is on no branch now: `git -C {repo_path} branch "
-                     f"rescued-{left[:8]} {left}` brings it back")
-        return text
-
-    def database_step() -> str:
-        result = restore.execute(the_plan, script=ctx.script, folder=s.backup_dir, pg_bin_dir=ctx.pg_bin_dir,
-                                 reconfirm=ctx.confirm, keep_replaced=ctx.keep_replaced)
-        for line in result.unfinished:
-            ctx.log.warning("warning: %s IS restored, but this did not finish: %s", staging.dbname, line)
-        return (f"{result.method}; {result.tables_checked} tables and {result.rows_checked} rows verified; "
-                f"unavailable {result.unavailable_seconds * 1000:.0f} ms" +
-                "".join(f"; WARNING, not finished: {u}" for u in result.unfinished))
-
-    def on_step(step: records.Step) -> None:
-        progress.record(step)
-        ctx.log.info("%s", step.line())
-        testhooks.checkpoint(f"release-{step.component}-done")
-
-    ctx.log.info("Rolling back release %s: configuration -> code -> database", chosen.id)
-    steps = records.run_steps({"config": config_step, "code": code_step, "database": database_step}, on_step)
-    failed = next((st for st in steps if st.ok is False), None)
-    health = None
-    if failed is None:
-        progress.finish()
-        limits = metrics.thresholds(s)
-        ctx.log.info("Health of %s after the rollback (thresholds: %s):", staging.dbname,
-                     ", ".join(f"{k} {v:g}" for k, v in limits.items()))
-        if monitor_seconds > 0:
-            health = metrics.monitor(staging, limits, monitor_seconds, lambda h: ctx.log.info("  %s", h.line()))
-        else:
-            health = metrics.sample(staging, limits)
-        ctx.log.info("  %s", health.line())
-    else:
-        progress.finish(failed=failed.component)
-    if ctx.json:
-        ctx.emit_json({"release": chosen.id, "steps": [st.to_json() for st in steps],
-                       "health": health.to_json() if health else None})
-    else:
-        ctx.log.info("Release %s: %s", chosen.id, "rolled back" if failed is None else f"STOPPED at {failed.component}")
-        for st in steps:
-            ctx.log.info("%s", st.line())
-    if failed is not None:
-        ctx.log.error("error: the %s step failed; the steps before it are done, those after it were not run. "
-                      "The failed step itself changed nothing.", failed.component)
-        return 1
-    return 0 if health.ok else 4
