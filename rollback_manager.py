@@ -8,7 +8,7 @@ the passwords out of the process list).
 
 Commands: list, info --file F, create [--description D] [--method M], restore --file F,
 restore --latest, verify --file F, delete --file F, reset (staging from V2),
-cleanup [--older-than DAYS] [--keep N] [--dry-run]
+warm [--file F] (make a point warm again), cleanup [--older-than DAYS] [--keep N] [--dry-run]
 
 The whole release (configuration, code and database under one id):
     python3 rollback_manager.py create --all --description "Release 42"
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="check this rollback point's backup instead")
     p.add_argument("--strict", action="store_true", help="count any difference from the point as a problem (exit 4)")
     p.add_argument("--quick", action="store_true", help="compare tables and row counts only")
+    cli.common_flags(p, destructive=False, machine=True)
+    p = sub.add_parser("warm", help="make a rollback point warm again: a sealed copy that a rollback swaps in")
+    p.add_argument("--file", help="dump file, sidecar or id (default: the newest OK point of staging)")
     cli.common_flags(p, destructive=False, machine=True)
     p = sub.add_parser("delete", help="remove a rollback point (its dump and sidecar)")
     p.add_argument("--file", required=True)
@@ -216,6 +219,18 @@ def cmd_cleanup(args, ctx):
     runbooks.cleanup(ctx, staging_or_none(ctx, args), args.older_than, args.keep, args.dry_run)
 
 
+def cmd_warm(args, ctx):
+    staging = ctx.staging()
+    point = (catalog.resolve(ctx.settings.backup_dir, args.file) if args.file else
+             runbooks.newest_point(ctx, staging))
+    if point is None:
+        raise UsageError(f"no OK rollback point of {staging.dbname} in {ctx.settings.backup_dir}. Nothing was changed.")
+    if args.file:
+        catalog.quick_check(point)
+        runbooks.check_restorable(ctx, point)
+    runbooks.warm_point(ctx, staging, point)
+
+
 def cmd_delete(args, ctx):
     point = catalog.resolve(ctx.settings.backup_dir, args.file)
     staging = staging_or_none(ctx, args)
@@ -225,7 +240,7 @@ def cmd_delete(args, ctx):
 
 
 COMMANDS = {"list": cmd_list, "info": cmd_info, "create": cmd_create, "restore": cmd_restore, "reset": cmd_reset,
-            "cleanup": cmd_cleanup, "verify": cmd_verify, "delete": cmd_delete}
+            "cleanup": cmd_cleanup, "verify": cmd_verify, "delete": cmd_delete, "warm": cmd_warm}
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,17 @@ from .errors import RollbackError, UsageError, VerifyProblems
 from .files import folders
 from .locks import DatabaseLock
 from .pg import frameworks, metrics
-from .pg.database import ConnInfo, app_name, connect, databases_like, drop_database, maintenance_db, name_prefix, rows
+from .pg.database import (
+    ConnInfo,
+    app_name,
+    connect,
+    databases_like,
+    drop_database,
+    maintenance_db,
+    name_prefix,
+    rows,
+    server_version,
+)
 from .points import backup, catalog, fill, marks, restore, snapshot, warm
 from .points import cleanup as cleaning
 from .points.catalog import RollbackPoint
@@ -31,6 +41,7 @@ def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: 
     result = restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
                              pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, reconfirm=ctx.confirm,
                              keep_replaced=ctx.keep_replaced)
+    rearm(ctx, the_plan, result)
     now = restore.heads_of(info)
     if now is not None:
         result.notes.append(f"migration heads now: {frameworks.describe(now)}")
@@ -104,6 +115,55 @@ def _reset_through_file(ctx: Context, source: backup.Source, the_plan: restore.P
                                reconfirm=ctx.confirm, keep_replaced=ctx.keep_replaced)
     finally:
         point.path.unlink()
+
+
+def rearm(ctx: Context, the_plan: restore.Plan, result: restore.Result) -> None:
+    """After a rollback swapped the point's warm copy in, and staging serves: make it warm again."""
+    if not result.rearm:
+        return
+    ctx.log.info("%s is back: it served the restored database after %.2f s.", result.target, result.back_seconds)
+    result.rearmed = warm.rearm(the_plan.info, result.point, the_plan.server_major, ctx.pg_bin_dir)
+    if not result.rearmed.ok:
+        ctx.log.warning("warning: point %s is not warm again: %s", result.point.id, result.rearmed.note)
+
+
+def warm_point(ctx: Context, info: ConnInfo, point: RollbackPoint) -> bool:
+    """`rollback_manager.py warm [--file ID]`: make a dump point warm (again). Returns whether it is
+    warm at the end; a copy that is there and proven sealed is left as it is."""
+    keep = ctx.warm_copies
+    if point.kind != catalog.DUMP or point.status != catalog.OK or point.database != info.dbname:
+        raise UsageError(f"rollback point {point.id} is not an OK dump point of {info.dbname} ({point.kind}, "
+                         f"{point.status}, of {point.database}): only those have warm copies. Nothing was changed.")
+    newest = [p.id for p in scan(ctx, info) if p.database == info.dbname and p.kind == catalog.DUMP
+              and p.status == catalog.OK][:keep]
+    if point.id not in newest:
+        raise UsageError(f"ROLLBACK_WARM_COPIES={keep} keeps the warm copies of {info.dbname}'s {keep} newest OK dump "
+                         f"point(s), and {point.id} is not one of them. Nothing was changed. Raise "
+                         "ROLLBACK_WARM_COPIES to keep it warm." if keep else
+                         "warm copies are off (ROLLBACK_WARM_COPIES=0 or --no-warm). Nothing was changed.")
+    conn = maintenance_db(info)
+    try:
+        why = warm.unusable(conn, point)
+        if not why:
+            ctx.log.info("Point %s is warm: %s is sealed, unchanged since it was checked (same OID, xmin and mark, "
+                         "no session). Nothing was changed.", point.id, point.warm_database)
+            return True
+        if point.warm_database:  # named but not usable: dropped only when it carries this point's mark
+            ctx.log.info("Point %s: %s; making a new warm copy.", point.id, why)
+            warm.drop(conn, point)
+            warm.record(point, None)
+            catalog.save(point)
+        major = server_version(conn)[0]
+    finally:
+        conn.close()
+    done = warm.rearm(info, point, major, ctx.pg_bin_dir)
+    if ctx.json:
+        ctx.emit_json({"point": point.id, "warm": done.ok, "seconds": round(done.seconds, 3), "note": done.note})
+    elif done.ok:
+        ctx.log.info("Point %s is warm again after %.1f s: %s.", point.id, done.seconds, done.note)
+    else:
+        raise RollbackError(f"point {point.id} is not warm: {done.note}")
+    return done.ok
 
 
 def show_result(ctx: Context, result: restore.Result) -> None:

@@ -142,6 +142,14 @@ def database_exists(server: ThrowawayServer, name: str) -> bool:
         conn.close()
 
 
+def database_names(server: ThrowawayServer) -> list:
+    conn = connect(server.info)
+    try:
+        return [r[0] for r in rows(conn, "SELECT datname FROM pg_database ORDER BY 1")]
+    finally:
+        conn.close()
+
+
 def script_env(tmp: Path, **variables: Optional[str]) -> Dict[str, str]:
     """The environment of a script run: temporary folders, no .env of the developer's."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL") and not k.startswith("DB_")}

@@ -48,7 +48,15 @@ def realistic(server, env_for):
         yield rd, env_for(server, rd.name, STAGING_DATABASE_URL=rd.url)
 
 
-def test_a_new_point_is_warm_and_the_rollback_copies_it_exactly(server, realistic):
+def database_oid(server, name):
+    conn = pf.connect(server.info)
+    try:
+        return pf.rows(conn, "SELECT oid FROM pg_database WHERE datname = %s", (name,))[0][0]
+    finally:
+        conn.close()
+
+
+def test_a_new_point_is_warm_and_the_rollback_swaps_it_in_exactly_then_re_arms_it(server, realistic, tmp_path):
     rd, env = realistic
     before = database_fingerprint(server, rd.name)
     point = make_point(env)
@@ -57,13 +65,49 @@ def test_a_new_point_is_warm_and_the_rollback_copies_it_exactly(server, realisti
     assert allowed is False and (oid, xmin) == (point["warm_oid"], point["warm_xmin"])
     listed = pf.run_script("rollback_manager.py", "list", env=env).stdout
     assert "WARM" in listed and point["id"] in listed
-    for round_ in range(2):  # the warm copy stays for the next rollback to the same point
+    for round_ in range(2):  # a second rollback right after the first swaps in the re-armed copy
         rd.migrate()
-        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        result = pf.run_script("quick_rollback.py", "--yes", "--json", env=env)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "copy of the warm copy" in result.stdout and "proven unchanged" in result.stdout
+        done = json.loads(result.stdout)
+        assert done["method"].startswith("swap in the sealed warm copy") and done["proof"] == "sealed"
+        assert any("proven unchanged" in n for n in done["notes"])
+        assert done["warm_again"] is True and done["back_seconds"] < done["warm_again_seconds"]
+        # The warm copy itself is staging now (same OID: nothing was copied), exact to the point.
+        assert database_oid(server, rd.name) == oid, round_
         assert differences(before, database_fingerprint(server, rd.name)) == [], round_
-        assert seal(server, point["warm_database"]) == (False, oid, xmin)
+        [again] = [p for p in points(env) if p["id"] == point["id"]]
+        assert again["warm"] and again["warm_database"] != point["warm_database"]
+        allowed, oid, xmin = seal(server, again["warm_database"])
+        assert allowed is False and (oid, xmin) == (again["warm_oid"], again["warm_xmin"])
+        assert warm_databases(server, rd.name) == [again["warm_database"]]
+        point = again
+    verified = pf.run_script("database_rollback.py", "verify", "--strict", env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_second_rollback_during_the_re_arm_restores_the_dump_and_the_re_arm_still_ends_warm(pg_old, env_for,
+                                                                                               tmp_path):
+    with RealisticDatabase(pg_old) as rd:
+        env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
+        before = database_fingerprint(pg_old, rd.name)
+        point = make_point(env)
+        rd.migrate()
+        proc, flag = pf.start_paused("quick_rollback.py", "--yes", env=env, step="warm-created", folder=tmp_path)
+        assert differences(before, database_fingerprint(pg_old, rd.name)) == []  # served while re-arming
+        rd.migrate()
+        second = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "restored from the dump: the rollback point has no warm copy" in second.stdout
+        assert "being re-armed by another run" in second.stdout + second.stderr
+        assert differences(before, database_fingerprint(pg_old, rd.name)) == []
+        flag.unlink()
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out + err
+        assert "warm again:   yes" in out
+        [again] = points(env)
+        assert again["warm"] and warm_databases(pg_old, rd.name) == [again["warm_database"]]
+        assert again["warm_database"] != point["warm_database"]
 
 
 def test_a_warm_copy_changed_behind_the_tool_s_back_is_caught_and_the_dump_used(server, realistic):
@@ -144,28 +188,44 @@ def test_a_kill_while_making_a_warm_copy_leaves_an_ok_point_or_nothing_half_made
         result = pf.run_script("quick_rollback.py", "--yes", env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         assert differences(before, database_fingerprint(pg_old, rd.name)) == []
-        assert warm_databases(pg_old, rd.name) == ([point["warm_database"]] if point["warm"] else [])
+        [now] = points(env)  # a warm point was swapped in, then re-armed under a new name
+        assert now["warm"] == point["warm"]
+        assert warm_databases(pg_old, rd.name) == ([now["warm_database"]] if now["warm"] else [])
 
 
-@pytest.mark.parametrize("step", ["restore-database-created", "restore-checked", "restore-connections-cut"])
-def test_a_kill_while_using_a_warm_copy_leaves_staging_whole_and_the_copy_sealed(pg_old, env_for, tmp_path, step):
+@pytest.mark.parametrize("step", ["restore-database-created", "restore-checked", "restore-connections-cut",
+                                  "restore-swapped", "warm-created", "warm-sealed"])
+def test_a_kill_at_any_step_of_a_swap_in_or_its_re_arm_leaves_staging_migrated_or_restored(pg_old, env_for,
+                                                                                           tmp_path, step):
+    """Before, between and after the renames, and during the re-arm: staging is never missing, and the
+    next rollback is exact (from the dump when the kill left the point without its warm copy)."""
     with RealisticDatabase(pg_old) as rd:
         env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
         before = database_fingerprint(pg_old, rd.name)
-        point = make_point(env)
+        make_point(env)
         rd.migrate()
         migrated = database_fingerprint(pg_old, rd.name)
         proc, flag = pf.start_paused("quick_rollback.py", "--yes", env=env, step=step, folder=tmp_path)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         flag.unlink()
-        if step != "restore-connections-cut":  # with connections cut, staging waits for the next run
-            assert differences(migrated, database_fingerprint(pg_old, rd.name)) == []
-        assert seal(pg_old, point["warm_database"]) == (False, point["warm_oid"], point["warm_xmin"])
+        listed = pf.run_script("rollback_manager.py", "list", env=env)  # any command allows connections again
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        now = database_fingerprint(pg_old, rd.name)
+        restored_already = step in ("restore-swapped", "warm-created", "warm-sealed")
+        assert differences(before if restored_already else migrated, now) == []
+        if restored_already:
+            rd.migrate()
         result = pf.run_script("quick_rollback.py", "--yes", env=env)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "copy of the warm copy" in result.stdout
+        assert "restored from the dump" in result.stdout  # the kill took the point's warm copy with it
         assert differences(before, database_fingerprint(pg_old, rd.name)) == []
+        assert warm_databases(pg_old, rd.name) == []  # nothing half-made is left
+        assert not [n for n in pf.database_names(pg_old) if "__restore_" in n]
+        warmed = pf.run_script("rollback_manager.py", "warm", env=env)
+        assert warmed.returncode == 0, warmed.stdout + warmed.stderr
+        [point] = points(env)
+        assert point["warm"] and warm_databases(pg_old, rd.name) == [point["warm_database"]]
 
 
 def _pause_at(env, folder, *steps):
@@ -261,6 +321,6 @@ def test_a_second_backup_dir_never_drops_the_first_one_s_warm_copies(pg_old, env
         rd.migrate()
         result = pf.run_script("quick_rollback.py", "--yes", env=first)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "copy of the warm copy" in result.stdout and "proven unchanged" in result.stdout
+        assert "swap in the sealed warm copy" in result.stdout and "proven unchanged" in result.stdout
         assert differences(before, database_fingerprint(pg_old, rd.name)) == []
         assert pf.database_exists(pg_old, lookalike)

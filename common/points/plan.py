@@ -51,6 +51,7 @@ class Plan:
     # Set when the point was read from a sidecar in the catalog: it is read again under the lock.
     from_catalog: bool = False
     current_heads: Optional[Dict[str, str]] = None  # the target's migration heads now
+    started: float = 0.0  # time.monotonic() when the restore began, under the lock
 
     def describe(self) -> List[str]:
         p = self.point
@@ -67,11 +68,16 @@ class Plan:
             if self.source_text:
                 fill = "copy it"
             elif p.kind == catalog.DUMP and not self.warm_reason and not self.no_warm:
-                fill = f"copy the sealed warm copy {p.warm_database} (server-side; the dump if it fails its check)"
+                lines.append(f"method:         swap in the sealed warm copy {p.warm_database} (renamed into place, "
+                             f"nothing copied; the dump if it fails its check); the current {self.info.dbname} is "
+                             f"kept as {self.info.dbname}__{PREVIOUS_TAG}_<timestamp>; then the point is re-armed "
+                             "from its dump while staging serves")
+                fill = ""
             elif p.kind == catalog.DUMP and p.warm_database and not self.no_warm:
                 fill += f" ({self.warm_reason})"
-            lines.append(f"method:         {fill} into a new database, check it, then swap names; the current "
-                         f"{self.info.dbname} is kept as {self.info.dbname}__{PREVIOUS_TAG}_<timestamp>")
+            if fill:
+                lines.append(f"method:         {fill} into a new database, check it, then swap names; the current "
+                             f"{self.info.dbname} is kept as {self.info.dbname}__{PREVIOUS_TAG}_<timestamp>")
         else:
             lines.append("method:         in place, in one transaction (this role may not create databases)")
         lines += self.property_lines()
@@ -140,18 +146,23 @@ class Result:
     dropped_replaced: List[str] = field(default_factory=list)  # older replaced databases dropped (retention)
     objects_checked: int = 0
     proof: str = "counts"  # "fingerprint": content and schema compared; "sealed": the seal proves it; "counts"
+    back_seconds: Optional[float] = None  # from the start, under the lock, until the target was the restored one
+    rearm: bool = False  # the point's warm copy was swapped in: it is to be re-armed
+    rearmed: Optional[object] = None  # warm.Rearmed, once a re-arm ran
 
     def summary_lines(self) -> List[str]:
         p = self.point
         lines = [self.headline or f"Restored {self.target} from rollback point {p.id} ({p.description or 'no description'}).",
                  f"  method:       {self.method}",
-                 f"  took:         {self.seconds:.1f} s; {self.target} was unavailable for "
+                 f"  took:         {self.took()}; {self.target} was unavailable for "
                  f"{self.unavailable_seconds * 1000:.0f} ms",
                  f"  verification: {self.verification()}",
                  f"  connections cut: {self.sessions_cut}"]
         if self.paused_seconds is not None:
             lines.append(f"  PgBouncer:    clients paused for {self.paused_seconds * 1000:.0f} ms, then resumed "
                          "against the restored database")
+        if self.rearmed is not None:
+            lines.append(f"  warm again:   {self.rearm_text()}")
         if self.kept_as:
             lines.append(f"  previous state kept as database {self.kept_as!r} "
                          "(remove with cleanup, or restore it by renaming if this rollback was wrong)")
@@ -160,6 +171,19 @@ class Result:
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  warning: {self.target} IS restored, but this did not finish: {u}" for u in self.unfinished]
         return lines
+
+    def took(self) -> str:
+        if self.back_seconds is None:
+            return f"{self.seconds:.1f} s"
+        return (f"{self.target} served the restored database after {self.back_seconds:.2f} s "
+                f"({self.seconds:.1f} s in all)")
+
+    def rearm_text(self) -> str:
+        r = self.rearmed
+        if r.ok:
+            return (f"yes, after {self.seconds + r.seconds:.1f} s ({r.seconds:.1f} s re-arming from the dump while "
+                    f"{self.target} served: {r.note})")
+        return f"NO ({r.note})"
 
     def verification(self) -> str:
         what = f"{self.tables_checked} tables, {self.rows_checked} rows, {self.objects_checked} schema objects"
@@ -174,7 +198,13 @@ class Result:
     def to_json(self) -> dict:
         return {"target": self.target, "point": self.point.id, "method": self.method, "kept_as": self.kept_as,
                 "proof": self.proof, "objects_checked": self.objects_checked,
-                "seconds": round(self.seconds, 3), "unavailable_seconds": round(self.unavailable_seconds, 4),
+                "seconds": round(self.seconds, 3),
+                "back_seconds": None if self.back_seconds is None else round(self.back_seconds, 3),
+                "warm_again": None if self.rearmed is None else self.rearmed.ok,
+                "warm_again_seconds": (round(self.seconds + self.rearmed.seconds, 3)
+                                       if self.rearmed is not None and self.rearmed.ok else None),
+                "rearm": None if self.rearmed is None else self.rearmed.note,
+                "unavailable_seconds": round(self.unavailable_seconds, 4),
                 "sessions_cut": self.sessions_cut, "tables_checked": self.tables_checked,
                 "rows_checked": self.rows_checked, "verified": True, "notes": self.notes,
                 "restored": True, "unfinished": self.unfinished, "dropped_replaced": self.dropped_replaced,

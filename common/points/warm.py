@@ -1,5 +1,5 @@
 """Warm copies: a sealed database holding exactly a dump rollback point, so that a rollback is a
-server-side file copy and a rename, seconds at any size (DESIGN §5).
+rename, in constant time at any size and on any file system (DESIGN §5).
 
 Made right after the dump, from the dump (pg_restore into `<db>__warm_<ts>`, while staging keeps
 serving), checked against the sidecar's tables and row counts, then sealed: ALLOW_CONNECTIONS
@@ -14,7 +14,14 @@ Allowing connections again takes an ALTER DATABASE, which writes a new version o
 pg_database row, with a new xmin (VACUUM's in-place updates of datfrozenxid keep it). The sidecar
 records the OID and that xmin at sealing; the copy is used only while it is still sealed with the
 same OID and xmin, carries this folder's mark for this point (common.points.marks: copies sealed before
-sessions were ended carry none), and has no session. Anything else, and the restore uses the dump."""
+sessions were ended carry none), and has no session. Anything else, and the restore uses the dump.
+
+A rollback takes the copy itself (`take`): no data is copied before staging is back. The point is
+then re-armed (`rearm`) after staging serves: a new copy is restored from the dump, sealed and
+checked as at creation. From the dump rather than from a spare copy kept beside the warm one: a
+spare would hold a second full copy of the database on disk for every warm point, all the time, to
+save a re-arm that nobody waits for (benchmarks/RESULTS.md measures both). A warm point therefore
+costs one copy of disk, during a re-arm too (the copy it replaces became staging)."""
 from __future__ import annotations
 
 import hashlib
@@ -29,6 +36,7 @@ import psycopg2
 
 from .. import storage
 from ..errors import RestoreFailed, RollbackError
+from ..locks import lock_key
 from ..log import get_logger
 from ..pg import connections
 from ..pg import database as db
@@ -204,6 +212,9 @@ def remove_orphans(conn, folder: Path, database: str) -> List[str]:
     named = {p.warm_database for p in catalog.scan(folder) if p.warm_database}
     gone = []
     present = db.databases_like(conn, db.name_prefix(database, TAG))
+    if present and rearm_running(conn, database):
+        get_logger().info("A warm copy of %s is being re-armed by another run: its copies are left alone.", database)
+        return gone
     for name in present:
         if name in named or not marks.ours(conn, name, TAG, folder):
             continue
@@ -239,3 +250,75 @@ def _drop_quietly(conn, name: str, folder: Optional[Path] = None) -> None:
         return
     if folder is not None:
         marks.forget(folder, name)
+
+
+def take(conn, point: RollbackPoint, fresh: str) -> None:
+    """Make the point's sealed warm copy the database `fresh` that a restore then swaps in. The
+    sidecar stops naming it first, so a kill at any moment leaves either a sealed copy no sidecar
+    names (an orphan the next run drops) or a `<db>__restore_` database (which the next restore
+    removes): the point is then simply not warm, and its dump stays the point. Proven still sealed,
+    with no session, after the rename; the mark is removed (the restore sets the recorded comment)."""
+    name, oid = point.warm_database, point.warm_oid
+    record(point, None)
+    catalog.save(point)
+    db.rename_database(conn, name, fresh)  # fails, with nothing renamed, while any session is on it
+    state = seal_state(conn, fresh)
+    if state is None or state[0] or state[1] != oid or db.sessions(conn, fresh):
+        raise RollbackError(f"the warm copy {name} was changed while it was taken (now {state}); it is not used")
+    with conn.cursor() as cur:
+        cur.execute(db.sql.SQL("COMMENT ON DATABASE {} IS NULL").format(db.sql.Identifier(fresh)))
+
+
+def rearm_key(database: str) -> int:
+    return lock_key(f"rearm:{database}")
+
+
+def rearm_running(conn, database: str) -> bool:
+    """Whether another session holds the re-arm lock of the database (a re-arm is under way)."""
+    key = rearm_key(database)
+    if db.scalar(conn, "SELECT pg_try_advisory_lock(%s)", (key,)):
+        db.scalar(conn, "SELECT pg_advisory_unlock(%s)", (key,))
+        return False
+    return True
+
+
+@dataclass
+class Rearmed:
+    ok: bool
+    seconds: float
+    note: str
+
+
+def rearm(info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str]) -> Rearmed:
+    """After a rollback took the point's warm copy, build a new one from the dump while staging
+    serves. Runs without the target's lock (a second rollback need not wait for it: it restores the
+    dump), under a re-arm lock that keeps other runs from dropping the copy as an orphan. Ctrl-C or
+    a failure only leaves the point not warm; staging is never touched."""
+    started = time.monotonic()
+    again = f"`python3 rollback_manager.py warm --file {point.id}` re-arms it"
+    conn = db.maintenance_db(info)
+    try:
+        if not db.scalar(conn, "SELECT pg_try_advisory_lock(%s)", (rearm_key(info.dbname),)):
+            return Rearmed(False, 0.0, f"another run is re-arming a warm copy of {info.dbname}; {again}")
+        get_logger().info("Re-arming point %s: a new warm copy from its dump, while %s serves ...", point.id,
+                          info.dbname)
+        try:
+            seal = build(conn, info, point, server_major, pg_bin_dir)
+        except KeyboardInterrupt:
+            return Rearmed(False, time.monotonic() - started,
+                           f"interrupted: the point is not warm (the next rollback restores its dump); {again}")
+        if seal is None:
+            return Rearmed(False, time.monotonic() - started, f"the new warm copy could not be made (see above); "
+                           f"the next rollback restores the dump; {again}")
+        try:  # the sidecar as it is now: another run may have written it meanwhile
+            now = catalog.load_sidecar(point.sidecar)
+        except (OSError, ValueError):
+            _drop_quietly(conn, seal.database, point.folder)
+            return Rearmed(False, time.monotonic() - started, f"point {point.id} was deleted meanwhile")
+        record(now, seal)
+        catalog.save(now)
+        marks.forget(point.folder, seal.database)
+        testhooks.checkpoint("rearm-recorded")
+        return Rearmed(True, time.monotonic() - started, f"warm copy {seal.database} sealed and checked")
+    finally:
+        conn.close()

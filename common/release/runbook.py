@@ -146,9 +146,12 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
                      f"rescued-{left[:8]} {left}` brings it back")
         return text
 
+    db_result: List[restore.Result] = []
+
     def database_step() -> str:
         result = restore.execute(the_plan, script=ctx.script, folder=s.backup_dir, pg_bin_dir=ctx.pg_bin_dir,
                                  reconfirm=ctx.confirm, keep_replaced=ctx.keep_replaced)
+        db_result.append(result)
         for line in result.unfinished:
             ctx.log.warning("warning: %s IS restored, but this did not finish: %s", staging.dbname, line)
         return (f"{result.method}; {result.tables_checked} tables and {result.rows_checked} rows verified; "
@@ -176,9 +179,16 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
         ctx.log.info("  %s", health.line())
     else:
         progress.finish(failed=failed.component)
+    rearmed = None
+    if db_result and db_result[0].rearm:  # after every step and the health check: nobody waits for it
+        runbooks.rearm(ctx, the_plan, db_result[0])
+        rearmed = db_result[0].rearmed
+        ctx.log.info("  warm again: %s", db_result[0].rearm_text())
     if ctx.json:
         ctx.emit_json({"release": chosen.id, "steps": [st.to_json() for st in steps],
-                       "health": health.to_json() if health else None})
+                       "health": health.to_json() if health else None,
+                       "warm_again": None if rearmed is None else rearmed.ok,
+                       "rearm": None if rearmed is None else rearmed.note})
     else:
         ctx.log.info("Release %s: %s", chosen.id, "rolled back" if failed is None else f"STOPPED at {failed.component}")
         for st in steps:
