@@ -79,6 +79,7 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
                 ctx.log.info("Copying V2 %s (PostgreSQL %s, %d tables) ...", v2.masked(), source.version,
                              len(source.tables))
                 the_plan.fill, the_plan.fill_text = stream.fill, stream.describe()
+                the_plan.fill_counts = lambda: stream.target_counts
                 result = restore.execute(the_plan, script=ctx.script, folder=folder, pg_bin_dir=ctx.pg_bin_dir,
                                          drop_previous=drop_previous, lock=lock, reconfirm=ctx.confirm,
                                          keep_replaced=ctx.keep_replaced)

@@ -213,13 +213,13 @@ def user_tables(conn) -> List[tuple]:
         ORDER BY c.relpages DESC, 1, 2""")
 
 
-def _count(conn, schema: str, table: str) -> int:
+def table_count(conn, schema: str, table: str) -> int:
     return int(scalar(conn, sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))))
 
 
 def table_row_counts(conn) -> Dict[str, int]:
     """Exact rows of every ordinary table ('schema.table' -> count), in this connection's snapshot."""
-    return {f"{s}.{t}": _count(conn, s, t) for s, t in sorted(user_tables(conn))}
+    return {f"{s}.{t}": table_count(conn, s, t) for s, t in sorted(user_tables(conn))}
 
 
 def count_rows_parallel(info: ConnInfo, workers: int = 2, analyze: bool = False,
@@ -251,7 +251,7 @@ def count_rows_parallel(info: ConnInfo, workers: int = 2, analyze: bool = False,
                 if job is None:
                     execute(conn, "ANALYZE")
                 else:
-                    counts[f"{job[0]}.{job[1]}"] = _count(conn, *job)
+                    counts[f"{job[0]}.{job[1]}"] = table_count(conn, *job)
         except BaseException as exc:  # re-raised in the caller
             errors.append(exc)
         finally:

@@ -48,6 +48,8 @@ class Plan:
     # to check it against, instead of pg_restore from the point's file.
     fill: Optional[Callable[[ConnInfo], Dict[str, int]]] = None
     fill_text: str = ""
+    # With `fill`: the new database's exact row counts, taken while it was filled (None: count after)
+    fill_counts: Optional[Callable[[], Optional[Dict[str, int]]]] = None
     # Set when the point was read from a sidecar in the catalog: it is read again under the lock.
     from_catalog: bool = False
     current_heads: Optional[Dict[str, str]] = None  # the target's migration heads now

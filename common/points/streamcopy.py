@@ -14,17 +14,21 @@ the copy is checked against, see the same instant of V2:
      carries everything else (sequences, large objects, the other tables)
   3. post-data (indexes, constraints, triggers,   pg_dump --section=post-data -f small file,
      materialized view contents), in parallel     pg_restore --jobs
-The new database is then checked like any restore (exact row counts against V2's, in its
-snapshot) before the swap; a failure at any step leaves staging untouched."""
+The new database is checked like any restore, by exact row counts against V2's (in its snapshot),
+before the swap; a failure at any step leaves staging untouched. Each table is counted, and
+analysed, as soon as its stream has moved past it (post-data adds no rows), on one connection
+beside the streams and the index builds, not in a pass after them."""
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import RestoreFailed, ToolFailed, ToolNotFound
 from ..log import get_logger
+from ..pg import database as db
 from ..pg.database import ConnInfo, rows
 from ..pg.pgtools import Tool, find_tool
 from ..progress import Progress
@@ -46,6 +50,7 @@ class StreamedCopy:
         self.source, self.pg_dump, self.pg_restore = source, pg_dump, pg_restore
         self.scratch, self.jobs = scratch, jobs
         self._count_error: Optional[BaseException] = None
+        self.target_counts: Optional[Dict[str, int]] = None  # the new database's, once filled
 
     @classmethod
     def prepare(cls, source: Source, server_major: int, pg_bin_dir: Optional[str], scratch: Path,
@@ -78,16 +83,22 @@ class StreamedCopy:
         post = self.scratch / f"post-data-{os.getpid()}.dump"
         try:
             self._pipe(["--section=pre-data"], target, "pre-data")
+            tables = TableCounter(target)
             run(self._dump_argv(["--section=post-data", "--file", str(post)]), password=self.source.info.password,
                 env=self.source.info.libpq_env(), what=f"pg_dump {self.pg_dump.version} (post-data)")
             streams = [["--section=data"] + [f"--exclude-table-data={_pattern(t)}" for g in groups for t in g]]
             streams += [["--section=data", "--strict-names"] + [f"--table={_pattern(t)}" for t in g] for g in groups]
-            self._parallel(streams, target, progress)
-            progress.done()
-            log.info("  indexes, constraints and the rest, %d jobs ...", self.jobs)
-            run([self.pg_restore.path, "--exit-on-error", "--no-password", f"--jobs={self.jobs}",
-                 "--dbname", conninfo_dbname(target.dbname), str(post)], password=target.password, env=target.libpq_env(),
-                what=f"pg_restore {self.pg_restore.version} (post-data)")
+            try:
+                self._parallel(streams, target, progress, tables)
+                progress.done()
+                log.info("  indexes, constraints and the rest, %d jobs (tables counted beside them) ...", self.jobs)
+                run([self.pg_restore.path, "--exit-on-error", "--no-password", f"--jobs={self.jobs}",
+                     "--dbname", conninfo_dbname(target.dbname), str(post)], password=target.password,
+                    env=target.libpq_env(), what=f"pg_restore {self.pg_restore.version} (post-data)")
+            except BaseException:
+                tables.stop()
+                raise
+            self.target_counts = tables.finish()
         except BaseException as exc:
             if counter.is_alive():  # the count would otherwise go on, on a connection about to close
                 self.source.conn.cancel()
@@ -160,22 +171,93 @@ class StreamedCopy:
     def _pipe(self, dump_args: List[str], target: ConnInfo, what: str) -> None:
         self._finish(*self._start(dump_args, target, what))
 
-    def _parallel(self, streams: List[List[str]], target: ConnInfo, progress: Progress) -> None:
+    def _parallel(self, streams: List[List[str]], target: ConnInfo, progress: Progress, tables: "TableCounter") -> None:
         lock = threading.Lock()
+        current: Dict[int, str] = {}
 
-        def on_line(line: str) -> None:
-            if "processing data for table" in line:
-                with lock:
-                    progress.step(line.split("table", 1)[1].strip())
+        def watcher(stream: int):
+            def on_line(line: str) -> None:
+                if "processing data for table" in line:
+                    name = line.split("table", 1)[1].strip()
+                    with lock:
+                        progress.step(name)
+                        if stream in current:  # the stream has moved past its previous table
+                            tables.loaded(current[stream])
+                        current[stream] = name
+            return on_line
 
-        started = [self._start(args, target, f"data stream {i + 1}", on_line) for i, args in enumerate(streams)]
+        started = [self._start(args, target, f"data stream {i + 1}", watcher(i)) for i, args in enumerate(streams)]
         try:
-            for producer, consumer, what in started:
+            for i, (producer, consumer, what) in enumerate(started):
                 self._finish(producer, consumer, what)
+                with lock:
+                    if i in current:
+                        tables.loaded(current.pop(i))
         finally:
             for producer, consumer, _ in started:  # one stream failed: stop the others at once
                 consumer.kill()
                 producer.kill()
+
+
+class TableCounter:
+    """Counts and analyses each table of the new database once its data is loaded, in a thread on
+    a connection of its own; `finish()` counts (and analyses) what was not reached that way, and
+    returns every table's exact row count. Tables are named as pg_restore --verbose names them
+    ("schema.table" in one pair of quotes); a name that matches no table, or two, is left to finish()."""
+
+    def __init__(self, target: ConnInfo):
+        self.conn = db.connect(target)
+        self.by_label: Dict[str, list] = {}
+        for schema, table in db.user_tables(self.conn):
+            self.by_label.setdefault(f'"{schema}.{table}"', []).append((schema, table))
+        self.counts: Dict[str, int] = {}
+        self.jobs: "queue.Queue" = queue.Queue()
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def loaded(self, label: str) -> None:
+        found = self.by_label.get(label, [])
+        if len(found) == 1:
+            self.jobs.put(found[0])
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._count(*job)
+            except BaseException as exc:  # re-raised by finish()
+                self.error = exc
+
+    def _count(self, schema: str, table: str) -> None:
+        name = f"{schema}.{table}"
+        if name in self.counts:
+            return
+        self.counts[name] = db.table_count(self.conn, schema, table)
+        db.execute(self.conn, db.sql.SQL("ANALYZE {}.{}").format(db.sql.Identifier(schema), db.sql.Identifier(table)))
+
+    def stop(self) -> None:
+        """The copy failed: no more counting."""
+        self.error = self.error or RuntimeError("stopped")
+        self.jobs.put(None)
+        self.thread.join()
+        self.conn.close()
+
+    def finish(self) -> Dict[str, int]:
+        self.jobs.put(None)
+        self.thread.join()
+        try:
+            if self.error is not None:
+                raise self.error
+            for schema, table in db.user_tables(self.conn):  # after post-data: every table there is
+                self._count(schema, table)
+            return dict(sorted(self.counts.items()))
+        finally:
+            self.conn.close()
 
 
 def _pattern(quoted_name: str) -> str:
