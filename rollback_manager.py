@@ -8,7 +8,8 @@ the passwords out of the process list).
 
 Commands: list, info --file F, create [--description D] [--method M], restore --file F,
 restore --latest, verify --file F, delete --file F, reset (staging from V2),
-warm [--file F] (make a point warm again), cleanup [--older-than DAYS] [--keep N] [--dry-run]
+warm [--file F] (make a point warm again), drill [--file F | --latest | --every] [--all]
+(rehearse a rollback where nobody works), cleanup [--older-than DAYS] [--keep N] [--dry-run]
 
 The whole release (configuration, code and database under one id):
     python3 rollback_manager.py create --all --description "Release 42"
@@ -73,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="check this rollback point's backup instead")
     p.add_argument("--strict", action="store_true", help="count any difference from the point as a problem (exit 4)")
     p.add_argument("--quick", action="store_true", help="compare tables and row counts only")
+    cli.common_flags(p, destructive=False, machine=True)
+    p = sub.add_parser("drill", help="rehearse a rollback: restore a point into a scratch database beside staging, "
+                                     "prove it against the point, time it, drop it (staging is not touched)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--file", help="dump file, sidecar or id (with --all: a release id)")
+    which.add_argument("--latest", action="store_true", help="the newest OK point (the default)")
+    which.add_argument("--every", action="store_true", help="every OK point of staging, the longest undrilled first")
+    p.add_argument("--all", action="store_true", help="drill a whole release: configuration and code restored into "
+                   "scratch folders and checked, the database as above")
     cli.common_flags(p, destructive=False, machine=True)
     p = sub.add_parser("warm", help="make a rollback point warm again: a sealed copy that a rollback swaps in")
     p.add_argument("--file", help="dump file, sidecar or id (default: the newest OK point of staging)")
@@ -219,6 +229,20 @@ def cmd_cleanup(args, ctx):
     runbooks.cleanup(ctx, staging_or_none(ctx, args), args.older_than, args.keep, args.dry_run)
 
 
+def cmd_drill(args, ctx):
+    staging = ctx.staging()
+    if args.all:
+        if args.every:
+            raise UsageError("--all takes --latest or --file RELEASE_ID, not --every. Nothing was changed.")
+        return release_runbook.drill_release(ctx, staging, args.file)
+    if args.every:
+        return runbooks.drill_points(ctx, staging, None)
+    point = catalog.resolve(ctx.settings.backup_dir, args.file) if args.file else runbooks.newest_point(ctx, staging)
+    if point is None:
+        raise UsageError(f"no OK rollback point of {staging.dbname} in {ctx.settings.backup_dir}. Nothing was changed.")
+    return runbooks.drill_points(ctx, staging, [point])
+
+
 def cmd_warm(args, ctx):
     staging = ctx.staging()
     point = (catalog.resolve(ctx.settings.backup_dir, args.file) if args.file else
@@ -240,7 +264,8 @@ def cmd_delete(args, ctx):
 
 
 COMMANDS = {"list": cmd_list, "info": cmd_info, "create": cmd_create, "restore": cmd_restore, "reset": cmd_reset,
-            "cleanup": cmd_cleanup, "verify": cmd_verify, "delete": cmd_delete, "warm": cmd_warm}
+            "cleanup": cmd_cleanup, "verify": cmd_verify, "delete": cmd_delete, "warm": cmd_warm,
+            "drill": cmd_drill}
 
 
 def main(argv=None) -> int:

@@ -78,6 +78,7 @@ PostgreSQL migration rollback toolkit
  10) Back up code and configuration 11) Code rollback to a commit
  12) Restore configuration backup   13) Clean up old rollback points
  14) Roll back the whole release (configuration, code, database)
+ 15) Rehearse a rollback (drill: restore the newest point beside staging, prove it, drop it)
   0) Exit'
 
 # run_choice N [ARGS...]: one menu entry; ARGS are passed on to the script it runs.
@@ -124,8 +125,9 @@ run_choice() {
         py config_rollback.py restore "$@" ;;
     13) ensure_deps && py rollback_manager.py cleanup --older-than 30 "$@" ;;
     14) ensure_deps && py rollback_manager.py restore --all --latest "$@" ;;
+    15) ensure_deps && py rollback_manager.py drill "$@" ;;
     0) return 0 ;;
-    *) echo "Invalid choice: $choice (0-14)" >&2; return 2 ;;
+    *) echo "Invalid choice: $choice (0-15)" >&2; return 2 ;;
   esac
 }
 
@@ -145,7 +147,7 @@ menu() {
       0) echo "Bye."; return 0 ;;
       ''|*[!0-9]*) echo "Invalid choice: '$choice'. Type a number from the menu."; continue ;;
     esac
-    if [ "$choice" -gt 14 ]; then echo "Invalid choice: $choice. Type a number from the menu."; continue; fi
+    if [ "$choice" -gt 15 ]; then echo "Invalid choice: $choice. Type a number from the menu."; continue; fi
     run_choice "$choice"
     status=$?
     echo "--> choice $choice finished with exit status $status"

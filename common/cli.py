@@ -36,10 +36,16 @@ class Context:
     no_warm: bool = False
     pgbouncer_url: Optional[str] = None
     pause_timeout: Optional[float] = None
+    no_services: bool = False
 
     @property
     def log(self):
         return get_logger()
+
+    def services(self):
+        """ROLLBACK_STOP_COMMAND / ROLLBACK_START_COMMAND around a destructive rollback (common.services)."""
+        from .services import Services
+        return Services(self.settings, skip=self.no_services)
 
     def code_commit(self) -> Optional[str]:
         """The commit checked out at REPO_PATH (recorded with a rollback point: the code that expects
@@ -241,6 +247,8 @@ def common_flags(parser: argparse.ArgumentParser, destructive: bool = True, mach
         parser.add_argument("--pause-timeout", metavar="SECONDS", type=float,
                             help=f"longest PgBouncer pause (default {DEFAULT_PAUSE_TIMEOUT:.0f})")
     if area == "database" and destructive:
+        parser.add_argument("--no-services", action="store_true",
+                            help="do not run ROLLBACK_STOP_COMMAND / ROLLBACK_START_COMMAND around this restore")
         parser.add_argument("--wait", metavar="SECONDS", type=float, default=DEFAULT_WAIT,
                             help="how long to wait for sessions this role may not cut before giving up "
                                  f"(default {DEFAULT_WAIT:.0f})")
@@ -281,7 +289,8 @@ def execute(script: str, parser: argparse.ArgumentParser, handler: Callable[[arg
                       wait=max(0.0, DEFAULT_WAIT if getattr(args, "wait", None) is None else args.wait),
                       no_warm=bool(getattr(args, "no_warm", False)),
                       pgbouncer_url=getattr(args, "pgbouncer_url", None),
-                      pause_timeout=getattr(args, "pause_timeout", None))
+                      pause_timeout=getattr(args, "pause_timeout", None),
+                      no_services=bool(getattr(args, "no_services", False)))
         code = handler(args, ctx)
         return 0 if code is None else code
     except RollbackError as exc:

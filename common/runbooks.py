@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from . import instep, journal, storage
+from . import instep, journal, notify, storage
 from .cli import Context, same_database
 from .errors import RollbackError, UsageError, VerifyProblems
 from .files import folders
@@ -22,7 +22,7 @@ from .pg.database import (
     rows,
     server_version,
 )
-from .points import backup, catalog, fill, marks, restore, snapshot, warm
+from .points import backup, catalog, drill, fill, marks, restore, snapshot, warm
 from .points import cleanup as cleaning
 from .points.catalog import RollbackPoint
 from .points.plan import PREVIOUS_TAG
@@ -33,14 +33,22 @@ from .testing import testhooks
 
 def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: bool = False,
                   drop_previous: bool = False, question: Optional[str] = None) -> restore.Result:
-    """Check the backup, show what will be replaced, confirm, restore, print the summary."""
+    """Check the backup, show what will be replaced, confirm, then (services stopped, notices sent)
+    restore, print the summary."""
     the_plan = restore.plan(info, point, pg_bin_dir=ctx.pg_bin_dir, force=force, pooler=ctx.pooler(info))
     the_plan.wait, the_plan.no_warm = ctx.wait, ctx.no_warm
-    ctx.confirm(question or f"Restore {info.dbname} from rollback point {point.id}?", the_plan.describe())
+    services = ctx.services()
+    ctx.confirm(question or f"Restore {info.dbname} from rollback point {point.id}?",
+                the_plan.describe() + services.describe())
     testhooks.checkpoint("confirmed")
-    result = restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
-                             pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, reconfirm=ctx.confirm,
-                             keep_replaced=ctx.keep_replaced)
+    with notify.around(ctx, "restore", info.masked(), point.id) as end, \
+            services.around(_state_after(info, f"{info.dbname} restored from {point.id}")):
+        result = restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
+                                 pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, reconfirm=ctx.confirm,
+                                 keep_replaced=ctx.keep_replaced)
+        end.update(result="done" if not result.unfinished else "done, with warnings", method=result.method,
+                   unavailable_seconds=round(result.unavailable_seconds, 4))
+    result.services = services
     rearm(ctx, the_plan, result)
     now = restore.heads_of(info)
     if now is not None:
@@ -48,6 +56,15 @@ def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: 
     result.notes += [f"WARNING: {line}" for line in instep.out_of_step_lines(ctx, info, point)]
     show_result(ctx, result)
     return result
+
+
+def _state_after(info: ConnInfo, done: str):
+    def state(exc: Optional[BaseException]) -> str:
+        if exc is None:
+            return done
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"{info.dbname} as it was before: the restore failed ({why}), and a failed restore changes nothing"
+    return state
 
 
 def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previous: bool = False) -> restore.Result:
@@ -65,11 +82,14 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
                             source_text=f"a fresh pg_dump of V2 {v2.masked()} (V2 is only read)",
                             pooler=ctx.pooler(staging))
     the_plan.wait = ctx.wait
-    ctx.confirm(f"Reset {staging.dbname} from V2?", the_plan.describe())
+    services = ctx.services()
+    ctx.confirm(f"Reset {staging.dbname} from V2?", the_plan.describe() + services.describe())
     testhooks.checkpoint("confirmed")
     folder = ctx.settings.backup_dir
     scratch = storage.ensure_dir(folder / ".tmp")
-    with DatabaseLock(staging, staging.dbname, ctx.script) as lock:
+    with notify.around(ctx, "reset", staging.masked(), f"fresh copy of V2 {v2.masked()}"), \
+            services.around(_state_after(staging, f"{staging.dbname} reset from V2")), \
+            DatabaseLock(staging, staging.dbname, ctx.script) as lock:
         source = backup.Source.open(v2, app=app_name(ctx.script))
         try:
             stream = (StreamedCopy.prepare(source, the_plan.server_major, ctx.pg_bin_dir, scratch)
@@ -88,6 +108,7 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
         finally:
             source.close()
     shutil.rmtree(scratch, ignore_errors=True)
+    result.services = services
     result.headline = f"Reset {staging.dbname} from V2 {v2.masked()}: it is now a fresh copy of V2."
     result.reference = "V2 as dumped"
     show_result(ctx, result)
@@ -165,6 +186,38 @@ def warm_point(ctx: Context, info: ConnInfo, point: RollbackPoint) -> bool:
     else:
         raise RollbackError(f"point {point.id} is not warm: {done.note}")
     return done.ok
+
+
+def drill_points(ctx: Context, info: ConnInfo, chosen: Optional[List[RollbackPoint]]) -> int:
+    """`rollback_manager.py drill`: each point restored beside staging, proven, timed, dropped.
+    chosen None: every OK point of staging, the longest undrilled first. Exit 1 when one failed."""
+    points = scan(ctx, info)
+    if chosen is None:
+        chosen = drill.order_for_every(points, info.dbname)
+        if not chosen:
+            raise UsageError(f"no OK rollback point of {info.dbname} in {ctx.settings.backup_dir}. Nothing was changed.")
+    for point in chosen:
+        catalog.quick_check(point, scan_checker(ctx, info))
+        if point.status != catalog.OK:
+            raise UsageError(f"rollback point {point.id} is {point.status} ({point.problem}): it cannot be drilled. "
+                             "Nothing was changed.")
+    results = []
+    for n, point in enumerate(chosen, 1):
+        if len(chosen) > 1:
+            ctx.log.info("[%d/%d] %s", n, len(chosen), point.id)
+        done = drill.run(info, point, ctx.settings.backup_dir, ctx.pg_bin_dir)
+        results.append(done)
+        (ctx.log.info if done.ok else ctx.log.error)("%s", done.line())
+        if not done.ok:
+            notify.send(ctx, "drill", "failed", point=point.id, seconds=done.seconds, error=done.error)
+    if ctx.json:
+        ctx.emit_json({"drills": [dict(d.record(), point=d.point.id, objective_seconds=drill.DATABASE_OBJECTIVE,
+                                       checked=d.checked or None) for d in results]})
+    else:
+        ok = sum(d.ok for d in results)
+        ctx.log.info("Drills: %d OK, %d failed; staging %s was not touched, and no scratch database is left.", ok,
+                     len(results) - ok, info.dbname)
+    return 0 if all(d.ok for d in results) else 1
 
 
 def show_result(ctx: Context, result: restore.Result) -> None:

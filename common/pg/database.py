@@ -409,14 +409,27 @@ def drop_database(conn, name: str) -> None:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
-def rename_database(conn, name: str, new_name: str) -> None:
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(name), sql.Identifier(new_name)))
+def rename_database(conn, name: str, new_name: str, allow: bool = False) -> None:
+    """With allow, the renamed database (a sealed copy) accepts connections in the same commit."""
+    previous = conn.autocommit
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(name), sql.Identifier(new_name)))
+            if allow:
+                cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(new_name)))
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        conn.autocommit = previous
 
 
-def swap_names(conn, target: str, replacement: str, keep_as: str) -> None:
+def swap_names(conn, target: str, replacement: str, keep_as: str, allow: bool = False) -> None:
     """Rename target -> keep_as and replacement -> target in one transaction: both or neither.
-    (PostgreSQL allows renames in a transaction block; CREATE/DROP DATABASE it does not.)"""
+    (PostgreSQL allows renames in a transaction block; CREATE/DROP DATABASE it does not.) With
+    allow, the replacement (a sealed copy) accepts connections from the same commit on."""
     previous = conn.autocommit
     conn.autocommit = False
     try:
@@ -425,6 +438,8 @@ def swap_names(conn, target: str, replacement: str, keep_as: str) -> None:
                 sql.Identifier(target), sql.Identifier(keep_as)))
             cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
                 sql.Identifier(replacement), sql.Identifier(target)))
+            if allow:
+                cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(target)))
         conn.commit()
     except BaseException:
         conn.rollback()

@@ -61,6 +61,8 @@ class RollbackPoint:
     # Content and schema, taken in the dump's snapshot (common.points.fingerprint); None in points made before.
     fingerprint: Optional[dict] = None
     format_version: int = FORMAT_VERSION
+    # The last drill (common.points.drill): {at, ok, seconds, tools, error}; None when never drilled.
+    last_drill: Optional[dict] = None
     # Not stored: where the catalog found it and what the last check said.
     folder: Optional[Path] = field(default=None, repr=False, compare=False)
     status: str = OK
@@ -92,6 +94,7 @@ class RollbackPoint:
         """What `list --json` and `info --json` print: the sidecar plus status and paths."""
         data = self.to_json()
         data.update(status=self.status, problem=self.problem, warm=bool(self.warm_database),
+                    drill_failed=bool(self.last_drill) and not self.last_drill.get("ok"),
                     restore_with=self.restore_with or None,
                     path=str(self.path) if self.path else None,
                     sidecar=str(self.sidecar) if self.folder else None)
@@ -169,6 +172,8 @@ def _validate(point: RollbackPoint) -> None:
         raise ValueError("migration_heads must map frameworks to their heads")
     if point.database_properties is not None and not isinstance(point.database_properties, dict):
         raise ValueError("database_properties must be an object")
+    if point.last_drill is not None and not _valid_drill(point.last_drill):
+        raise ValueError("last_drill must be {at, ok, seconds, tools, error}")
     if point.fingerprint is not None and not (isinstance(point.fingerprint, dict)
                                               and isinstance(point.fingerprint.get("tables"), dict)):
         raise ValueError("fingerprint must be an object with tables")
@@ -194,6 +199,12 @@ def _validate(point: RollbackPoint) -> None:
         if not value.startswith(prefix) or not _DERIVED.match(value[len(prefix):]):
             raise ValueError(f"{name} {value!r} is not a name this toolkit derives from {point.database!r} "
                              f"({prefix}<timestamp>)")
+
+
+def _valid_drill(d) -> bool:
+    return (isinstance(d, dict) and isinstance(d.get("at"), str) and isinstance(d.get("ok"), bool)
+            and isinstance(d.get("seconds"), (int, float)) and not isinstance(d.get("seconds"), bool)
+            and isinstance(d.get("tools"), str) and (d.get("error") is None or isinstance(d.get("error"), str)))
 
 
 def quick_check(point: RollbackPoint, snapshot_exists: Optional[Callable[[str], Optional[bool]]] = None) -> RollbackPoint:

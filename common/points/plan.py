@@ -64,6 +64,12 @@ class Plan:
         else:
             lines += [f"rollback point: {p.id} ({p.kind}, {p.description or 'no description'}, created {p.created_at})",
                       f"                {len(p.tables)} tables, {p.rows} rows"]
+            if p.last_drill and not p.last_drill.get("ok"):
+                lines.append(f"WARNING:        its last drill FAILED ({str(p.last_drill.get('at'))[:19]}: "
+                             f"{p.last_drill.get('error') or 'no reason recorded'}); it may not restore")
+            elif p.last_drill:
+                lines.append(f"                last drill OK at {str(p.last_drill.get('at'))[:19]} in "
+                             f"{float(p.last_drill.get('seconds') or 0):.1f} s")
             lines += self.head_lines()
         if self.can_create:
             fill = "copy the snapshot (TEMPLATE)" if p.kind == catalog.SNAPSHOT else "restore the dump"
@@ -151,6 +157,7 @@ class Result:
     back_seconds: Optional[float] = None  # from the start, under the lock, until the target was the restored one
     rearm: bool = False  # the point's warm copy was swapped in: it is to be re-armed
     rearmed: Optional[object] = None  # warm.Rearmed, once a re-arm ran
+    services: Optional[object] = None  # common.services.Services, when its commands ran
 
     def summary_lines(self) -> List[str]:
         p = self.point
@@ -165,6 +172,8 @@ class Result:
                          "against the restored database")
         if self.rearmed is not None:
             lines.append(f"  warm again:   {self.rearm_text()}")
+        if self.services is not None:
+            lines += [f"  {line}" for line in self.services.lines()]
         if self.kept_as:
             lines.append(f"  previous state kept as database {self.kept_as!r} "
                          "(remove with cleanup, or restore it by renaming if this rollback was wrong)")
@@ -206,6 +215,7 @@ class Result:
                 "warm_again_seconds": (round(self.seconds + self.rearmed.seconds, 3)
                                        if self.rearmed is not None and self.rearmed.ok else None),
                 "rearm": None if self.rearmed is None else self.rearmed.note,
+                "services": None if self.services is None else self.services.to_json(),
                 "unavailable_seconds": round(self.unavailable_seconds, 4),
                 "sessions_cut": self.sessions_cut, "tables_checked": self.tables_checked,
                 "rows_checked": self.rows_checked, "verified": True, "notes": self.notes,

@@ -8,6 +8,11 @@ from . import catalog
 from .catalog import RollbackPoint
 
 
+def _drill_text(p: RollbackPoint) -> str:
+    from .drill import text  # drill imports the restore machinery; the table needs only its words
+    return text(p)
+
+
 def points_table(points: List[RollbackPoint], server_known: bool = True) -> str:
     if not points:
         return "No rollback points."
@@ -15,6 +20,8 @@ def points_table(points: List[RollbackPoint], server_known: bool = True) -> str:
     body = []
     for n, p in enumerate(points, 1):
         status = p.status + (f" ({p.problem})" if p.problem and p.status != "OK" else "")
+        if p.last_drill:
+            status += f", {_drill_text(p)}" if p.last_drill.get("ok") else ", LAST DRILL FAILED"
         body.append((str(n), p.id, p.created_at.replace("T", " ")[:19], _cut(p.description, 30), p.kind,
                      p.database or "?", human_size(p.size_bytes) if p.size_bytes else "-",
                      (human_size(p.warm_size_bytes or 0) if server_known else "unknown") if p.warm_database else "-",
@@ -45,11 +52,12 @@ def point_details(p: RollbackPoint) -> List[str]:
         lines.append(f"snapshot db:    {p.snapshot_database}")
     if p.warm_database:
         lines.append(f"warm copy:      {p.warm_database} ({human_size(p.warm_size_bytes or 0)}, sealed: a rollback "
-                     "copies it server-side)")
+                     "swaps it in, then re-arms it)")
     elif p.kind == "dump":
         lines.append("warm copy:      none (a rollback restores the dump)")
     if p.kind == "dump":
         lines.append(f"restore with:   {p.restore_with or 'nothing found on this machine'}")
+    lines.append(f"last drill:     {_drill_text(p)}" + (f" (with {p.last_drill['tools']})" if p.last_drill else ""))
     lines += [
         f"size:           {human_size(p.size_bytes)} ({p.size_bytes} bytes)",
         f"sha256:         {p.sha256 or '-'}",
@@ -71,7 +79,7 @@ def created_lines(p: RollbackPoint) -> List[str]:
         f"  duration: {p.duration_seconds:.1f} s" + (" (" + ", ".join(f"{k} {v:.1f} s" for k, v in p.timings.items())
                                                      + ")" if len(p.timings) > 1 else ""),
     ] + ([f"  warm:     {p.warm_database} ({human_size(p.warm_size_bytes or 0)}), sealed: a rollback to this "
-          "point copies it server-side"] if p.warm_database else [])
+          "point swaps it in"] if p.warm_database else [])
 
 
 def _cut(text: str, n: int) -> str:

@@ -22,7 +22,7 @@ from ..pg import database as db
 from ..pg.pgbouncer import Pooler
 from ..progress import timed
 from ..testing import testhooks
-from . import catalog, snapshot, warm
+from . import catalog, drill, snapshot, warm
 from .check import check_against_point, diff_counts
 from .fill import ChecksumBeside, fill_database, verify_checksum_with_progress
 from .in_place import restore_in_place
@@ -105,6 +105,7 @@ def recover_interrupted(conn, target: str, folder: Path, pooler: Optional[Pooler
     pgbouncer.recover(pooler, folder)
     connections.recover(conn, folder, target)
     warm.remove_orphans(conn, folder, target)
+    drill.remove_orphans_unless_drilling(conn, folder, target)
     for leftover in db.databases_like(conn, db.name_prefix(target, RESTORE_TAG)):
         get_logger().warning("Removing %s, left by an interrupted restore.", leftover)
         db.drop_database(conn, leftover)
@@ -204,9 +205,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
         _drop_quietly(conn, fresh)
         raise
     if not the_plan.exists:
-        db.rename_database(conn, fresh, target)
-        if result.rearm:
-            db.set_allow_connections(conn, target, True)  # the warm copy was sealed
+        db.rename_database(conn, fresh, target, allow=result.rearm)  # a warm copy was sealed
         result.back_seconds = time.monotonic() - the_plan.started
         result.method = "restore into a new database, then rename (the target did not exist)"
         return result
@@ -220,7 +219,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
             cut_at = time.monotonic()
             with connections.cut(conn, folder, target, also=[keep_as], state=cut, wait=the_plan.wait):
                 testhooks.checkpoint("restore-connections-cut")
-                db.swap_names(conn, target, fresh, keep_as)
+                db.swap_names(conn, target, fresh, keep_as, allow=result.rearm)
                 swapped = True
                 result.back_seconds = time.monotonic() - the_plan.started
                 result.unavailable_seconds = time.monotonic() - cut_at

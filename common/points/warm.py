@@ -28,6 +28,7 @@ import hashlib
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -46,7 +47,7 @@ from ..testing import testhooks
 from . import catalog, marks
 from .catalog import RollbackPoint
 from .check import check_against_point
-from .fill import fill_database
+from .fill import ChecksumBeside, fill_database
 
 TAG = "warm"
 DEFAULT_KEEP = 1
@@ -124,9 +125,11 @@ def free_space(conn, needed: int) -> Optional[str]:
     return None
 
 
-def build(conn, info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str]) -> Optional[Seal]:
-    """Make and seal the warm copy of a fresh dump point; None (with a warning) when it cannot be
-    made: the point stays OK either way, and nothing is left behind."""
+def build(conn, info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str],
+          check_sha: bool = False) -> Optional[Seal]:
+    """Make and seal the warm copy of a dump point; None (with a warning) when it cannot be made:
+    the point stays OK either way, and nothing is left behind. check_sha: hash the dump beside
+    pg_restore (a re-arm: the dump was not just written by this run)."""
     log = get_logger()
     needed = db.database_size(conn, info.dbname)
     room = free_space(conn, needed)
@@ -142,7 +145,7 @@ def build(conn, info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_
         db.create_database(conn, name, like=info.dbname)
         marks.put(conn, name, TAG, point.folder, point.id)
         testhooks.checkpoint("warm-created")
-        with timed("warm copy: pg_restore"):
+        with timed("warm copy: pg_restore"), (ChecksumBeside(point) if check_sha else nullcontext()):
             try:
                 fill_database(info.with_db(name), point, server_major, pg_bin_dir)
             except RestoreFailed as exc:  # the dump itself does not restore here: the point is not OK
@@ -303,7 +306,7 @@ def rearm(info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: O
         get_logger().info("Re-arming point %s: a new warm copy from its dump, while %s serves ...", point.id,
                           info.dbname)
         try:
-            seal = build(conn, info, point, server_major, pg_bin_dir)
+            seal = build(conn, info, point, server_major, pg_bin_dir, check_sha=True)
         except KeyboardInterrupt:
             return Rearmed(False, time.monotonic() - started,
                            f"interrupted: the point is not warm (the next rollback restores its dump); {again}")

@@ -4,10 +4,12 @@ backed up first and verified after, then the health of staging."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from .. import journal, runbooks
+from .. import journal, notify, runbooks, storage
 from ..cli import Context
 from ..errors import RollbackError, UsageError
 from ..files import configfiles, folders
@@ -98,6 +100,7 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
     the_plan = restore.plan(staging, point, pg_bin_dir=ctx.pg_bin_dir, pooler=ctx.pooler(staging))
     the_plan.wait, the_plan.no_warm = ctx.wait, ctx.no_warm
     drift = configfiles.drift(config_meta, config_dir, env_file)
+    services = ctx.services()
     ctx.confirm(f"Roll the whole release back to {chosen.id}?", [
         f"release {chosen.id} ({chosen.description or '-'}, created {chosen.created_at}), in this order:",
         f"1. configuration: {config_dir} and {env_file} := {config_path} ({len(config_meta['files'])} files; "
@@ -106,7 +109,8 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
         f"2. code: {repo_path} := {code_path} (commit {(code_meta['commit'] or '-')[:12]} on "
         f"{code_meta['branch'] or 'detached HEAD'}, {len(code_meta['dirty_files'])} uncommitted file(s))",
         "3. database:"] + [f"   {line}" for line in the_plan.describe()] +
-        ["each step is backed up first and verified after; the first that fails stops the rest"])
+        ["each step is backed up first and verified after; the first that fails stops the rest"] +
+        services.describe())
     progress = records.Progress(s.backup_dir, chosen.id)
 
     def config_step() -> str:
@@ -158,13 +162,28 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
                 f"unavailable {result.unavailable_seconds * 1000:.0f} ms" +
                 "".join(f"; WARNING, not finished: {u}" for u in result.unfinished))
 
+    ran: List[records.Step] = []
+
     def on_step(step: records.Step) -> None:
+        ran.append(step)
         progress.record(step)
         ctx.log.info("%s", step.line())
         testhooks.checkpoint(f"release-{step.component}-done")
 
     ctx.log.info("Rolling back release %s: configuration -> code -> database", chosen.id)
-    steps = records.run_steps({"config": config_step, "code": code_step, "database": database_step}, on_step)
+
+    def state(exc) -> str:
+        done = [st.component for st in ran if st.ok]
+        stopped = next((st.component for st in ran if st.ok is False), None)
+        if exc is None and stopped is None:
+            return f"release {chosen.id} rolled back (configuration, code and database)"
+        return (f"a partly rolled-back release: {', '.join(done) or 'no step'} done, "
+                f"{stopped or 'a step'} failed (it changed nothing), the rest not run")
+
+    with notify.around(ctx, "restore --all", staging.masked(), chosen.id) as end, services.around(state):
+        steps = records.run_steps({"config": config_step, "code": code_step, "database": database_step}, on_step)
+        stopped_at = next((st.component for st in ran if st.ok is False), None)
+        end["result"] = "done" if stopped_at is None else f"failed at the {stopped_at} step"
     failed = next((st for st in steps if st.ok is False), None)
     health = None
     if failed is None:
@@ -188,13 +207,76 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
         ctx.emit_json({"release": chosen.id, "steps": [st.to_json() for st in steps],
                        "health": health.to_json() if health else None,
                        "warm_again": None if rearmed is None else rearmed.ok,
-                       "rearm": None if rearmed is None else rearmed.note})
+                       "rearm": None if rearmed is None else rearmed.note, "services": services.to_json()})
     else:
         ctx.log.info("Release %s: %s", chosen.id, "rolled back" if failed is None else f"STOPPED at {failed.component}")
         for st in steps:
             ctx.log.info("%s", st.line())
+        for line in services.lines():
+            ctx.log.info("  %s", line)
     if failed is not None:
         ctx.log.error("error: the %s step failed; the steps before it are done, those after it were not run. "
                       "The failed step itself changed nothing.", failed.component)
         return 1
     return 0 if health.ok else 4
+
+
+def drill_release(ctx: Context, staging: ConnInfo, ref: Optional[str]) -> int:
+    """`rollback_manager.py drill --all [--file RELEASE_ID | --latest]`: configuration and code restored
+    into scratch folders and checked against their backups' checksums, the database drilled into a
+    scratch database (common.points.drill); each component timed against its objective. Nothing
+    the release describes is touched; the scratch folders and database are removed on every way out."""
+    from ..files import coderepo
+    from ..points import drill
+    points = runbooks.scan(ctx, staging)
+    chosen = records.resolve(runbooks.releases(ctx, points), ref)
+    parts = chosen.parts
+    config_path, code_path = Path(parts["config"]["path"]), Path(parts["code"]["path"])
+    point = next(p for p in points if p.id == parts["database"]["id"])
+    scratch = Path(tempfile.mkdtemp(prefix=".drill-", dir=storage.ensure_dir(ctx.settings.backup_dir)))
+    ctx.log.info("Drilling release %s: configuration and code into %s, the database beside %s (nothing the "
+                 "release describes is touched)", chosen.id, scratch, staging.dbname)
+
+    def config_step() -> str:
+        meta = configfiles.load_backup(config_path)  # every file against the manifest's sha256
+        env_entry = next((e for e in meta["entries"] if e.area == "env"), None)  # named as ENV_FILE was
+        env = storage.ensure_dir(scratch / "env") / Path(env_entry.path).name if env_entry else None
+        done = configfiles.restore(config_path, meta, storage.ensure_dir(scratch / "config"), env)
+        left = configfiles.drift(meta, scratch / "config", env)
+        if left.added or left.removed or left.changed:
+            raise RollbackError(f"the restored configuration differs from the backup: {left}")
+        return f"{len(done.written)} file(s) restored into a scratch folder, each matching the backup's sha256"
+
+    def code_step() -> str:
+        meta = coderepo.load_backup(code_path)
+        coderepo.restore(scratch / "repo", code_path, meta)
+        repo = coderepo.open_repo(scratch / "repo")
+        found, broken = coderepo.drift(repo, code_path, meta), coderepo.fsck(repo)
+        if found["head"] or found["added"] or found["removed"] or found["changed"] or broken:
+            raise RollbackError(f"the restored repository differs from the backup: {found['head'] or ''} "
+                                f"{found['added'][:3]} {found['removed'][:3]} {found['changed'][:3]} {broken[:2]}")
+        return (f"commit {(meta['commit'] or '-')[:12]} on {meta['branch'] or 'detached HEAD'} rebuilt in a scratch "
+                "folder; every file matches the backup's archive; git fsck clean")
+
+    def database_step() -> str:
+        done = drill.run(staging, point, ctx.settings.backup_dir, ctx.pg_bin_dir)
+        if not done.ok:
+            raise RollbackError(done.error)
+        return f"{done.checked}; restored with {done.tools}"
+
+    try:
+        steps = records.run_steps({"config": config_step, "code": code_step, "database": database_step},
+                                  lambda st: ctx.log.info("%s", st.line()))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    failed = next((st for st in steps if st.ok is False), None)
+    if failed is not None:
+        notify.send(ctx, "drill --all", "failed", target=staging.masked(), point=chosen.id,
+                    seconds=round(sum(st.seconds for st in steps), 3), error=f"{failed.component}: {failed.error}")
+    if ctx.json:
+        ctx.emit_json({"release": chosen.id, "drill": True, "ok": failed is None,
+                       "steps": [st.to_json() for st in steps]})
+    else:
+        ctx.log.info("Drill of release %s: %s; the scratch folders and database are removed, nothing else was "
+                     "touched.", chosen.id, "OK" if failed is None else f"FAILED at {failed.component}")
+    return 0 if failed is None else 1
