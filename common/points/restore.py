@@ -265,6 +265,12 @@ def _warm_usable(conn, the_plan: Plan, result: Result) -> bool:
         result.notes.append("restored from the dump: --no-warm")
         return False
     why = warm.unusable(conn, point)
+    wanted = the_plan.wanted_props
+    if not why and wanted is not None:
+        there = dbprops.read(conn, point.warm_database)
+        if there is not None and there.tablespace != wanted.tablespace:  # a rename cannot move it
+            why = (f"its warm copy is in tablespace {there.tablespace or 'pg_default'}, the point's database in "
+                   f"{wanted.tablespace or 'pg_default'}")
     if why:
         if point.warm_database:
             get_logger().warning("Not using the warm copy: %s. Restoring from the dump instead.", why)
