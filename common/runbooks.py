@@ -167,8 +167,12 @@ def warm_point(ctx: Context, info: ConnInfo, point: RollbackPoint) -> bool:
     try:
         why = warm.unusable(conn, point)
         if not why:
-            ctx.log.info("Point %s is warm: %s is sealed, unchanged since it was checked (same OID, xmin and mark, "
-                         "no session). Nothing was changed.", point.id, point.warm_database)
+            note = (f"{point.warm_database} is sealed, unchanged since it was checked (same OID, xmin and mark, no "
+                    "session). Nothing was changed.")
+            if ctx.json:
+                ctx.emit_json({"point": point.id, "warm": True, "seconds": 0.0, "note": note})
+            else:
+                ctx.log.info("Point %s is warm: %s", point.id, note)
             return True
         if point.warm_database:  # named but not usable: dropped only when it carries this point's mark
             ctx.log.info("Point %s: %s; making a new warm copy.", point.id, why)

@@ -226,6 +226,9 @@ def test_a_kill_at_any_step_of_a_swap_in_or_its_re_arm_leaves_staging_migrated_o
         assert warmed.returncode == 0, warmed.stdout + warmed.stderr
         [point] = points(env)
         assert point["warm"] and warm_databases(pg_old, rd.name) == [point["warm_database"]]
+        again = pf.run_script("rollback_manager.py", "warm", "--json", env=env)  # warm already: nothing to do
+        assert again.returncode == 0 and "Nothing was changed" in json.loads(again.stdout)["note"]
+        assert points(env)[0]["warm_database"] == point["warm_database"]
 
 
 def _pause_at(env, folder, *steps):

@@ -411,35 +411,25 @@ def drop_database(conn, name: str) -> None:
 
 def rename_database(conn, name: str, new_name: str, allow: bool = False) -> None:
     """With allow, the renamed database (a sealed copy) accepts connections in the same commit."""
-    previous = conn.autocommit
-    conn.autocommit = False
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(name), sql.Identifier(new_name)))
-            if allow:
-                cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(new_name)))
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    finally:
-        conn.autocommit = previous
+    _renames(conn, [(name, new_name)], new_name if allow else None)
 
 
 def swap_names(conn, target: str, replacement: str, keep_as: str, allow: bool = False) -> None:
     """Rename target -> keep_as and replacement -> target in one transaction: both or neither.
     (PostgreSQL allows renames in a transaction block; CREATE/DROP DATABASE it does not.) With
     allow, the replacement (a sealed copy) accepts connections from the same commit on."""
+    _renames(conn, [(target, keep_as), (replacement, target)], target if allow else None)
+
+
+def _renames(conn, pairs: Sequence[Tuple[str, str]], allow: Optional[str]) -> None:
     previous = conn.autocommit
     conn.autocommit = False
     try:
         with conn.cursor() as cur:
-            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                sql.Identifier(target), sql.Identifier(keep_as)))
-            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                sql.Identifier(replacement), sql.Identifier(target)))
+            for old, new in pairs:
+                cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
             if allow:
-                cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(target)))
+                cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(allow)))
         conn.commit()
     except BaseException:
         conn.rollback()
