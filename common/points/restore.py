@@ -123,9 +123,8 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
     wanted = the_plan.wanted_props
     owner, tablespace = (wanted.owner, wanted.tablespace) if wanted else (None, None)
     sealed = False
-    if not (the_plan.fill is None and point.kind == catalog.DUMP and not the_plan.warm_reason and not the_plan.no_warm):
-        log.info("Restoring into %s while %s keeps serving ...", fresh, target)
     if point.kind == catalog.SNAPSHOT:
+        log.info("Restoring into %s while %s keeps serving ...", fresh, target)
         result.method = "copy of the snapshot into a new database (TEMPLATE), then swap names"
         sealed = snapshot.is_sealed(conn, point)
         try:
@@ -158,6 +157,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
                                 "run again (or with --no-warm) to restore from the dump.") from None
         result.rearm = True
     else:
+        log.info("Restoring into %s while %s keeps serving ...", fresh, target)
         with timed("create the new database"):
             _create_like(conn, fresh, like, owner, tablespace)
     try:
