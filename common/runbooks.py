@@ -144,6 +144,11 @@ def rearm(ctx: Context, the_plan: restore.Plan, result: restore.Result) -> None:
     if not result.rearm:
         return
     ctx.log.info("%s is back: it served the restored database after %.2f s.", result.target, result.back_seconds)
+    keep = warm.keep_setting(ctx.settings.get("ROLLBACK_WARM_COPIES"))
+    if not warm.may_stay_warm(result.point, keep):
+        result.rearmed = warm.Rearmed(False, 0.0, f"not re-armed: ROLLBACK_WARM_COPIES={keep} keeps the warm copies "
+                                                  f"of the {keep} newest warm point(s) only")
+        return
     result.rearmed = warm.rearm(the_plan.info, result.point, the_plan.server_major, ctx.pg_bin_dir)
     if not result.rearmed.ok:
         ctx.log.warning("warning: point %s is not warm again: %s", result.point.id, result.rearmed.note)
@@ -156,13 +161,11 @@ def warm_point(ctx: Context, info: ConnInfo, point: RollbackPoint) -> bool:
     if point.kind != catalog.DUMP or point.status != catalog.OK or point.database != info.dbname:
         raise UsageError(f"rollback point {point.id} is not an OK dump point of {info.dbname} ({point.kind}, "
                          f"{point.status}, of {point.database}): only those have warm copies. Nothing was changed.")
-    newest = [p.id for p in scan(ctx, info) if p.database == info.dbname and p.kind == catalog.DUMP
-              and p.status == catalog.OK][:keep]
-    if point.id not in newest:
-        raise UsageError(f"ROLLBACK_WARM_COPIES={keep} keeps the warm copies of {info.dbname}'s {keep} newest OK dump "
-                         f"point(s), and {point.id} is not one of them. Nothing was changed. Raise "
-                         "ROLLBACK_WARM_COPIES to keep it warm." if keep else
-                         "warm copies are off (ROLLBACK_WARM_COPIES=0 or --no-warm). Nothing was changed.")
+    if not warm.may_stay_warm(point, keep):
+        raise UsageError(f"ROLLBACK_WARM_COPIES={keep} keeps the warm copies of {info.dbname}'s {keep} newest warm "
+                         f"point(s), and newer points than {point.id} are warm. Nothing was changed. Raise "
+                         "ROLLBACK_WARM_COPIES to keep it warm too." if keep else
+                         "warm copies are off (ROLLBACK_WARM_COPIES=0). Nothing was changed.")
     conn = maintenance_db(info)
     try:
         why = warm.unusable(conn, point)

@@ -187,6 +187,18 @@ def record(point: RollbackPoint, seal: Optional[Seal]) -> None:
     point.warm_dump_key = seal.dump_key if seal else None
 
 
+def may_stay_warm(point: RollbackPoint, keep: int) -> bool:
+    """Whether retention (prune) keeps this point's warm copy: fewer than `keep` newer points of its
+    database are warm."""
+    newer_warm = 0
+    for other in catalog.scan(point.folder):
+        if other.id == point.id:
+            return newer_warm < keep
+        if other.database == point.database and other.warm_database:
+            newer_warm += 1
+    return False
+
+
 def prune(conn, folder: Path, database: str, keep: int) -> List[str]:
     """Drop the warm copies of all but the `keep` newest points of the database (their sidecars
     say so first: a sidecar never names a copy that is gone). Only copies that carry this folder's
