@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -224,6 +225,7 @@ def main() -> int:
     parser.add_argument("--no-peers-install", action="store_true", help="no DSLR, no plot")
     args = parser.parse_args()
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
     server = ThrowawayServer(args.major, durable=True).start()
     work = Path(tempfile.mkdtemp(prefix="rollback-swap-"))
     results: dict = {}

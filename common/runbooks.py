@@ -143,7 +143,9 @@ def rearm(ctx: Context, the_plan: restore.Plan, result: restore.Result) -> None:
     """After a rollback swapped the point's warm copy in, and staging serves: make it warm again."""
     if not result.rearm:
         return
-    ctx.log.info("%s is back: it served the restored database after %.2f s.", result.target, result.back_seconds)
+    answered = _answers(the_plan.info)  # before the re-arm loads the server: staging's first sessions come first
+    ctx.log.info("%s is back: it served the restored database after %.2f s%s.", result.target, result.back_seconds,
+                 ", and a new session to it answers" if answered else "")
     keep = warm.keep_setting(ctx.settings.get("ROLLBACK_WARM_COPIES"))
     if not warm.may_stay_warm(result.point, keep):
         result.rearmed = warm.Rearmed(False, 0.0, f"not re-armed: ROLLBACK_WARM_COPIES={keep} keeps the warm copies "
@@ -152,6 +154,19 @@ def rearm(ctx: Context, the_plan: restore.Plan, result: restore.Result) -> None:
     result.rearmed = warm.rearm(the_plan.info, result.point, the_plan.server_major, ctx.pg_bin_dir)
     if not result.rearmed.ok:
         ctx.log.warning("warning: point %s is not warm again: %s", result.point.id, result.rearmed.note)
+
+
+def _answers(info: ConnInfo) -> bool:
+    try:
+        conn = connect(info)
+    except RollbackError:
+        return False
+    try:
+        return rows(conn, "SELECT 1") == [(1,)]
+    except Exception:
+        return False
+    finally:
+        conn.close()
 
 
 def warm_point(ctx: Context, info: ConnInfo, point: RollbackPoint) -> bool:
