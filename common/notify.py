@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from typing import Iterator, Optional
 from urllib.parse import urlsplit
@@ -61,6 +59,8 @@ def send(ctx, operation: str, phase: str, **fields) -> Optional[bool]:
     url, timeout = _settings(ctx)
     if url is None:
         return None
+    import urllib.error  # only when a notice is sent: it brings in http and ssl, 30 ms of every start
+    import urllib.request
     doc = document(ctx, operation, phase, **fields)
     where = urlsplit(url).hostname or "?"
     request = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",

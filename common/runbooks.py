@@ -10,7 +10,7 @@ from .cli import Context, same_database
 from .errors import RollbackError, UsageError, VerifyProblems
 from .files import folders
 from .locks import DatabaseLock
-from .pg import frameworks, metrics
+from .pg import frameworks
 from .pg.database import (
     ConnInfo,
     app_name,
@@ -26,8 +26,6 @@ from .points import backup, catalog, drill, fill, marks, restore, snapshot, warm
 from .points import cleanup as cleaning
 from .points.catalog import RollbackPoint
 from .points.plan import PREVIOUS_TAG
-from .points.streamcopy import StreamedCopy
-from .release import records
 from .testing import testhooks
 
 
@@ -92,6 +90,7 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
             DatabaseLock(staging, staging.dbname, ctx.script) as lock:
         source = backup.Source.open(v2, app=app_name(ctx.script))
         try:
+            from .points.streamcopy import StreamedCopy
             stream = (StreamedCopy.prepare(source, the_plan.server_major, ctx.pg_bin_dir, scratch)
                       if the_plan.can_create else None)
             if stream is not None:
@@ -349,6 +348,7 @@ def verify_database(ctx: Context, target: ConnInfo, ref: Optional[str], quick: b
     problems = report.problems(strict)
     # The documents' key metrics against their alert thresholds: reported, not counted as problems
     # (a busy machine is not a broken database); the release rollback acts on them.
+    from .pg import metrics  # psutil: only where health is measured
     observed = metrics.sample(target, metrics.thresholds(ctx.settings), window=1.0)
     if ctx.json:
         ctx.emit_json({**report.to_json(strict), "metrics": observed.to_json()})
@@ -464,7 +464,8 @@ def cleanup_backup_folders(ctx: Context, parent, prefix: str, metadata: str, day
     ctx.log.info("Removed %d %s(s); the newest backup is always kept.", len(doomed), what)
 
 
-def releases(ctx: Context, points: List[RollbackPoint]) -> List[records.Release]:
+def releases(ctx: Context, points: List[RollbackPoint]) -> list:
     """The release rollback points, each part checked to lie in its configured backup folder."""
     s = ctx.settings
+    from .release import records  # the configuration files' parsers (YAML): only where releases are read
     return records.scan(s.backup_dir, points, {"config": s.path("CONFIG_BACKUP_DIR"), "code": s.path("CODE_BACKUP_DIR")})

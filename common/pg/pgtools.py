@@ -91,7 +91,7 @@ def candidates(name: str, pg_bin_dir: Optional[str] = None) -> List[Tool]:
 
 def _each_candidate(name: str, pg_bin_dir: Optional[str] = None) -> Iterator[Tool]:
     """The candidates one by one, each asked its version only when reached."""
-    seen = set()
+    seen, wrappers = set(), []
     for d in search_dirs(pg_bin_dir):
         path = os.path.join(d, name)
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
@@ -104,6 +104,15 @@ def _each_candidate(name: str, pg_bin_dir: Optional[str] = None) -> Iterator[Too
         if real in seen:
             continue
         seen.add(real)
+        if os.path.basename(real) == "pg_wrapper" and not (pg_bin_dir and d == pg_bin_dir):
+            # Debian's /usr/bin wrapper (Perl, ~70 ms a run) picks among the versions under
+            # /usr/lib/postgresql, which are searched themselves: it is asked last.
+            wrappers.append(path)
+            continue
+        version = version_of(path)
+        if version:
+            yield Tool(name, path, version[0], version[1])
+    for path in wrappers:
         version = version_of(path)
         if version:
             yield Tool(name, path, version[0], version[1])

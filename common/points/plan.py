@@ -54,6 +54,7 @@ class Plan:
     from_catalog: bool = False
     current_heads: Optional[Dict[str, str]] = None  # the target's migration heads now
     started: float = 0.0  # time.monotonic() when the restore began, under the lock
+    extensions_checked: bool = False  # the dump's extensions can be created here (plan.check_extensions)
 
     def describe(self) -> List[str]:
         p = self.point
@@ -251,7 +252,8 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
             the_plan.warm_reason = warm.unusable(conn, point)
         if point.kind == catalog.DUMP and point.path is not None:
             tool = restore_tool(point, major, pg_bin_dir)  # fail now, not after the confirmation
-            _check_extensions(conn, info, archive_extensions(tool, point))
+            if the_plan.warm_reason or not the_plan.can_create:  # a warm copy swapped in creates no extension
+                check_extensions(conn, the_plan, pg_bin_dir, tool)
     finally:
         conn.close()
     if exists:
@@ -348,8 +350,14 @@ def _plan_properties(conn, the_plan: Plan) -> None:
         dbprops.check_settable(conn, info.dbname, current, wanted)
 
 
-def _check_extensions(conn, info: ConnInfo, names: List[str]) -> None:
+def check_extensions(conn, the_plan: "Plan", pg_bin_dir: Optional[str], tool=None) -> None:
+    """Every extension the dump creates can be created by this role here (pg_restore --list), once."""
+    if the_plan.extensions_checked:
+        return
+    point = the_plan.point
+    names = archive_extensions(tool or restore_tool(point, the_plan.server_major, pg_bin_dir), point)
     problems = dbprops.uncreatable_extensions(conn, names)
+    the_plan.extensions_checked = not problems
     if problems:
         me = db.scalar(conn, "SELECT current_user")
         listed = "; ".join(f"{name}: {why}" for name, why in problems)

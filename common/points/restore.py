@@ -26,7 +26,7 @@ from . import catalog, drill, snapshot, warm
 from .check import check_against_point, diff_counts
 from .fill import ChecksumBeside, fill_database, verify_checksum_with_progress
 from .in_place import restore_in_place
-from .plan import PREVIOUS_TAG, RESTORE_TAG, Plan, Result, heads_of, plan, property_notes, refresh
+from .plan import PREVIOUS_TAG, RESTORE_TAG, Plan, Result, check_extensions, heads_of, plan, property_notes, refresh
 
 # A restore's entry points: plan it (before the confirmation), then execute the plan.
 __all__ = ["Plan", "Result", "RestoreInterrupted", "execute", "heads_of", "plan", "prune_replaced",
@@ -157,6 +157,8 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
                                 "run again (or with --no-warm) to restore from the dump.") from None
         result.rearm = True
     else:
+        if point.kind == catalog.DUMP and the_plan.fill is None:  # not checked when a warm copy was planned
+            check_extensions(conn, the_plan, pg_bin_dir)
         log.info("Restoring into %s while %s keeps serving ...", fresh, target)
         with timed("create the new database"):
             _create_like(conn, fresh, like, owner, tablespace)
