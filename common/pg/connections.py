@@ -150,6 +150,15 @@ def cut_sessions(conn, target: str, wait: float = DEFAULT_WAIT) -> int:
             announced = True
         count, refused = db.terminate_sessions(conn, target)
         done += count
+        for _ in range(3):
+            # A client whose connection passed the server's ALLOW_CONNECTIONS check just before it was
+            # turned off shows up only now; left there, it would make the rename wait in steps of 100 ms.
+            if refused:
+                break
+            late, refused = db.terminate_sessions(conn, target)
+            done += late
+            if not late:
+                break
         if not refused:
             return done
         # A blocker connected between the check and the cut: let clients in again and wait for it.
