@@ -252,7 +252,7 @@ def cmd_warm(args, ctx):
     if args.file:
         catalog.quick_check(point)
         runbooks.check_restorable(ctx, point)
-    runbooks.warm_point(ctx, staging, point)
+    return 0 if runbooks.warm_point(ctx, staging, point) else 1
 
 
 def cmd_delete(args, ctx):

@@ -59,8 +59,7 @@ def send(ctx, operation: str, phase: str, **fields) -> Optional[bool]:
     url, timeout = _settings(ctx)
     if url is None:
         return None
-    import urllib.error  # only when a notice is sent: it brings in http and ssl, 30 ms of every start
-    import urllib.request
+    import urllib.request  # only when a notice is sent: it brings in http and ssl, 30 ms of every start
     doc = document(ctx, operation, phase, **fields)
     where = urlsplit(url).hostname or "?"
     request = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
@@ -70,7 +69,7 @@ def send(ctx, operation: str, phase: str, **fields) -> Optional[bool]:
             response.read(1024)
         get_logger().info("Notice sent (%s %s) to ROLLBACK_NOTIFY_URL (host %s).", operation, phase, where)
         return True
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except Exception as exc:  # any failure to deliver (refused, timeout, a bad HTTP reply) is only reported
         reason = getattr(exc, "reason", None) or exc
         get_logger().warning("warning: the %s %s notice was NOT delivered to ROLLBACK_NOTIFY_URL (host %s): %s. The "
                              "%s goes on.", operation, phase, where, mask(str(reason)), operation)

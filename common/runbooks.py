@@ -33,17 +33,20 @@ def restore_point(ctx: Context, info: ConnInfo, point: RollbackPoint, *, force: 
                   drop_previous: bool = False, question: Optional[str] = None) -> restore.Result:
     """Check the backup, show what will be replaced, confirm, then (services stopped, notices sent)
     restore, print the summary."""
-    the_plan = restore.plan(info, point, pg_bin_dir=ctx.pg_bin_dir, force=force, pooler=ctx.pooler(info))
-    the_plan.wait, the_plan.no_warm = ctx.wait, ctx.no_warm
+    the_plan = restore.plan(info, point, pg_bin_dir=ctx.pg_bin_dir, force=force, pooler=ctx.pooler(info),
+                            no_warm=ctx.no_warm)
+    the_plan.wait = ctx.wait
     services = ctx.services()
     ctx.confirm(question or f"Restore {info.dbname} from rollback point {point.id}?",
                 the_plan.describe() + services.describe())
     testhooks.checkpoint("confirmed")
-    with notify.around(ctx, "restore", info.masked(), point.id) as end, \
+    # The lock first: a second run is refused before it stops (or starts) anyone's services.
+    with DatabaseLock(info, info.dbname, ctx.script) as lock, \
+            notify.around(ctx, "restore", info.masked(), point.id) as end, \
             services.around(_state_after(info, f"{info.dbname} restored from {point.id}")):
         result = restore.execute(the_plan, script=ctx.script, folder=ctx.settings.backup_dir,
                                  pg_bin_dir=ctx.pg_bin_dir, drop_previous=drop_previous, reconfirm=ctx.confirm,
-                                 keep_replaced=ctx.keep_replaced)
+                                 keep_replaced=ctx.keep_replaced, lock=lock)
         end.update(result="done" if not result.unfinished else "done, with warnings", method=result.method,
                    unavailable_seconds=round(result.unavailable_seconds, 4))
     result.services = services
@@ -85,9 +88,9 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
     testhooks.checkpoint("confirmed")
     folder = ctx.settings.backup_dir
     scratch = storage.ensure_dir(folder / ".tmp")
-    with notify.around(ctx, "reset", staging.masked(), f"fresh copy of V2 {v2.masked()}"), \
-            services.around(_state_after(staging, f"{staging.dbname} reset from V2")), \
-            DatabaseLock(staging, staging.dbname, ctx.script) as lock:
+    with DatabaseLock(staging, staging.dbname, ctx.script) as lock, \
+            notify.around(ctx, "reset", staging.masked(), f"fresh copy of V2 {v2.masked()}"), \
+            services.around(_state_after(staging, f"{staging.dbname} reset from V2")):
         source = backup.Source.open(v2, app=app_name(ctx.script))
         try:
             from .points.streamcopy import StreamedCopy
@@ -150,7 +153,7 @@ def rearm(ctx: Context, the_plan: restore.Plan, result: restore.Result) -> None:
         result.rearmed = warm.Rearmed(False, 0.0, f"not re-armed: ROLLBACK_WARM_COPIES={keep} keeps the warm copies "
                                                   f"of the {keep} newest warm point(s) only")
         return
-    result.rearmed = warm.rearm(the_plan.info, result.point, the_plan.server_major, ctx.pg_bin_dir)
+    result.rearmed = warm.rearm(the_plan.info, result.point, the_plan.server_major, ctx.pg_bin_dir, keep)
     if not result.rearmed.ok:
         ctx.log.warning("warning: point %s is not warm again: %s", result.point.id, result.rearmed.note)
 
@@ -199,7 +202,7 @@ def warm_point(ctx: Context, info: ConnInfo, point: RollbackPoint) -> bool:
         major = server_version(conn)[0]
     finally:
         conn.close()
-    done = warm.rearm(info, point, major, ctx.pg_bin_dir)
+    done = warm.rearm(info, point, major, ctx.pg_bin_dir, keep)
     if ctx.json:
         ctx.emit_json({"point": point.id, "warm": done.ok, "seconds": round(done.seconds, 3), "note": done.note})
     elif done.ok:
@@ -236,8 +239,10 @@ def drill_points(ctx: Context, info: ConnInfo, chosen: Optional[List[RollbackPoi
                                        checked=d.checked or None) for d in results]})
     else:
         ok = sum(d.ok for d in results)
-        ctx.log.info("Drills: %d OK, %d failed; staging %s was not touched, and no scratch database is left.", ok,
-                     len(results) - ok, info.dbname)
+        left = [d.left_behind for d in results if d.left_behind]
+        ctx.log.info("Drills: %d OK, %d failed; staging %s was not touched; %s.", ok, len(results) - ok, info.dbname,
+                     f"scratch database(s) NOT dropped: {', '.join(left)} (the next drill removes them)" if left
+                     else "every scratch database was dropped")
     return 0 if all(d.ok for d in results) else 1
 
 

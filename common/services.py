@@ -51,7 +51,7 @@ def _run(name: str, command: str, timeout: float) -> Step:
     started = time.monotonic()
     try:
         done = subprocess.run(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+                              stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", timeout=timeout)
         output, code = done.stdout, done.returncode
     except subprocess.TimeoutExpired as exc:
         output, code = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or ""), None

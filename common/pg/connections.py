@@ -155,7 +155,7 @@ def cut_sessions(conn, target: str, wait: float = DEFAULT_WAIT) -> int:
             # turned off shows up only now; left there, it would make the rename wait in steps of 100 ms.
             if refused:
                 break
-            late, refused = db.terminate_sessions(conn, target)
+            late, refused = db.terminate_sessions(conn, target, wait=0.5)
             done += late
             if not late:
                 break

@@ -28,7 +28,7 @@ from ..pg import database as db
 from ..pg.database import ConnInfo
 from ..progress import timed
 from ..testing import testhooks
-from . import catalog, marks, snapshot
+from . import catalog, marks, snapshot, warm
 from .catalog import RollbackPoint
 from .check import check_against_point
 from .fill import ChecksumBeside, fill_database, restorer
@@ -46,6 +46,7 @@ class Drill:
     error: str = ""
     scratch: str = ""
     checked: str = ""
+    left_behind: str = ""  # the scratch database, when it could not be dropped
     at: str = field(default_factory=lambda: storage.utc_now().isoformat(timespec="seconds"))
 
     def record(self) -> dict:
@@ -74,6 +75,10 @@ def run(info: ConnInfo, point: RollbackPoint, folder: Path, pg_bin_dir: Optional
         if not db.scalar(conn, "SELECT pg_try_advisory_lock(%s)", (drill_key(info.dbname),)):
             raise RollbackError(f"another drill of {info.dbname} is running. Nothing was changed.")
         remove_orphans(conn, folder, info.dbname)
+        room = warm.free_space(conn, point.size_bytes * 3 if point.kind == catalog.DUMP else
+                               db.database_size(conn, point.snapshot_database))
+        if room:  # a drill must never fill the disk of staging's server
+            raise RollbackError(f"no room for the drill's scratch database: {room}. Nothing was changed.")
         major = db.server_version(conn)[0]
         name = result.scratch = db.derived_name(info.dbname, TAG, storage.stamp())
         get_logger().info("Drill: restoring point %s into the scratch database %s (staging is not touched) ...",
@@ -94,7 +99,8 @@ def run(info: ConnInfo, point: RollbackPoint, folder: Path, pg_bin_dir: Optional
             result.error = db.reason(exc) if isinstance(exc, psycopg2.Error) else str(exc)
         finally:
             result.seconds = time.monotonic() - started
-            _drop(conn, name, folder)
+            if not _drop(conn, name, folder):
+                result.left_behind = name
     finally:
         conn.close()
     save(point, result)
@@ -151,14 +157,15 @@ def remove_orphans(conn, folder: Path, database: str) -> List[str]:
     return gone
 
 
-def _drop(conn, name: str, folder: Path) -> None:
+def _drop(conn, name: str, folder: Path) -> bool:
     try:
         db.drop_database(conn, name)
     except psycopg2.Error as exc:
         get_logger().warning("could not drop the scratch database %s (%s); the next drill removes it", name,
                              db.reason(exc))
-        return
+        return False
     marks.forget(folder, name)
+    return True
 
 
 def order_for_every(points: List[RollbackPoint], database: str) -> List[RollbackPoint]:

@@ -159,6 +159,7 @@ class Result:
     rearm: bool = False  # the point's warm copy was swapped in: it is to be re-armed
     rearmed: Optional[object] = None  # warm.Rearmed, once a re-arm ran
     services: Optional[object] = None  # common.services.Services, when its commands ran
+    taken_from: Optional[str] = None  # the warm copy's name, when this restore took it
 
     def summary_lines(self) -> List[str]:
         p = self.point
@@ -225,7 +226,8 @@ class Result:
 
 
 def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = None, force: bool = False,
-         check_backup: bool = True, source_text: Optional[str] = None, pooler: Optional[Pooler] = None) -> Plan:
+         check_backup: bool = True, source_text: Optional[str] = None, pooler: Optional[Pooler] = None,
+         no_warm: bool = False) -> Plan:
     """Everything checked before anything changes: the backup whole, the target the right one,
     a pg_restore that can do the job."""
     if point.database and point.database != info.dbname and not force:
@@ -248,11 +250,12 @@ def plan(info: ConnInfo, point: RollbackPoint, *, pg_bin_dir: Optional[str] = No
         if point.kind == catalog.SNAPSHOT and snapshot_present and not snapshot.proven_ours(conn, point):
             raise BackupCorrupt(snapshot.not_ours(point))
         _plan_properties(conn, the_plan)
+        the_plan.no_warm = no_warm
         if point.kind == catalog.DUMP:
-            the_plan.warm_reason = warm.unusable(conn, point)
+            the_plan.warm_reason = warm_reason(conn, the_plan)
         if point.kind == catalog.DUMP and point.path is not None:
             tool = restore_tool(point, major, pg_bin_dir)  # fail now, not after the confirmation
-            if the_plan.warm_reason or not the_plan.can_create:  # a warm copy swapped in creates no extension
+            if the_plan.warm_reason or no_warm or not the_plan.can_create:  # a swapped-in copy creates none
                 check_extensions(conn, the_plan, pg_bin_dir, tool)
     finally:
         conn.close()
@@ -321,8 +324,20 @@ def refresh(the_plan: Plan, conn) -> List[str]:
     if props() != shown:
         changed.append(f"the properties of {info.dbname} (another run changed them while this one waited)")
     if point.kind == catalog.DUMP:
-        the_plan.warm_reason = warm.unusable(conn, point)
+        the_plan.warm_reason = warm_reason(conn, the_plan)
     return changed
+
+
+def warm_reason(conn, the_plan: Plan) -> str:
+    """Why the point's warm copy will not be swapped in ('' when it will)."""
+    point, wanted = the_plan.point, the_plan.wanted_props
+    why = warm.unusable(conn, point)
+    if not why and wanted is not None:
+        there = dbprops.read(conn, point.warm_database)
+        if there is not None and there.tablespace != wanted.tablespace:  # a rename cannot move it
+            why = (f"its warm copy is in tablespace {there.tablespace or 'pg_default'}, the point's database in "
+                   f"{wanted.tablespace or 'pg_default'}")
+    return why
 
 
 def _plan_properties(conn, the_plan: Plan) -> None:

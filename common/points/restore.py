@@ -147,6 +147,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
         else:
             verify_checksum_with_progress(point)
         log.info("Taking the sealed warm copy %s as %s, to swap it in ...", point.warm_database, fresh)
+        taken_from = point.warm_database
         try:
             with timed("take the warm copy"):
                 warm.take(conn, point, fresh)
@@ -156,6 +157,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
             raise RestoreFailed(f"taking the warm copy {point.warm_database} failed: {what}. {target} is unchanged; "
                                 "run again (or with --no-warm) to restore from the dump.") from None
         result.rearm = True
+        result.taken_from = taken_from
     else:
         if point.kind == catalog.DUMP and the_plan.fill is None:  # not checked when a warm copy was planned
             check_extensions(conn, the_plan, pg_bin_dir)
@@ -200,11 +202,11 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
                 dbprops.apply(conn, fresh, wanted)
         testhooks.checkpoint("restore-checked")
     except KeyboardInterrupt:
-        _drop_quietly(conn, fresh)
+        _discard(conn, fresh, result)
         raise RestoreInterrupted(f"interrupted while the new copy was made: {target} is unchanged, and the new copy "
                                  f"{fresh} was removed.") from None
     except BaseException:
-        _drop_quietly(conn, fresh)
+        _discard(conn, fresh, result)
         raise
     if not the_plan.exists:
         db.rename_database(conn, fresh, target, allow=result.rearm)  # a warm copy was sealed
@@ -233,7 +235,7 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
             resuming = the_plan.pooler is not None  # what fails from here on is PgBouncer's RESUME
     except BaseException as exc:
         if not swapped:
-            _drop_quietly(conn, fresh)
+            _discard(conn, fresh, result)
             if isinstance(exc, KeyboardInterrupt):
                 still = "" if cut.allowed else " (it still refuses connections: any command allows them first)"
                 raise RestoreInterrupted(f"interrupted before the swap: {target} is unchanged{still}, and the new "
@@ -260,19 +262,24 @@ def _restore_by_swap(the_plan: Plan, conn, folder: Path, pg_bin_dir: Optional[st
     return result
 
 
+def _discard(conn, fresh: str, result: Result) -> None:
+    """The new database of a restore that failed before its swap: dropped, or, when it is the point's
+    warm copy, given back to the point (still sealed) so that the next rollback swaps it in."""
+    if result.rearm and result.taken_from:
+        if warm.give_back(conn, result.point, fresh, result.taken_from):
+            get_logger().info("The warm copy %s was given back to point %s, still sealed.", result.taken_from,
+                              result.point.id)
+        return
+    _drop_quietly(conn, fresh)
+
+
 def _warm_usable(conn, the_plan: Plan, result: Result) -> bool:
     """Whether the point's warm copy may be used; the summary says which path was taken and why."""
     point = the_plan.point
     if the_plan.no_warm:
         result.notes.append("restored from the dump: --no-warm")
         return False
-    why = warm.unusable(conn, point)
-    wanted = the_plan.wanted_props
-    if not why and wanted is not None:
-        there = dbprops.read(conn, point.warm_database)
-        if there is not None and there.tablespace != wanted.tablespace:  # a rename cannot move it
-            why = (f"its warm copy is in tablespace {there.tablespace or 'pg_default'}, the point's database in "
-                   f"{wanted.tablespace or 'pg_default'}")
+    why = the_plan.warm_reason  # read again under the lock (plan.refresh)
     if why:
         if point.warm_database:
             get_logger().warning("Not using the warm copy: %s. Restoring from the dump instead.", why)

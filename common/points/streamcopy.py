@@ -15,9 +15,10 @@ the copy is checked against, see the same instant of V2:
   3. post-data (indexes, constraints, triggers,   pg_dump --section=post-data -f small file,
      materialized view contents), in parallel     pg_restore --jobs
 The new database is checked like any restore, by exact row counts against V2's (in its snapshot),
-before the swap; a failure at any step leaves staging untouched. Each table is counted, and
-analysed, as soon as its stream has moved past it (post-data adds no rows), on one connection
-beside the streams and the index builds, not in a pass after them."""
+before the swap; a failure at any step leaves staging untouched. Each table is counted as soon as
+its stream has moved past it (post-data adds no rows), on one connection beside the streams and the
+index builds, not in a pass after them; one ANALYZE follows post-data (expression indexes and
+extended statistics exist only then)."""
 from __future__ import annotations
 
 import os
@@ -83,9 +84,9 @@ class StreamedCopy:
         post = self.scratch / f"post-data-{os.getpid()}.dump"
         try:
             self._pipe(["--section=pre-data"], target, "pre-data")
-            tables = TableCounter(target)
             run(self._dump_argv(["--section=post-data", "--file", str(post)]), password=self.source.info.password,
                 env=self.source.info.libpq_env(), what=f"pg_dump {self.pg_dump.version} (post-data)")
+            tables = TableCounter(target)
             streams = [["--section=data"] + [f"--exclude-table-data={_pattern(t)}" for g in groups for t in g]]
             streams += [["--section=data", "--strict-names"] + [f"--table={_pattern(t)}" for t in g] for g in groups]
             try:
@@ -200,9 +201,9 @@ class StreamedCopy:
 
 
 class TableCounter:
-    """Counts and analyses each table of the new database once its data is loaded, in a thread on
-    a connection of its own; `finish()` counts (and analyses) what was not reached that way, and
-    returns every table's exact row count. Tables are named as pg_restore --verbose names them
+    """Counts each table of the new database once its data is loaded, in a thread on a connection
+    of its own; `finish()` counts what was not reached that way, analyses the database (after
+    post-data), and returns every table's exact row count. Tables are named as pg_restore --verbose names them
     ("schema.table" in one pair of quotes); a name that matches no table, or two, is left to finish()."""
 
     def __init__(self, target: ConnInfo):
@@ -238,11 +239,11 @@ class TableCounter:
         if name in self.counts:
             return
         self.counts[name] = db.table_count(self.conn, schema, table)
-        db.execute(self.conn, db.sql.SQL("ANALYZE {}.{}").format(db.sql.Identifier(schema), db.sql.Identifier(table)))
 
     def stop(self) -> None:
-        """The copy failed: no more counting."""
+        """The copy failed: no more counting (a count under way is cancelled)."""
         self.error = self.error or RuntimeError("stopped")
+        self.conn.cancel()
         self.jobs.put(None)
         self.thread.join()
         self.conn.close()
@@ -255,6 +256,7 @@ class TableCounter:
                 raise self.error
             for schema, table in db.user_tables(self.conn):  # after post-data: every table there is
                 self._count(schema, table)
+            db.execute(self.conn, "ANALYZE")  # pg_restore leaves no planner statistics
             return dict(sorted(self.counts.items()))
         finally:
             self.conn.close()

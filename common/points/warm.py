@@ -36,8 +36,8 @@ from typing import List, Optional
 import psycopg2
 
 from .. import storage
-from ..errors import RestoreFailed, RollbackError
-from ..locks import lock_key
+from ..errors import BackupCorrupt, LockHeld, RestoreFailed, RollbackError
+from ..locks import DatabaseLock, lock_key
 from ..log import get_logger
 from ..pg import connections
 from ..pg import database as db
@@ -159,6 +159,10 @@ def build(conn, info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_
         with timed("warm copy: check against the point"):
             check_against_point(info.with_db(name), point, opened=own)
         _, oid, xmin, size = seal_state(conn, name)
+    except BackupCorrupt:  # the dump itself is damaged: not a missing warm copy, a broken point
+        _close(own)
+        _drop_quietly(conn, name, point.folder)
+        raise
     except (RollbackError, psycopg2.Error) as exc:
         log.warning("No warm copy for %s (%s). The point is OK; a rollback will restore the dump.", point.id,
                     db.reason(exc) if isinstance(exc, psycopg2.Error) else exc)
@@ -284,6 +288,31 @@ def take(conn, point: RollbackPoint, fresh: str) -> None:
         cur.execute(db.sql.SQL("COMMENT ON DATABASE {} IS NULL").format(db.sql.Identifier(fresh)))
 
 
+def give_back(conn, point: RollbackPoint, fresh: str, name: str) -> bool:
+    """A restore that took the warm copy failed before its swap: the copy, never connectable since it
+    was checked (connections are allowed only in the swap's own commit), goes back under its name,
+    marked again and recorded with its new pg_database xmin. False (and it is dropped) otherwise."""
+    try:
+        state = seal_state(conn, fresh)
+        if state is None or state[0] or db.sessions(conn, fresh):
+            raise RollbackError("it is no longer sealed")
+        db.rename_database(conn, fresh, name)
+        marks.put(conn, name, TAG, point.folder, point.id)
+        _, oid, xmin, size = seal_state(conn, name)
+        now = catalog.load_sidecar(point.sidecar)
+        record(now, Seal(name, oid, xmin, size, dump_key(now)))
+        catalog.save(now)
+        record(point, Seal(name, oid, xmin, size, dump_key(now)))
+        return True
+    except (RollbackError, psycopg2.Error, OSError, ValueError) as exc:
+        get_logger().warning("The warm copy could not be given back to point %s (%s): it is dropped, and the next "
+                             "rollback restores the dump.", point.id,
+                             db.reason(exc) if isinstance(exc, psycopg2.Error) else exc)
+        _drop_quietly(conn, fresh)
+        _drop_quietly(conn, name)
+        return False
+
+
 def rearm_key(database: str) -> int:
     return lock_key(f"rearm:{database}")
 
@@ -304,7 +333,8 @@ class Rearmed:
     note: str
 
 
-def rearm(info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str]) -> Rearmed:
+def rearm(info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: Optional[str],
+          keep: int = DEFAULT_KEEP) -> Rearmed:
     """After a rollback took the point's warm copy, build a new one from the dump while staging
     serves. Runs without the target's lock (a second rollback need not wait for it: it restores the
     dump), under a re-arm lock that keeps other runs from dropping the copy as an orphan. Ctrl-C or
@@ -322,18 +352,39 @@ def rearm(info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: O
         except KeyboardInterrupt:
             return Rearmed(False, time.monotonic() - started,
                            f"interrupted: the point is not warm (the next rollback restores its dump); {again}")
+        except BackupCorrupt as exc:
+            get_logger().error("error: point %s: %s", point.id, exc)
+            return Rearmed(False, time.monotonic() - started, f"its dump does not match its recorded sha256: the "
+                           f"point is CORRUPT (`python3 rollback_manager.py verify --file {point.id}`)")
         if seal is None:
             return Rearmed(False, time.monotonic() - started, f"the new warm copy could not be made (see above); "
                            f"the next rollback restores the dump; {again}")
-        try:  # the sidecar as it is now: another run may have written it meanwhile
-            now = catalog.load_sidecar(point.sidecar)
-        except (OSError, ValueError):
-            _drop_quietly(conn, seal.database, point.folder)
-            return Rearmed(False, time.monotonic() - started, f"point {point.id} was deleted meanwhile")
-        record(now, seal)
-        catalog.save(now)
-        marks.forget(point.folder, seal.database)
-        testhooks.checkpoint("rearm-recorded")
-        return Rearmed(True, time.monotonic() - started, f"warm copy {seal.database} sealed and checked")
+        return _record_rearmed(conn, info, point, seal, keep, started, again)
     finally:
         conn.close()
+
+
+def _record_rearmed(conn, info: ConnInfo, point: RollbackPoint, seal: Seal, keep: int, started: float,
+                    again: str) -> Rearmed:
+    """Under the target's lock, as creation, retention and delete record theirs: the sidecar as it is
+    now, the point still there with its dump and still among those retention keeps warm."""
+    try:
+        with DatabaseLock(info, info.dbname, "rearm"):
+            try:
+                now = catalog.load_sidecar(point.sidecar)
+            except (OSError, ValueError):
+                now = None
+            why = ("the point was deleted meanwhile" if now is None or now.path is None or not now.path.exists() else
+                   "newer points are warm now (ROLLBACK_WARM_COPIES)" if not may_stay_warm(now, keep) else "")
+            if why:
+                _drop_quietly(conn, seal.database, point.folder)
+                return Rearmed(False, time.monotonic() - started, f"not recorded: {why}; the new copy was dropped")
+            record(now, seal)
+            catalog.save(now)
+            marks.forget(point.folder, seal.database)
+            testhooks.checkpoint("rearm-recorded")
+    except LockHeld:
+        _drop_quietly(conn, seal.database, point.folder)
+        return Rearmed(False, time.monotonic() - started, f"another operation on {info.dbname} holds its lock, so the "
+                       f"new copy could not be recorded and was dropped; {again}")
+    return Rearmed(True, time.monotonic() - started, f"warm copy {seal.database} sealed and checked")

@@ -97,8 +97,8 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
     config_meta = configfiles.load_backup(config_path)
     code_meta = coderepo.load_backup(code_path)
     point = next(p for p in points if p.id == parts["database"]["id"])
-    the_plan = restore.plan(staging, point, pg_bin_dir=ctx.pg_bin_dir, pooler=ctx.pooler(staging))
-    the_plan.wait, the_plan.no_warm = ctx.wait, ctx.no_warm
+    the_plan = restore.plan(staging, point, pg_bin_dir=ctx.pg_bin_dir, pooler=ctx.pooler(staging), no_warm=ctx.no_warm)
+    the_plan.wait = ctx.wait
     drift = configfiles.drift(config_meta, config_dir, env_file)
     services = ctx.services()
     ctx.confirm(f"Roll the whole release back to {chosen.id}?", [
@@ -158,7 +158,7 @@ def _restore_release(ctx: Context, staging: ConnInfo, ref: Optional[str], monito
         db_result.append(result)
         for line in result.unfinished:
             ctx.log.warning("warning: %s IS restored, but this did not finish: %s", staging.dbname, line)
-        return (f"{result.method}; {result.tables_checked} tables and {result.rows_checked} rows verified; "
+        return (f"{result.method}; verification: {result.verification()}; "
                 f"unavailable {result.unavailable_seconds * 1000:.0f} ms" +
                 "".join(f"; WARNING, not finished: {u}" for u in result.unfinished))
 
@@ -226,14 +226,25 @@ def drill_release(ctx: Context, staging: ConnInfo, ref: Optional[str]) -> int:
     into scratch folders and checked against their backups' checksums, the database drilled into a
     scratch database (common.points.drill); each component timed against its objective. Nothing
     the release describes is touched; the scratch folders and database are removed on every way out."""
+    with release_lock(ctx):
+        return _drill_release(ctx, staging, ref)
+
+
+def _drill_release(ctx: Context, staging: ConnInfo, ref: Optional[str]) -> int:
     from ..files import coderepo
-    from ..points import drill
+    from ..points import catalog, drill
     points = runbooks.scan(ctx, staging)
     chosen = records.resolve(runbooks.releases(ctx, points), ref)
     parts = chosen.parts
     config_path, code_path = Path(parts["config"]["path"]), Path(parts["code"]["path"])
-    point = next(p for p in points if p.id == parts["database"]["id"])
-    scratch = Path(tempfile.mkdtemp(prefix=".drill-", dir=storage.ensure_dir(ctx.settings.backup_dir)))
+    point = next((p for p in points if p.id == parts["database"]["id"]), None)
+    if point is None or point.status != catalog.OK:
+        raise UsageError(f"release {chosen.id}'s database point {parts['database']['id']} is "
+                         f"{'missing' if point is None else point.status}: it cannot be drilled. Nothing was changed.")
+    folder = storage.ensure_dir(ctx.settings.backup_dir)
+    for stale in folder.glob(".drill-*"):  # a killed release drill's (they run one at a time): restored secrets
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".drill-", dir=folder))
     ctx.log.info("Drilling release %s: configuration and code into %s, the database beside %s (nothing the "
                  "release describes is touched)", chosen.id, scratch, staging.dbname)
 
@@ -269,6 +280,9 @@ def drill_release(ctx: Context, staging: ConnInfo, ref: Optional[str]) -> int:
                                   lambda st: ctx.log.info("%s", st.line()))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if scratch.exists():
+        ctx.log.warning("warning: the scratch folder %s could not be removed entirely; remove it by hand (it holds "
+                        "the restored configuration)", scratch)
     failed = next((st for st in steps if st.ok is False), None)
     if failed is not None:
         notify.send(ctx, "drill --all", "failed", target=staging.masked(), point=chosen.id,
@@ -277,6 +291,6 @@ def drill_release(ctx: Context, staging: ConnInfo, ref: Optional[str]) -> int:
         ctx.emit_json({"release": chosen.id, "drill": True, "ok": failed is None,
                        "steps": [st.to_json() for st in steps]})
     else:
-        ctx.log.info("Drill of release %s: %s; the scratch folders and database are removed, nothing else was "
-                     "touched.", chosen.id, "OK" if failed is None else f"FAILED at {failed.component}")
+        ctx.log.info("Drill of release %s: %s; nothing the release describes was touched.", chosen.id,
+                     "OK" if failed is None else f"FAILED at {failed.component}")
     return 0 if failed is None else 1
