@@ -57,8 +57,9 @@ ensure_pgbouncer() {
 run_test() {
   ensure_deps dev
   ensure_pgbouncer
-  # One worker per core, each with its own throwaway servers (-n 0 runs everything in one process).
-  "$PY" -m pytest tests -n auto "$@"
+  # One worker per core, each with its own throwaway servers (-n 0 runs everything in one process);
+  # worksteal: an idle worker takes tests queued on the other, so the long ones do not end alone.
+  "$PY" -m pytest tests -n auto --dist worksteal "$@"
 }
 
 run_demo() {

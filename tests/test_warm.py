@@ -327,3 +327,25 @@ def test_a_second_backup_dir_never_drops_the_first_one_s_warm_copies(pg_old, env
         assert "swap in the sealed warm copy" in result.stdout and "proven unchanged" in result.stdout
         assert differences(before, database_fingerprint(pg_old, rd.name)) == []
         assert pf.database_exists(pg_old, lookalike)
+
+
+def test_a_rollback_that_fails_before_its_swap_gives_the_warm_copy_back_sealed(pg_old, env_for):
+    with RealisticDatabase(pg_old) as rd:
+        env = env_for(pg_old, rd.name, STAGING_DATABASE_URL=rd.url)
+        before = database_fingerprint(pg_old, rd.name)
+        point = make_point(env)
+        rd.migrate()
+        migrated = database_fingerprint(pg_old, rd.name)
+        failed = pf.run_script("quick_rollback.py", "--yes", env=dict(env, ROLLBACK_TEST_FAIL_AT="restore-checked"))
+        assert failed.returncode != 0
+        assert "given back to point" in failed.stdout + failed.stderr
+        assert differences(migrated, database_fingerprint(pg_old, rd.name)) == []
+        [now] = points(env)
+        assert now["warm"] and now["warm_database"] == point["warm_database"]
+        allowed, oid, xmin = seal(pg_old, now["warm_database"])
+        assert allowed is False and (oid, xmin) == (now["warm_oid"], now["warm_xmin"]) and oid == point["warm_oid"]
+        result = pf.run_script("quick_rollback.py", "--yes", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "swap in the sealed warm copy" in result.stdout
+        assert database_oid(pg_old, rd.name) == oid
+        assert differences(before, database_fingerprint(pg_old, rd.name)) == []
