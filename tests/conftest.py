@@ -83,9 +83,15 @@ def rich_old(pg_old):
 
 
 @pytest.fixture
-def env_for(tmp_path):
-    """env_for(server, dbname, **more) -> environment of a script run against that database."""
+def env_for(tmp_path, request):
+    """env_for(server, dbname, **more) -> environment of a script run against that database. A test
+    module that sets WARM_COPIES = "0" runs without warm copies (they are tested in test_warm.py and
+    on every restore path elsewhere; building and re-arming them here would only cost time)."""
+    warm_copies = getattr(request.module, "WARM_COPIES", None)
+
     def make(server, dbname, **more):
+        if warm_copies is not None:
+            more.setdefault("ROLLBACK_WARM_COPIES", warm_copies)
         more.setdefault("PG_BIN_DIR", server.bindir)  # as a user with the server's client tools would
         more.setdefault("STAGING_DATABASE_URL", pf.url(server, dbname))
         return pf.script_env(tmp_path, **more)

@@ -16,6 +16,8 @@ from common.locks import lock_key
 from common.pg.database import connect
 from tests import pgfixtures as pf
 
+WARM_COPIES = "0"  # warm copies are tested in test_warm.py (tests/conftest.py env_for)
+
 
 def sidecars(backups: Path):
     return sorted(backups.glob("*.json"))

@@ -124,7 +124,8 @@ def world(pg_old, tmp_path):
                         CONFIG_DIR=str(config), CONFIG_BACKUP_DIR=str(tmp_path / "config_backups"),
                         ENV_FILE=str(tmp_path / "app.env"), PG_BIN_DIR=pg_old.bindir, **GIT_ENV,
                         # the release rollback's health check: a busy test machine is not a failed release
-                        ROLLBACK_MAX_CPU_PERCENT="100", ROLLBACK_MAX_MEMORY_PERCENT="100")
+                        ROLLBACK_MAX_CPU_PERCENT="100", ROLLBACK_MAX_MEMORY_PERCENT="100",
+                        ROLLBACK_WARM_COPIES="0")  # warm copies: test_warm.py; here they would only cost time
     env["PATH"] = os.path.dirname(shutil.which("python3") or "/usr/bin/python3") + ":" + env.get("PATH", "")
     pf.create_database(pg_old, "v2")
     # V2's own migrations take their own rollback points: kept apart from staging's

@@ -15,6 +15,8 @@ from common.testing.testserver import free_port
 from tests import pgfixtures as pf
 from tests.realistic import RealisticDatabase
 
+WARM_COPIES = "0"  # warm copies are tested in test_warm.py (tests/conftest.py env_for)
+
 
 @pytest.mark.parametrize("password", ["p@ss:w#rd/1", "a?b%c@dQ7z", "x:y/z#w?v@u9Kq"])
 def test_a_password_with_url_characters_typed_unencoded_works_and_never_shows(pg_old, env_for, tmp_path, password):

@@ -33,7 +33,7 @@ def target(pg_old, tmp_path):
     shutil.copytree(ROOT / "examples" / "migrations", folder)
     info = pg_old.info
     env = pf.script_env(tmp_path, DB_HOST=info.host, DB_PORT=str(info.port), DB_NAME=name, DB_USER=info.user,
-                        DB_PASSWORD=info.password, MIGRATIONS_DIR=str(folder), PG_BIN_DIR=pg_old.bindir)
+                        ROLLBACK_WARM_COPIES="0", DB_PASSWORD=info.password, MIGRATIONS_DIR=str(folder), PG_BIN_DIR=pg_old.bindir)
     yield name, env, folder
     pf.drop_database(pg_old, name)
 

@@ -11,6 +11,8 @@ from common.pg.database import connect, rows
 from tests import pgfixtures as pf
 from tests.test_restore import MIGRATION, drop_all, leftovers
 
+WARM_COPIES = "0"  # warm copies are tested in test_warm.py (tests/conftest.py env_for)
+
 
 def snapshots(server, dbname):
     conn = connect(server.info)
