@@ -189,7 +189,7 @@ class Result:
         if self.back_seconds is None:
             return f"{self.seconds:.1f} s"
         return (f"{self.target} served the restored database after {self.back_seconds:.2f} s "
-                f"({self.seconds:.1f} s in all)")
+                f"({self.seconds:.2f} s in all)")
 
     def rearm_text(self) -> str:
         r = self.rearmed
