@@ -240,7 +240,7 @@ def drill_points(ctx: Context, info: ConnInfo, chosen: Optional[List[RollbackPoi
     else:
         ok = sum(d.ok for d in results)
         left = [d.left_behind for d in results if d.left_behind]
-        ctx.log.info("Drills: %d OK, %d failed; staging %s was not touched; %s.", ok, len(results) - ok, info.dbname,
+        ctx.log.info("Drills: %d OK, %d failed; the database %s was not touched; %s.", ok, len(results) - ok, info.dbname,
                      f"scratch database(s) NOT dropped: {', '.join(left)} (the next drill removes them)" if left
                      else "every scratch database was dropped")
     return 0 if all(d.ok for d in results) else 1
