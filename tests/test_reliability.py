@@ -16,9 +16,6 @@ from common.testing.testserver import ThrowawayServer
 from tests import pgfixtures as pf
 from tests.test_restore import MIGRATION, drop_all, leftovers, make_point
 
-# Kills and crashes of the dump path; those of the warm copy's swap-in are in test_warm.py.
-WARM_COPIES = "0"
-
 
 @pytest.fixture
 def own_server():
