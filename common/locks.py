@@ -17,6 +17,19 @@ def lock_key(dbname: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def try_session_lock(conn, key: int) -> bool:
+    """Take an advisory lock for the session of `conn` (released when it closes) if nobody holds it."""
+    return bool(scalar(conn, "SELECT pg_try_advisory_lock(%s)", (key,)))
+
+
+def held_elsewhere(conn, key: int) -> bool:
+    """Whether another session holds the advisory lock (asked by taking and releasing it at once)."""
+    if try_session_lock(conn, key):
+        scalar(conn, "SELECT pg_advisory_unlock(%s)", (key,))
+        return False
+    return True
+
+
 class DatabaseLock:
     """`with DatabaseLock(info, 'staging', 'quick_rollback') as lock:` — lock.conn is an autocommit
     connection to the maintenance database, for the operation's own statements."""

@@ -22,7 +22,7 @@ import psycopg2
 
 from .. import storage
 from ..errors import RollbackError
-from ..locks import lock_key
+from ..locks import lock_key, try_session_lock
 from ..log import get_logger
 from ..pg import database as db
 from ..pg.database import ConnInfo
@@ -72,7 +72,7 @@ def run(info: ConnInfo, point: RollbackPoint, folder: Path, pg_bin_dir: Optional
     result = Drill(point)
     conn = db.maintenance_db(info)
     try:
-        if not db.scalar(conn, "SELECT pg_try_advisory_lock(%s)", (drill_key(info.dbname),)):
+        if not try_session_lock(conn, drill_key(info.dbname)):
             raise RollbackError(f"another drill of {info.dbname} is running. Nothing was changed.")
         remove_orphans(conn, folder, info.dbname)
         room = warm.free_space(conn, point.size_bytes * 3 if point.kind == catalog.DUMP else
@@ -138,7 +138,7 @@ def remove_orphans_unless_drilling(conn, folder: Path, database: str) -> List[st
     if not db.databases_like(conn, db.name_prefix(database, TAG)):
         return []
     key = drill_key(database)
-    if not db.scalar(conn, "SELECT pg_try_advisory_lock(%s)", (key,)):
+    if not try_session_lock(conn, key):  # held while removing: no drill starts meanwhile
         return []
     try:
         return remove_orphans(conn, folder, database)

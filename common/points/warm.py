@@ -37,7 +37,7 @@ import psycopg2
 
 from .. import storage
 from ..errors import BackupCorrupt, LockHeld, RestoreFailed, RollbackError
-from ..locks import DatabaseLock, lock_key
+from ..locks import DatabaseLock, held_elsewhere, lock_key, try_session_lock
 from ..log import get_logger
 from ..pg import connections
 from ..pg import database as db
@@ -319,11 +319,7 @@ def rearm_key(database: str) -> int:
 
 def rearm_running(conn, database: str) -> bool:
     """Whether another session holds the re-arm lock of the database (a re-arm is under way)."""
-    key = rearm_key(database)
-    if db.scalar(conn, "SELECT pg_try_advisory_lock(%s)", (key,)):
-        db.scalar(conn, "SELECT pg_advisory_unlock(%s)", (key,))
-        return False
-    return True
+    return held_elsewhere(conn, rearm_key(database))
 
 
 @dataclass
@@ -343,7 +339,7 @@ def rearm(info: ConnInfo, point: RollbackPoint, server_major: int, pg_bin_dir: O
     again = f"`python3 rollback_manager.py warm --file {point.id}` re-arms it"
     conn = db.maintenance_db(info)
     try:
-        if not db.scalar(conn, "SELECT pg_try_advisory_lock(%s)", (rearm_key(info.dbname),)):
+        if not try_session_lock(conn, rearm_key(info.dbname)):
             return Rearmed(False, 0.0, f"another run is re-arming a warm copy of {info.dbname}; {again}")
         get_logger().info("Re-arming point %s: a new warm copy from its dump, while %s serves ...", point.id,
                           info.dbname)
