@@ -83,7 +83,9 @@ def check(info: ConnInfo, point: Optional[RollbackPoint], reference: str = "", q
     try:
         _, report.server_version = db.server_version(conn)
         report.size_bytes = db.database_size(conn, info.dbname)
-        report.tables = db.table_row_counts(conn)
+        content = point is not None and not quick and point.fingerprint
+        if not content:  # with a fingerprint, its own scan counts the rows
+            report.tables = db.table_row_counts(conn)
         report.migration_head = db.migration_head(conn)
         report.migration_heads = frameworks.heads(conn)
         report.connections_allowed = bool(db.allows_connections(conn, info.dbname))
@@ -108,7 +110,9 @@ def check(info: ConnInfo, point: Optional[RollbackPoint], reference: str = "", q
             report.drift = diff_counts(point.tables, report.tables)
         else:
             report.compared = "content and schema (row hashes, definitions, sequences, large objects)"
-            report.drift = fingerprint.differences(point.fingerprint, fingerprint_of(info, like=point.fingerprint))
+            current = fingerprint_of(info, like=point.fingerprint)
+            report.tables = fingerprint.counts(current)
+            report.drift = fingerprint.differences(point.fingerprint, current)
         if point.migration_heads is not None:  # every framework's head, recorded with the point
             for name in sorted(set(point.migration_heads) | set(report.migration_heads)):
                 now, then = report.migration_heads.get(name, "-"), point.migration_heads.get(name, "-")
