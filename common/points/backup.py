@@ -45,6 +45,8 @@ class Source:
     data_bytes: int
     _counts: Optional[Dict[str, int]] = field(default=None, repr=False)
     fingerprint: Optional[dict] = field(default=None, repr=False)
+    # False: counts() counts rows only (a copy checked by its row counts needs no hash of every row)
+    with_fingerprint: bool = True
 
     @classmethod
     def open(cls, info: ConnInfo, app: str) -> "Source":
@@ -74,6 +76,8 @@ class Source:
     def counts(self) -> Dict[str, int]:
         """Row counts, and the fingerprint (content and schema) they come with, in the snapshot
         pg_dump imports; a fingerprint that cannot be taken leaves the counts alone."""
+        if self._counts is None and not self.with_fingerprint:
+            self._counts = table_row_counts(self.conn)
         if self._counts is None:
             try:
                 self.conn.cursor().execute("SAVEPOINT fingerprint")
