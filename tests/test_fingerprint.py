@@ -111,16 +111,44 @@ def test_the_same_data_gives_the_same_fingerprint_on_both_majors(pg_old, pg_new)
         rd.owner, rd.reader, rd.name = "fp_owner", "fp_reader", "fp_same_data"
         with rd:
             conn = connect(server.info, rd.name)
-            try:
-                taken.append(fingerprint.take(conn))
+            try:  # the current format, and format 2, which points made before 2026-12-02 hold
+                taken += [fingerprint.take(conn), fingerprint.take(conn, like={"format": 2})]
             finally:
                 conn.close()
+    assert [fp["format"] for fp in taken] == [fingerprint.FORMAT, 2] * 2
     for fp in taken:
         fp["large_objects"] = {}
         fp["tables"].pop("app.documents")
         fp["objects"] = {k: v for k, v in fp["objects"].items() if not k.startswith("extension ")
                          and k != "relation app.revenue"}  # a view: deparsed differently by 15 and 16+
-    assert fingerprint.differences(taken[0], taken[1]) == []
+    assert fingerprint.differences(taken[0], taken[2]) == [] and fingerprint.differences(taken[1], taken[3]) == []
+
+
+def test_a_point_of_an_earlier_format_is_compared_in_its_own_format(pg_old):
+    """A fingerprint taken like one of format 2 is taken in format 2: equal when nothing changed,
+    one changed row named with its key range; the current format finds the same change."""
+    from common.pg.database import connect
+    from common.points import fingerprint
+    name = pf.create_database(pg_old, pf.unique_name("fmt"), """
+        CREATE TABLE t (id int PRIMARY KEY, label text, at timestamptz, ok boolean, n numeric);
+        INSERT INTO t SELECT i, md5(i::text), '2026-01-01'::timestamptz + i * interval '1 minute', i % 2 = 0, i / 7.0
+        FROM generate_series(1, 5000) i;""")
+    conn = connect(pg_old.info, name)
+    try:
+        earlier = fingerprint.take(conn, like={"format": 2})
+        now = fingerprint.take(conn, like=earlier)
+        assert earlier["format"] == now["format"] == 2 and fingerprint.differences(earlier, now) == []
+        current = fingerprint.take(conn)
+        assert current["format"] == fingerprint.FORMAT and current["tables"]["public.t"]["hash"] != earlier["tables"]["public.t"]["hash"]
+        pf.execute(pg_old, name, "UPDATE t SET at = at + interval '1 microsecond' WHERE id = 4321")
+        for before in (earlier, current):  # a microsecond of a timestamptz, in either format
+            [line] = fingerprint.differences(before, fingerprint.take(conn, like=before))
+            assert "table public.t: same 5000 rows, different content" in line, line
+            low, high = line.split("differing key ranges: [")[1].split("]")[0].split(" .. ")
+            assert int(low) <= 4321 <= int(high), line
+    finally:
+        conn.close()
+        pf.drop_database(pg_old, name)
 
 
 def events_line(server, env_for, first: int, last: int, change: str) -> str:
