@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -92,6 +93,7 @@ class StreamedCopy:
         # V2's exact counts, in the dump's snapshot. Only counts: the copy is checked by them, and
         # hashing every row of V2 beside the streams cost a third of this copy's time (measured).
         self.source.with_fingerprint = False
+        owners = _index_owners(self.source.conn, [(schema, table) for g in groups for _, schema, table in g])
         counter = threading.Thread(target=self._count, daemon=True)
         counter.start()
         progress = Progress("copying", total=len(self.source.tables))
@@ -101,15 +103,20 @@ class StreamedCopy:
             run(self._dump_argv(["--section=post-data", "--file", str(post)]), password=self.source.info.password,
                 env=self.source.info.libpq_env(), what=f"pg_dump {self.pg_dump.version} (post-data)")
             tables = TableCounter(target)
+            early = EarlyIndexes(self.pg_restore, post, target, owners)
             rest = ["--section=data"] + [f"--exclude-table-data={_pattern(t[0])}" for g in groups for t in g]
             try:
-                self._parallel(rest, groups, target, progress, tables)
+                self._parallel(rest, groups, target, progress, tables, early)
                 progress.done()
-                log.info("  indexes, constraints and the rest, %d jobs (tables counted beside them) ...", self.jobs)
+                left = early.finish()
+                log.info("  indexes, constraints and the rest, %d jobs (tables counted beside them; %d indexes and "
+                         "constraints built as their tables arrived) ...", self.jobs, early.built)
                 run([self.pg_restore.path, "--exit-on-error", "--no-password", f"--jobs={self.jobs}",
-                     "--dbname", conninfo_dbname(target.dbname), str(post)], password=target.password,
-                    env=target.libpq_env(), what=f"pg_restore {self.pg_restore.version} (post-data)")
+                     "--use-list", str(left), "--dbname", conninfo_dbname(target.dbname), str(post)],
+                    password=target.password, env=target.libpq_env(),
+                    what=f"pg_restore {self.pg_restore.version} (post-data)")
             except BaseException:
+                early.stop()
                 tables.stop()
                 raise
             self.target_counts = tables.finish()
@@ -123,6 +130,8 @@ class StreamedCopy:
         finally:
             progress.done()
             post.unlink(missing_ok=True)
+            for listed in post.parent.glob(f"{post.name}.*.list"):
+                listed.unlink(missing_ok=True)
         counter.join()
         if self._count_error is not None:
             raise self._count_error
@@ -185,7 +194,7 @@ class StreamedCopy:
         self._finish(*self._start(dump_args, target, what))
 
     def _parallel(self, rest: List[str], groups: List[List[tuple]], target: ConnInfo, progress: Progress,
-                  tables: "TableCounter") -> None:
+                  tables: "TableCounter", early: "EarlyIndexes") -> None:
         """Stream 1 (pg_dump of everything but the groups' tables | pg_restore) and one COPY stream
         per group, all at once; the first failure stops every other stream."""
         lock = threading.Lock()
@@ -200,7 +209,7 @@ class StreamedCopy:
                         tables.loaded(current[0])
                     current[0] = name
 
-        copies = [TableCopies(self.source, target, group, progress, lock, tables) for group in groups]
+        copies = [TableCopies(self.source, target, group, progress, lock, tables, early) for group in groups]
         producer, consumer, what = self._start(rest, target, "data stream 1", on_line)
         try:
             for copy in copies:
@@ -233,9 +242,9 @@ class TableCopies:
     its own; `join()` re-raises its failure, `stop()` cancels it."""
 
     def __init__(self, source: Source, target: ConnInfo, group: List[tuple], progress: Progress,
-                 lock: threading.Lock, tables: "TableCounter"):
+                 lock: threading.Lock, tables: "TableCounter", early: "EarlyIndexes"):
         self.source, self.target, self.group = source, target, group
-        self.progress, self.lock, self.tables = progress, lock, tables
+        self.progress, self.lock, self.tables, self.early = progress, lock, tables, early
         self.error: Optional[BaseException] = None
         self.conns: List = []
         self.stopped = False
@@ -283,6 +292,7 @@ class TableCopies:
                 self._copy(reader, writer, quoted, self._columns(reader, quoted))
                 with self.lock:
                     self.tables.loaded(f'"{schema}.{table}"')
+                self.early.loaded(schema, table)
         except psycopg2.Error as exc:
             self.error = RestoreFailed(f"copying V2 failed: {db.reason(exc)}. Staging was not touched.")
         except BaseException as exc:  # re-raised by join()
@@ -332,6 +342,95 @@ class TableCopies:
             raise
         finally:
             incoming.close()
+
+
+def _index_owners(conn, tables: List[tuple]) -> Dict[int, tuple]:
+    """V2's indexes and primary key, unique and exclusion constraints of `tables` (plain tables, not
+    partitions), by OID: what post-data builds on one table alone, so it can be built as soon as
+    that table is loaded."""
+    if not tables:
+        return {}
+    found = rows(conn, """
+        WITH t AS (SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE c.relkind = 'r' AND NOT c.relispartition
+                     AND (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[])))
+        SELECT i.indexrelid, t.nspname, t.relname FROM pg_index i JOIN t ON t.oid = i.indrelid
+        UNION ALL
+        SELECT k.oid, t.nspname, t.relname FROM pg_constraint k JOIN t ON t.oid = k.conrelid
+        WHERE k.contype IN ('p', 'u', 'x')""", ([s for s, _ in tables], [t for _, t in tables]))
+    return {int(oid): (schema, table) for oid, schema, table in found}
+
+
+class EarlyIndexes:
+    """Builds a table's indexes and key constraints from the post-data archive as soon as a COPY
+    stream has loaded the table, one table at a time, while the other streams go on (pgcopydb does
+    the same): the builds of the first tables overlap the copy of the last ones, and what is left
+    for post-data is shorter. `finish()` waits for them and returns the list of what is left."""
+
+    _ENTRY = re.compile(r"^(\d+); (\d+) (\d+) (INDEX|CONSTRAINT) (?!ATTACH )")
+
+    def __init__(self, pg_restore: Tool, archive: Path, target: ConnInfo, owners: Dict[int, tuple]):
+        self.pg_restore, self.archive, self.target = pg_restore, archive, target
+        listing = run([pg_restore.path, "--list", str(archive)], what=f"pg_restore {pg_restore.version} (--list)").stdout
+        self.lines = [line for line in listing.splitlines() if line.strip() and not line.startswith(";")]
+        self.by_table: Dict[tuple, List[str]] = {}
+        for line in self.lines:
+            match = self._ENTRY.match(line)
+            if match and int(match.group(3)) in owners:
+                self.by_table.setdefault(owners[int(match.group(3))], []).append(line)
+        self.done: set = set()
+        self.built = 0
+        self.error: Optional[BaseException] = None
+        self.process: Optional[Process] = None
+        self.stopped = self.closing = False
+        self.jobs: "queue.Queue" = queue.Queue()
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def loaded(self, schema: str, table: str) -> None:
+        if (schema, table) in self.by_table:
+            self.jobs.put((schema, table))
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None or self.stopped or self.closing:
+                return
+            if self.error is not None:
+                continue
+            items = self.by_table[job]
+            listed = self.archive.with_name(f"{self.archive.name}.{len(self.done)}.list")
+            listed.write_text("\n".join(items) + "\n")
+            try:
+                self.process = Process([self.pg_restore.path, "--exit-on-error", "--no-password", "--use-list",
+                                        str(listed), "--dbname", conninfo_dbname(self.target.dbname), str(self.archive)],
+                                       password=self.target.password, env=self.target.libpq_env())
+                self.process.wait(what=f"pg_restore {self.pg_restore.version} (indexes of {job[0]}.{job[1]})")
+                self.done.update(items)
+                self.built += len(items)
+            except BaseException as exc:  # re-raised by finish()
+                self.error = exc
+            finally:
+                listed.unlink(missing_ok=True)
+
+    def finish(self) -> Path:
+        """Once every table is loaded: the build under way ends, the tables still waiting are left
+        to post-data, which builds them in parallel."""
+        self.closing = True
+        self.jobs.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        left = self.archive.with_name(f"{self.archive.name}.left.list")
+        left.write_text("".join(line + "\n" for line in self.lines if line not in self.done))
+        return left
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.jobs.put(None)
+        if self.process is not None:
+            self.process.kill()
+        self.thread.join()
 
 
 class TableCounter:
