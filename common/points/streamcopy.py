@@ -11,10 +11,12 @@ the copy is checked against, see the same instant of V2:
   1. pre-data (types, tables, functions ...)      pg_dump --section=pre-data  | pg_restore
   2. data: the biggest tables (up to 64 each)      COPY ... TO STDOUT on V2 -> COPY ... FROM STDIN
      spread over `jobs` COPY streams, each a pair    WITH (FREEZE), one table after another
-     of connections; stream 0 carries the rest      pg_dump --section=data --exclude-table-data ...
+     of connections; stream 1 carries the rest      pg_dump --section=data --exclude-table-data ...
      (sequences, large objects, other tables)       | pg_restore
-  3. post-data (indexes, constraints, triggers,   pg_dump --section=post-data -f small file,
-     materialized view contents), in parallel     pg_restore --jobs
+  3. post-data (indexes, constraints, triggers,   pg_dump --section=post-data -f small file;
+     materialized view contents): a COPY-streamed   pg_restore --use-list (that table's entries),
+     table's indexes and key constraints as soon    one table at a time, then
+     as it is loaded, the rest in parallel          pg_restore --jobs --use-list (the rest)
 The new database is checked like any restore, by exact row counts against V2's (in its snapshot),
 before the swap; a failure at any step leaves staging untouched. Each table is counted and analysed
 as soon as its stream has moved past it (post-data adds no rows), on one connection beside the
