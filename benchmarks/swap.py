@@ -50,6 +50,7 @@ class Watcher:
         self.info, self.started = info, started
         self.served = None
         self.longest_gap = 0.0
+        self.closing_attempt = 0.0  # how long the answer that ended the longest gap took (connect + query)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -58,6 +59,7 @@ class Watcher:
         import psycopg2
         last_answer = time.monotonic()
         while not self.stop.is_set():
+            attempt = time.monotonic()
             try:
                 conn = psycopg2.connect(host=self.info.host, port=self.info.port, user=self.info.user,
                                         password=self.info.password, dbname=STAGING, connect_timeout=2)
@@ -68,7 +70,8 @@ class Watcher:
                 finally:
                     conn.close()
                 now = time.monotonic()
-                self.longest_gap = max(self.longest_gap, now - last_answer)
+                if now - last_answer > self.longest_gap:
+                    self.longest_gap, self.closing_attempt = now - last_answer, now - attempt
                 last_answer = now
                 if point and self.served is None:
                     self.served = now - self.started
@@ -86,7 +89,7 @@ def quiet(admin) -> None:
     cold_cache()
 
 
-def measure(server, work: Path, size: int, runs: int, dslr, record) -> int:
+def measure(server, work: Path, size: int, runs: int, dslr, record, peers: bool = True) -> int:
     info, bindir = server.info, server.bindir
     admin = connect(info)
     actual = generate(server, STAGING, size)
@@ -120,9 +123,15 @@ def measure(server, work: Path, size: int, runs: int, dslr, record) -> int:
         if watcher.served is None or not summary.get("warm_again"):
             raise SystemExit(f"staging never served the point, or it was not re-armed: {summary}")
         record(actual, "ours: quick_rollback.py, staging serves the point", watcher.served,
-               {"unavailable_s": watcher.longest_gap, "summary_unavailable_s": summary["unavailable_seconds"]})
+               {"unavailable_s": watcher.longest_gap, "summary_unavailable_s": summary["unavailable_seconds"],
+                "closing_attempt_s": watcher.closing_attempt})
+        print(f"    unavailable: {watcher.longest_gap * 1000:.0f} ms seen by the watcher, of which its last "
+              f"connection and query {watcher.closing_attempt * 1000:.0f} ms; the tool's own measure "
+              f"{summary['unavailable_seconds'] * 1000:.0f} ms")
         record(actual, "ours: quick_rollback.py, the point warm again (re-armed)", ended)
         drop_database(admin, summary["kept_as"])
+        if not peers:
+            continue
         rearmed = json.loads(subprocess.run([sys.executable, str(ROOT / "rollback_manager.py"), "list", "--json"],
                                             env=env, capture_output=True, text=True).stdout)["points"][0]
         quiet(admin)
@@ -223,6 +232,7 @@ def main() -> int:
     parser.add_argument("--out", help="append the table to this file (e.g. benchmarks/RESULTS.md)")
     parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "swap_plot.png"))
     parser.add_argument("--no-peers-install", action="store_true", help="no DSLR, no plot")
+    parser.add_argument("--ours-only", action="store_true", help="only the rollbacks: no FILE_COPY, pg_restore or DSLR")
     args = parser.parse_args()
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
@@ -235,12 +245,13 @@ def main() -> int:
         print(f"    {name}: {seconds:.2f} s" + (f" {extra}" if extra else ""))
 
     try:
-        dslr, aux_python, why = (None, None, "--no-peers-install") if args.no_peers_install else aux_environment(work)
+        dslr, aux_python, why = ((None, None, "--no-peers-install or --ours-only")
+                                 if args.no_peers_install or args.ours_only else aux_environment(work))
         if not dslr:
             print(f"  DSLR and the plot left out: {why}")
         for text in sorted((t for t in args.sizes.split(",") if t.strip()), key=parse_size):
             print(f"== {text}")
-            measure(server, work, parse_size(text), args.runs, dslr, record)
+            measure(server, work, parse_size(text), args.runs, dslr, record, peers=not args.ours_only)
         major = server.major
     finally:
         server.stop()
