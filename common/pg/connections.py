@@ -160,7 +160,7 @@ def cut_sessions(conn, target: str, wait: float = DEFAULT_WAIT) -> int:
             if not late:
                 break
         if not refused:
-            return done
+            return done + db.end_starting_sessions(conn, target)
         # A blocker connected between the check and the cut: let clients in again and wait for it.
         db.set_allow_connections(conn, target, True)
 

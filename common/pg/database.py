@@ -313,6 +313,37 @@ def sessions(conn, dbname: str, exclude: Sequence[int] = ()) -> List[Session]:
     return [Session(*r) for r in found]
 
 
+def end_starting_sessions(conn, dbname: str, wait: float = 0.5) -> int:
+    """End the connections to the database that are still starting, and wait for them to go; returns
+    how many were ended. A connecting backend takes the database's lock before it checks
+    ALLOW_CONNECTIONS, and shows in pg_stat_activity only at the end of its start: one that passed
+    the check just before connections were turned off is seen here, by its lock, and nowhere else,
+    and would make a rename wait for it in steps of 100 ms."""
+    ended: set = set()
+    left: set = set()
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        starting = [r[0] for r in rows(conn, """
+            SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.objid
+            WHERE l.locktype = 'object' AND l.classid = 'pg_database'::regclass AND d.datname = %s
+              AND l.pid <> pg_backend_pid() AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid)""",
+                                          (dbname,))]
+        if not starting:
+            break
+        for pid in starting:
+            if pid in ended or pid in left:
+                continue
+            try:
+                if scalar(conn, "SELECT pg_terminate_backend(%s)", (pid,)):
+                    ended.add(pid)
+            except psycopg2.errors.InsufficientPrivilege:
+                # another superuser's, or a starting autovacuum worker: once it shows in
+                # pg_stat_activity it is the rename's to wait for (or the next cut's to name)
+                left.add(pid)
+        time.sleep(0.005)
+    return len(ended)
+
+
 def set_allow_connections(conn, dbname: str, allowed: bool) -> None:
     with conn.cursor() as cur:
         cur.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
