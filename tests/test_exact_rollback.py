@@ -262,6 +262,27 @@ def test_the_owner_rolls_back_while_autovacuum_works_in_staging(server, env_for)
         assert differences(before, database_fingerprint(server, rd.name)) == []
 
 
+def test_a_superuser_s_cut_ends_staging_s_autovacuum_worker_before_the_swap(pg_old, env_for):
+    """A rename would end the worker itself, but only after a fixed 100 ms sleep: the cut ends it
+    first (a superuser may), and the rollback is exact."""
+    from pathlib import Path
+    with RealisticDatabase(pg_old) as rd:
+        env = env_for(pg_old, rd.name)  # the server's superuser
+        before = database_fingerprint(pg_old, rd.name)
+        dump_point(env)
+        rd.migrate()
+        with SlowAutovacuum(pg_old, rd.name, rd.url) as vacuum:
+            assert vacuum.workers()
+            result = pf.run_script("quick_rollback.py", "--yes", env=env)
+            assert result.returncode == 0, result.stdout + result.stderr
+        log = sorted(Path(env["LOG_DIR"]).glob("quick_rollback_*.log"))[-1].read_text()
+        assert f"autovacuum worker(s) in {rd.name} (a rename would wait 100 ms for them)" in log, log[-3000:]
+        after = database_fingerprint(pg_old, rd.name)
+        # an extension belongs to whoever creates it (pg_dump records no owner): here the superuser
+        assert [(n, v, s) for n, v, _, s in after.pop("extensions")] == [(n, v, s) for n, v, _, s in before["extensions"]]
+        assert [k for k in differences(before, after) if k != "extensions"] == []
+
+
 def test_a_simple_rollback_snapshot_is_made_while_autovacuum_works(pg_old, env_for):
     server = pg_old
     with RealisticDatabase(server) as rd:

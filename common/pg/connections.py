@@ -160,7 +160,11 @@ def cut_sessions(conn, target: str, wait: float = DEFAULT_WAIT) -> int:
             if not late:
                 break
         if not refused:
-            return done + db.end_starting_sessions(conn, target)
+            done += db.end_starting_sessions(conn, target)
+            vacuums = db.end_autovacuum_workers(conn, target)
+            if vacuums:
+                log.debug("ended %d autovacuum worker(s) in %s (a rename would wait 100 ms for them)", vacuums, target)
+            return done
         # A blocker connected between the check and the cut: let clients in again and wait for it.
         db.set_allow_connections(conn, target, True)
 
