@@ -233,6 +233,7 @@ def main() -> int:
     parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "swap_plot.png"))
     parser.add_argument("--no-peers-install", action="store_true", help="no DSLR, no plot")
     parser.add_argument("--ours-only", action="store_true", help="only the rollbacks: no FILE_COPY, pg_restore or DSLR")
+    parser.add_argument("--keep-logs", help="copy the toolkit's logs of every run into this folder")
     args = parser.parse_args()
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
@@ -264,6 +265,8 @@ def main() -> int:
         if aux_python:
             plot(results, Path(args.plot), aux_python, work)
     finally:
+        if args.keep_logs:
+            subprocess.run(["cp", "-r", str(work / "logs"), args.keep_logs])
         subprocess.run(["rm", "-rf", str(work)])
     return 0
 

@@ -262,6 +262,7 @@ def test_the_owner_rolls_back_while_autovacuum_works_in_staging(server, env_for)
         assert differences(before, database_fingerprint(server, rd.name)) == []
 
 
+
 def test_a_superuser_s_cut_ends_staging_s_autovacuum_worker_before_the_swap(pg_old, env_for):
     """A rename would end the worker itself, but only after a fixed 100 ms sleep: the cut ends it
     first (a superuser may), and the rollback is exact."""

@@ -142,6 +142,7 @@ def cut_sessions(conn, target: str, wait: float = DEFAULT_WAIT) -> int:
                 told = time.monotonic()
             time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
             continue
+        began = time.monotonic()
         db.set_allow_connections(conn, target, False)
         found = db.sessions(conn, target)
         if found and not announced:
@@ -164,6 +165,8 @@ def cut_sessions(conn, target: str, wait: float = DEFAULT_WAIT) -> int:
             vacuums = db.end_autovacuum_workers(conn, target)
             if vacuums:
                 log.debug("ended %d autovacuum worker(s) in %s (a rename would wait 100 ms for them)", vacuums, target)
+            log.debug("connections to %s refused and %d session(s) cut in %.1f ms", target, done,
+                      (time.monotonic() - began) * 1000)
             return done
         # A blocker connected between the check and the cut: let clients in again and wait for it.
         db.set_allow_connections(conn, target, True)
