@@ -117,7 +117,7 @@ class Context:
         except (ImportError, OSError):
             pass
         try:
-            answer = input("Type 'yes' to continue: ")
+            answer = _ask("Type 'yes' to continue: ")
         except EOFError:
             answer = ""
         except KeyboardInterrupt:
@@ -333,3 +333,22 @@ def dispatch(commands: dict) -> Callable[[argparse.Namespace, Context], Optional
 def main(script: str, parser: argparse.ArgumentParser, handler) -> None:
     """Run a script: a handler function, or a dict of subcommand functions."""
     sys.exit(execute(script, parser, dispatch(handler) if isinstance(handler, dict) else handler))
+
+
+def _ask(prompt: str) -> str:
+    """input(), but a Ctrl-C that lands just before input() starts reading still interrupts: Python
+    acts on a signal between its own steps, and input() may already be blocked reading the terminal,
+    waiting for a line (the likely cause of a CI run where quick_rollback did not end after a Ctrl-C
+    at this question). The terminal is polled instead, so Python sees the signal within 0.2 s."""
+    import select
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    try:
+        while not select.select([sys.stdin], [], [], 0.2)[0]:
+            pass
+    except (OSError, ValueError):  # no select on this stdin: input()'s own read
+        return input()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")

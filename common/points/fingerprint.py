@@ -19,6 +19,7 @@ import queue
 import threading
 from typing import Dict, List, Optional, Sequence
 
+import psycopg2.extensions
 from psycopg2 import sql
 
 from ..pg import database as db
@@ -181,8 +182,9 @@ def _value_ranges(conn, rel, key: str, row_hash, like: dict) -> Optional[tuple]:
     db.execute(conn, "SET enable_sort = off")
     try:
         found = db.rows(conn, query)
-    finally:
-        db.execute(conn, "RESET enable_sort")
+    finally:  # not in a failed transaction: the RESET would fail too and hide the query's own error
+        if conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_INERROR:
+            db.execute(conn, "RESET enable_sort")
     return [[int(b), first, last, int(count), str(total)] for b, first, last, count, total in sorted(found)], cut
 
 

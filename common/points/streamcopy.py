@@ -95,6 +95,10 @@ class StreamedCopy:
         # V2's exact counts, in the dump's snapshot. Only counts: the copy is checked by them, and
         # hashing every row of V2 beside the streams cost a third of this copy's time (measured).
         self.source.with_fingerprint = False
+        if groups:  # as pg_dump does: no TRUNCATE or rewrite of a table on V2 until the copy is over
+            # (neither is MVCC-safe: a COPY in the snapshot would read the table empty, and count it so)
+            db.execute(self.source.conn, sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
+                sql.SQL(", ").join(sql.SQL(quoted) for g in groups for quoted, _, _ in g)))
         owners = _index_owners(self.source.conn, [(schema, table) for g in groups for _, schema, table in g])
         counter = threading.Thread(target=self._count, daemon=True)
         counter.start()
@@ -234,7 +238,8 @@ class StreamedCopy:
 _READ_SETTINGS = ("SET DateStyle = 'ISO'", "SET IntervalStyle = 'postgres'", "SET extra_float_digits = 3",
                   "SET row_security = off", "SET statement_timeout = 0", "SET lock_timeout = 0",
                   "SET idle_in_transaction_session_timeout = 0")
-_WRITE_SETTINGS = ("SET row_security = off", "SET statement_timeout = 0", "SET lock_timeout = 0")
+_WRITE_SETTINGS = ("SET row_security = off", "SET statement_timeout = 0", "SET lock_timeout = 0",
+                   "SET xmloption = content")  # an xml value may be a fragment, as pg_restore allows
 
 
 class TableCopies:
@@ -280,12 +285,15 @@ class TableCopies:
             db.execute(reader, "SET TRANSACTION SNAPSHOT %s", (self.source.snapshot_id,))
             encoding = db.scalar(reader, "SELECT pg_encoding_to_char(encoding) FROM pg_database "
                                          "WHERE datname = current_database()")
-            for statement in _READ_SETTINGS:
+            for statement in _READ_SETTINGS + (("SET transaction_timeout = 0",) if self.source.major >= 17 else ()):
                 db.execute(reader, statement)
             for statement in _WRITE_SETTINGS:
                 db.execute(writer, statement)
             for conn in (reader, writer):  # the bytes pass through as V2 encoded them
-                db.execute(conn, "SELECT set_config('client_encoding', %s, false)", (encoding,))
+                try:
+                    conn.set_client_encoding(encoding)  # psycopg2 encodes the statements' names with it too
+                except (psycopg2.Error, LookupError):
+                    db.execute(conn, "SELECT set_config('client_encoding', %s, false)", (encoding,))
             for quoted, schema, table in self.group:
                 if self.stopped:
                     return
