@@ -84,8 +84,8 @@ class StreamedCopy:
         return cls(source, pg_dump, pg_restore, scratch, jobs or max(2, min(4, os.cpu_count() or 2)))
 
     def describe(self) -> str:
-        return (f"streamed from V2 ({self.pg_dump.describe()} | {self.pg_restore.describe()}, "
-                f"{self.jobs} data streams, no file in between)")
+        return (f"streamed from V2 (the biggest tables by COPY between two connections, the rest by "
+                f"{self.pg_dump.describe()} | {self.pg_restore.describe()}; {self.jobs} data streams, no file in between)")
 
     def fill(self, target: ConnInfo) -> Dict[str, int]:
         """Copy V2 into `target` (empty); returns V2's exact row counts in the same snapshot."""
