@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from . import instep, journal, notify, storage
 from .cli import Context, same_database
-from .errors import RollbackError, UsageError, VerifyProblems
+from .errors import RestoreFailed, RollbackError, UsageError, VerifyProblems
 from .files import folders
 from .locks import DatabaseLock
 from .pg import frameworks
@@ -74,7 +74,11 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
     if same_database(v2, staging):
         raise UsageError("V2_DATABASE_URL and STAGING_DATABASE_URL name the same database; refusing to "
                          "reset it from itself. Nothing was changed.")
-    connect(v2, app=app_name(ctx.script)).close()  # V2 is named in the confirmation: it must answer first
+    probe = connect(v2, app=app_name(ctx.script))  # V2 is named in the confirmation: it must answer first
+    try:
+        v2_major, v2_version = server_version(probe)
+    finally:
+        probe.close()
     placeholder = RollbackPoint(id=f"fresh copy of V2 ({v2.dbname})", database=staging.dbname,
                                 description=f"fresh copy of V2 {v2.masked()}")
     # The placeholder records no database properties, so staging keeps its own: they configure
@@ -83,6 +87,11 @@ def reset_from_v2(ctx: Context, v2: ConnInfo, staging: ConnInfo, *, drop_previou
                             source_text=f"a fresh pg_dump of V2 {v2.masked()} (V2 is only read)",
                             pooler=ctx.pooler(staging))
     the_plan.wait = ctx.wait
+    if v2_major > the_plan.server_major:
+        raise RestoreFailed(f"V2 runs PostgreSQL {v2_version} and {staging.dbname}'s server {the_plan.server_version}: a "
+                            f"copy of a newer major does not load into an older server (pg_dump's output restores into "
+                            f"its own major or a newer one). Upgrade staging's server to {v2_major} first. Nothing was "
+                            "changed.")
     services = ctx.services()
     ctx.confirm(f"Reset {staging.dbname} from V2?", the_plan.describe() + services.describe())
     testhooks.checkpoint("confirmed")

@@ -189,6 +189,101 @@ def test_reset_staging_streams_a_realistic_v2_into_staging_exactly(server, env_f
         assert database_fingerprint(server, rd.name) == v2
 
 
+# Values whose text and binary forms differ most, in built-in types (COPY's binary format when both
+# servers are one major), and user-defined types whose binary form carries OIDs (always text); an
+# inheritance parent, whose rows are counted apart from its child's.
+KINDS = r"""
+CREATE SCHEMA kinds;
+CREATE DOMAIN kinds.positive AS int CHECK (VALUE > 0);
+CREATE TYPE kinds.color AS ENUM ('red', 'green');
+CREATE TYPE kinds.pair AS (a int, b text);
+CREATE TABLE kinds.builtin (
+    id int PRIMARY KEY, f8 float8, f4 real, num numeric, ts timestamp, tstz timestamptz, d date, iv interval,
+    b bytea, j jsonb, js json, m money, arr int[], tarr text[], bits varbit, ip inet, net cidr,
+    mac macaddr, u uuid, tv tsvector, r int4range, mr int4multirange, pt point, bx box, c char(5), t text,
+    p kinds.positive, o oid, bo boolean);
+INSERT INTO kinds.builtin VALUES
+  (1, 'NaN', '-0', 'NaN', 'infinity', '-infinity', 'infinity', '1 year 2 mons -3 days 04:05:06.789',
+   '\x00ff5c0a', '{"a": [1, 2.50, null], "b": "\u00e9"}', '{"b":1,  "b":2}', '-12.34',
+   '[0:1]={1,NULL}', E'{"tab\\there","new\\nline","back\\\\slash",NULL,""}', B'10101', '10.1.2.3/24',
+   '10.1.0.0/16', '08:00:2b:01:02:03', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'a:1 fat:2B cat', '[1,5)',
+   '{[1,3),[5,7)}', '(1.5,-2)', '((0,0),(1,1))', 'ab', E'tab\t nl\n bs\\ \u00fc \u20ac', 7, 12345, true),
+  (2, 1e308, 3.4e38, -1.23456789012345678901234567890, '2024-02-29 23:59:59.999999',
+   '1999-12-31 23:00:00.5-05', '4713-01-01 BC', '-178000000 years', '', '[]', 'null', 0,
+   '{{1,2},{3,4}}', '{}', B'', '::1', '::/0', '00:00:00:00:00:00', '00000000-0000-0000-0000-000000000000',
+   '', 'empty', '{}', '(0,0)', '((-1,-1),(1,1))', '', '', 1, 0, false),
+  (3, 5e-324, 1.17549435e-38, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+   NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+INSERT INTO kinds.builtin (id, f8, tstz, t, arr) SELECT i, i / 7.0, '2025-01-01'::timestamptz + i * interval '1 s',
+  repeat('x', i % 50), ARRAY[i, NULL, -i] FROM generate_series(4, 3000) i;
+CREATE TABLE kinds.usertypes (id int PRIMARY KEY, c kinds.color, cs kinds.color[], pr kinds.pair,
+                              ps kinds.positive[]);
+INSERT INTO kinds.usertypes VALUES (1, 'red', '{red,green}', '(1,"x y")', '{1,2}'), (2, NULL, '{}', NULL, NULL);
+CREATE TABLE kinds.parent (id int, note text);
+CREATE TABLE kinds.child (extra int) INHERITS (kinds.parent);
+INSERT INTO kinds.parent SELECT i, 'p' FROM generate_series(1, 100) i;
+INSERT INTO kinds.child SELECT i, 'c', i FROM generate_series(1, 20000) i;
+ANALYZE;
+"""
+
+
+def reset_kinds(source, server, env_for) -> str:
+    """Reset a staging database on `server` from a V2 on `source` holding KINDS; returns the output
+    after checking every row and each table's own count."""
+    v2 = pf.create_database(source, pf.unique_name("kinds"), KINDS)
+    staging = pf.create_database(server, pf.unique_name("kinds_staging"), "CREATE TABLE old_state (id int);")
+    try:
+        env = env_for(server, staging, V2_DATABASE_URL=pf.url(source, v2))
+        result = pf.run_script("reset_staging.py", "--yes", "--verbose", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert pf.row_fingerprint(server, staging) == pf.row_fingerprint(source, v2)
+        conn = pf.connect(server.info, staging)
+        try:
+            only = {t: pf.rows(conn, f"SELECT count(*) FROM ONLY kinds.{t}")[0][0] for t in ("parent", "child")}
+        finally:
+            conn.close()
+        assert only == {"parent": 100, "child": 20000}
+        assert "4 tables and 23102 rows match V2" in result.stdout
+        return result.stdout
+    finally:
+        pf.drop_database(server, staging)
+        pf.drop_database(source, v2)
+
+
+def test_reset_staging_copies_every_value_exactly_in_binary_or_text(server, env_for):
+    """Tables whose columns are all of built-in types go in COPY's binary format (V2 and staging
+    run the same major), the rest as text; both give every value back exactly, and an inheritance
+    parent and its child each keep their own rows."""
+    out = reset_kinds(server, server, env_for)
+    assert "copied kinds.builtin (binary): V2 sent 3000 rows, the new database took 3000" in out
+    assert "copied kinds.usertypes (text): V2 sent 2 rows, the new database took 2" in out
+
+
+def test_a_reset_from_an_older_major_copies_as_text_exactly(pg_old, pg_new, env_for):
+    """V2 on the older major, staging on the newer: no binary format between majors."""
+    out = reset_kinds(pg_old, pg_new, env_for)
+    assert "copied kinds.builtin (text): V2 sent 3000 rows, the new database took 3000" in out
+    assert "(binary)" not in out
+
+
+def test_a_reset_from_a_newer_major_is_refused_before_anything_changes(pg_old, pg_new, env_for):
+    """pg_dump's output of a newer major does not load into an older server: said before the
+    confirmation, with staging, its server and V2 untouched."""
+    v2 = pf.create_database(pg_new, pf.unique_name("kinds"), KINDS)
+    staging = pf.create_database(pg_old, pf.unique_name("kinds_staging"), "CREATE TABLE old_state (id int);")
+    try:
+        before, names = pf.fingerprint(pg_old, staging), pf.database_names(pg_old)
+        env = env_for(pg_old, staging, V2_DATABASE_URL=pf.url(pg_new, v2))
+        result = pf.run_script("reset_staging.py", "--yes", env=env)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "a copy of a newer major does not load into an older server" in result.stderr
+        assert "Nothing was changed" in result.stderr and "Confirmed" not in result.stdout
+        assert pf.fingerprint(pg_old, staging) == before and pf.database_names(pg_old) == names
+    finally:
+        pf.drop_database(pg_old, staging)
+        pf.drop_database(pg_new, v2)
+
+
 def test_reset_staging_in_place_goes_through_a_dump_file(server, env_for):
     """An owner that may not create databases gets the in-place reset, which needs a file. (V2's
     objects belong to the same role, as the in-place restore sets each object's owner.)"""

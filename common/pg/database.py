@@ -213,8 +213,10 @@ def user_tables(conn) -> List[tuple]:
         ORDER BY c.relpages DESC, 1, 2""")
 
 
-def table_count(conn, schema: str, table: str) -> int:
-    return int(scalar(conn, sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))))
+def table_count(conn, schema: str, table: str, only: bool = False) -> int:
+    """Rows of the table; with `only`, without its inheritance children's."""
+    return int(scalar(conn, sql.SQL("SELECT count(*) FROM {}{}.{}").format(
+        sql.SQL("ONLY " if only else ""), sql.Identifier(schema), sql.Identifier(table))))
 
 
 def table_row_counts(conn) -> Dict[str, int]:
