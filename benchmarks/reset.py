@@ -83,7 +83,9 @@ def main() -> int:
         lines.append(f"| {name} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
     if "pgcopydb clone (new database)" in results:
         peer = statistics.median(results["pgcopydb clone (new database)"])
-        lines += ["", f"reset_staging / pgcopydb clone: {ours / peer:.2f}x (medians)."]
+        ratios = [a / b for a, b in zip(results["ours: reset_staging.py"], results["pgcopydb clone (new database)"])]
+        lines += ["", f"reset_staging / pgcopydb clone: {ours / peer:.2f}x (medians; run by run "
+                      f"{', '.join(f'{r:.2f}' for r in ratios)})."]
     print("\n".join(lines))
     if args.out:
         with open(args.out, "a") as fh:
