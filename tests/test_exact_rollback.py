@@ -219,6 +219,12 @@ INSERT INTO kinds.builtin (id, f8, tstz, t, arr) SELECT i, i / 7.0, '2025-01-01'
 CREATE TABLE kinds.usertypes (id int PRIMARY KEY, c kinds.color, cs kinds.color[], pr kinds.pair,
                               ps kinds.positive[]);
 INSERT INTO kinds.usertypes VALUES (1, 'red', '{red,green}', '(1,"x y")', '{1,2}'), (2, NULL, '{}', NULL, NULL);
+CREATE FUNCTION kinds.f(int) RETURNS int LANGUAGE sql AS 'SELECT $1';
+CREATE TEXT SEARCH CONFIGURATION kinds.cfg (COPY = simple);
+CREATE TABLE kinds.refs (id int PRIMARY KEY, rc regclass, rt regtype, rp regprocedure, rn regnamespace,
+                         cfg regconfig, rcs regclass[], ids information_schema.sql_identifier[]);
+INSERT INTO kinds.refs VALUES (1, 'kinds.builtin', 'kinds.color', 'kinds.f(int)', 'kinds', 'kinds.cfg',
+                               '{kinds.usertypes,kinds.refs}', '{a,b}');
 CREATE TABLE kinds.parent (id int, note text);
 CREATE TABLE kinds.child (extra int) INHERITS (kinds.parent);
 INSERT INTO kinds.parent SELECT i, 'p' FROM generate_series(1, 100) i;
@@ -243,7 +249,7 @@ def reset_kinds(source, server, env_for) -> str:
         finally:
             conn.close()
         assert only == {"parent": 100, "child": 20000}
-        assert "4 tables and 23102 rows match V2" in result.stdout
+        assert "5 tables and 23103 rows match V2" in result.stdout
         return result.stdout
     finally:
         pf.drop_database(server, staging)
@@ -257,6 +263,7 @@ def test_reset_staging_copies_every_value_exactly_in_binary_or_text(server, env_
     out = reset_kinds(server, server, env_for)
     assert "copied kinds.builtin (binary): V2 sent 3000 rows, the new database took 3000" in out
     assert "copied kinds.usertypes (text): V2 sent 2 rows, the new database took 2" in out
+    assert "copied kinds.refs (text): V2 sent 1 rows, the new database took 1" in out  # reg*: names, not OIDs
 
 
 def test_a_reset_from_an_older_major_copies_as_text_exactly(pg_old, pg_new, env_for):

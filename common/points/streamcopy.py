@@ -341,10 +341,16 @@ class TableCopies:
     def _columns(self, reader, quoted: str) -> tuple:
         """The table's stored columns in order, as pg_dump lists them (generated columns are computed
         again by the new database; empty for a table without columns), and whether the table may be
-        copied in COPY's binary format: when every column's type is built in (below 16384, the same
-        OID on every server) with binary send and receive functions, under any domains, and so is an
-        array's element type. The binary format of a user-defined type would carry OIDs that differ
-        in the new database (arrays and composites do), or need functions it may not have.
+        copied in COPY's binary format: when every column's type, under any domains, and an array's
+        element type, is one of PostgreSQL's own (an OID below 10000, assigned in its source and the
+        same on every server; initdb's later objects, such as information_schema's domains, get
+        OIDs that vary) with binary send and receive functions, except
+          - the reg* types (regclass, regtype, regconfig ...): their binary form is the raw OID of
+            the object named, which is another object, or none, in the new database; as text they
+            are names, looked up again;
+          - xml: sent with an encoding declaration added when the client encoding is not UTF8.
+        The binary form of a user-defined type carries OIDs that differ in the new database (arrays
+        and composites do), or needs functions it may not have: those tables go as text.
         Binary spares both servers converting every value to text and parsing it back: measured on a
         290 MB table, COPY FROM 9.8-11.4 s as text, 8.3 s binary (COPY TO 1.5 s, 1.2 s)."""
         generated = "AND a.attgenerated = ''" if self.source.major >= 12 else ""
@@ -356,10 +362,12 @@ class TableCopies:
                 SELECT b.col, t.typbasetype FROM base b JOIN pg_type t ON t.oid = b.oid WHERE t.typtype = 'd')
             SELECT (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FROM pg_attribute a
                     WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped {generated}),
-                   coalesce(bool_and(t.oid < 16384 AND t.typsend <> 0 AND t.typreceive <> 0
+                   coalesce(bool_and(t.oid < 10000 AND t.typsend <> 0 AND t.typreceive <> 0
+                                     AND t.typname !~ '^(reg|xml$)'
                                      AND (t.typelem = 0 OR EXISTS (
-                                          SELECT 1 FROM pg_type e WHERE e.oid = t.typelem AND e.oid < 16384
-                                          AND e.typsend <> 0 AND e.typreceive <> 0))), false)
+                                          SELECT 1 FROM pg_type e WHERE e.oid = t.typelem AND e.oid < 10000
+                                          AND e.typsend <> 0 AND e.typreceive <> 0
+                                          AND e.typname !~ '^(reg|xml$)'))), false)
             FROM base b JOIN pg_type t ON t.oid = b.oid WHERE t.typtype <> 'd'""", (quoted, quoted))[0]
         return (f" ({names})" if names else ""), bool(binary)
 
