@@ -6,8 +6,12 @@ whether each matches its server, free space for a backup of staging.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
+import stat
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from . import cli, instep, trust
@@ -31,6 +35,7 @@ def check(ctx: cli.Context) -> dict:
     s = ctx.settings
     report: dict = {"env_file": str(s.env_file), "env_file_found": s.env_file_found, "variables": {},
                     "servers": {}, "tools": {}, "problems": []}
+    unset: List[str] = []  # optional settings that only some commands need: said, not counted as problems
     for name in VARIABLES:
         value = s.get(name)
         shown = None if value is None else ("***" if "PASSWORD" in name else mask(value))
@@ -39,17 +44,18 @@ def check(ctx: cli.Context) -> dict:
         if value is None and name in REQUIRED:
             report["problems"].append(f"{name} is not set (add {name}=postgresql://... to {s.env_file})")
         elif value is None and name in NEEDED:
-            report["problems"].append(f"{name} is not set: {NEEDED[name]}; code_rollback, config_rollback and "
-                                      f"database_rollback migrate need it (add {name}={EXAMPLES[name]} to {s.env_file})")
+            unset.append(f"{name} is not set: {NEEDED[name]}; the database commands work without it, the commands "
+                         f"that need it stop and say so (add {name}={EXAMPLES[name]} to {s.env_file})")
     report["folders"] = {}
     for name in trust.FOLDER_SETTINGS:
         if not s.get(name):
             continue
+        exists = s.path(name).is_dir()
         try:
             trust.check_folder(s.path(name), name)
-            report["folders"][name] = {"path": str(s.path(name)), "ok": True}
+            report["folders"][name] = {"path": str(s.path(name)), "ok": True, "exists": exists}
         except RollbackError as exc:
-            report["folders"][name] = {"path": str(s.path(name)), "ok": False, "error": str(exc)}
+            report["folders"][name] = {"path": str(s.path(name)), "ok": False, "exists": exists, "error": str(exc)}
             report["problems"].append(str(exc))
     folders_ok = all(f["ok"] for f in report["folders"].values())
     staging_size: Optional[int] = None
@@ -107,7 +113,7 @@ def check(ctx: cli.Context) -> dict:
         if folders_ok else None
     report["backup_dir"] = {"path": str(folder), "free_bytes": free, "staging_bytes": staging_size,
                             "newest_point_bytes": newest.size_bytes if newest else None}
-    report["warnings"] = list(code_advice)
+    report["warnings"] = list(code_advice) + unset + _readable_env_file(s.env_file)
     if staging_size is not None and free < staging_size:
         report["problems"].append(f"{folder} has {human_size(free)} free, staging is {human_size(staging_size)}")
     if newest is not None and free < 2 * newest.size_bytes:
@@ -115,6 +121,21 @@ def check(ctx: cli.Context) -> dict:
                                   f"({human_size(newest.size_bytes)}): the next point may not fit. Remove old ones "
                                   "with: python3 rollback_manager.py cleanup --keep 2 --dry-run")
     return report
+
+
+_SECRET_LINE = re.compile(r"://[^/\s@]*:[^/\s@]+@|PASSWORD\s*=\s*\S")
+
+
+def _readable_env_file(path: Path) -> List[str]:
+    """A warning when the settings file holds a password and other users may read it."""
+    try:
+        st = os.stat(path)
+        if not st.st_mode & 0o077 or not _SECRET_LINE.search(path.read_text(errors="replace")):
+            return []
+    except OSError:
+        return []
+    return [f"{path} holds a password and other users may read it (mode {stat.S_IMODE(st.st_mode):o}): "
+            f"chmod 600 {path}"]
 
 
 def show(ctx: cli.Context, report: dict) -> None:
@@ -130,7 +151,8 @@ def show(ctx: cli.Context, report: dict) -> None:
         for tool in ("pg_dump", "pg_restore"):
             log.info("  %-10s %s", tool, entry.get(tool) or "NONE that matches")
     for name, f in report["folders"].items():
-        log.info("%-18s %s: %s", name, f["path"], "owner and mode OK" if f["ok"] else "NOT TRUSTED (see below)")
+        log.info("%-18s %s: %s", name, f["path"], "NOT TRUSTED (see below)" if not f["ok"] else "owner and mode OK"
+                 if f["exists"] else "not made yet (made owner-only when first used; the folders above it are safe)")
     for tool, found in report["tools"].items():
         log.info("%s found: %s", tool, "; ".join(found) or "none")
     if "pgbouncer" in report:

@@ -62,11 +62,23 @@ def test_unset_settings_are_named_and_never_aim_at_the_toolkit(pg_old, rich_old,
         result = pf.run_script(*command, env=env)
         assert result.returncode == 2 and f"{variable} is not set" in result.stderr, result.stdout + result.stderr
     assert not Path(env["CODE_BACKUP_DIR"] if "CODE_BACKUP_DIR" in env else tmp_path / "none").exists()
+    # The check names them, as warnings: the database commands work without them (README: optional).
+    settings = tmp_path / "app.env"
+    settings.write_text(f"V2_DATABASE_URL={pf.url(pg_old, 'postgres')}\n")  # a password, readable by others
+    settings.chmod(0o644)
+    env["ENV_FILE"] = str(settings)
     check = subprocess.run([str(pf.ROOT / "setup_and_run.sh"), "2"], env=env, capture_output=True, text=True,
                            timeout=120, stdin=subprocess.DEVNULL)
     out = check.stdout + check.stderr
-    assert check.returncode == 4 and "Problems: none" not in out
-    assert all(f"{v} is not set" in out for v in ("REPO_PATH", "CONFIG_DIR", "MIGRATIONS_DIR"))
+    assert check.returncode == 0 and "Problems: none" in out, out
+    assert all(f"WARNING: {v} is not set" in check.stderr for v in ("REPO_PATH", "CONFIG_DIR", "MIGRATIONS_DIR"))
+    assert f"WARNING: {settings} holds a password and other users may read it (mode 644): chmod 600" in check.stderr
+    assert "owner and mode OK" not in out or all(
+        Path(line.split(": ", 1)[0].split(None, 1)[1]).is_dir() for line in out.splitlines() if "owner and mode OK" in line)
+    settings.chmod(0o600)
+    again = subprocess.run([str(pf.ROOT / "setup_and_run.sh"), "2"], env=env, capture_output=True, text=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0 and "holds a password" not in again.stdout + again.stderr
 
 
 def test_a_staging_that_does_not_exist_is_refused_not_created(pg_old, rich_old, env_for):
