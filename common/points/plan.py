@@ -352,6 +352,9 @@ def _plan_properties(conn, the_plan: Plan) -> None:
         the_plan.props_note = (f"{info.dbname} keeps its own (owner, ACL, comment, settings)" if the_plan.source_text
                                else f"the rollback point records none (made before they were recorded): "
                                     f"{info.dbname} keeps its current owner, ACL, comment and settings")
+    if wanted is None and current is None and the_plan.source_text:  # a reset into a database not made yet
+        the_plan.props_note = (f"{info.dbname} does not exist yet: it is made with its server's defaults (the reset "
+                               "copies V2's schema and rows, not V2's database properties)")
     the_plan.wanted_props = wanted
     if wanted is None or current is None:
         return
