@@ -44,7 +44,7 @@ def check(ctx: cli.Context) -> dict:
         if value is None and name in REQUIRED:
             report["problems"].append(f"{name} is not set (add {name}=postgresql://... to {s.env_file})")
         elif value is None and name in NEEDED:
-            unset.append(f"{name} is not set: {NEEDED[name]}; the database commands work without it, the commands "
+            unset.append(f"{name} is not set: {NEEDED[name]}; rollback points, restores and resets work without it, the commands "
                          f"that need it stop and say so (add {name}={EXAMPLES[name]} to {s.env_file})")
     report["folders"] = {}
     for name in trust.FOLDER_SETTINGS:

@@ -62,7 +62,7 @@ def test_unset_settings_are_named_and_never_aim_at_the_toolkit(pg_old, rich_old,
         result = pf.run_script(*command, env=env)
         assert result.returncode == 2 and f"{variable} is not set" in result.stderr, result.stdout + result.stderr
     assert not Path(env["CODE_BACKUP_DIR"] if "CODE_BACKUP_DIR" in env else tmp_path / "none").exists()
-    # The check names them, as warnings: the database commands work without them (README: optional).
+    # The check names them, as warnings: points, restores and resets work without them (README: optional).
     settings = tmp_path / "app.env"
     settings.write_text(f"V2_DATABASE_URL={pf.url(pg_old, 'postgres')}\n")  # a password, readable by others
     settings.chmod(0o644)
