@@ -314,7 +314,7 @@ class TableCopies:
                     conn.set_client_encoding(encoding)  # psycopg2 encodes the statements' names with it too
                 except (psycopg2.Error, LookupError):
                     db.execute(conn, "SELECT set_config('client_encoding', %s, false)", (encoding,))
-            same_major = reader.server_version // 10000 == writer.server_version // 10000
+            same_major = _major(reader.server_version) == _major(writer.server_version)
             for quoted, schema, table in self.group:
                 if self.stopped:
                     return
@@ -412,6 +412,11 @@ class TableCopies:
             raise
         finally:
             incoming.close()
+
+
+def _major(server_version: int) -> int:
+    """150018 -> 15; 90624 -> 906 (before PostgreSQL 10 a major had two parts)."""
+    return server_version // 10000 if server_version >= 100000 else server_version // 100
 
 
 def _index_owners(conn, tables: List[tuple]) -> Dict[int, tuple]:
