@@ -71,6 +71,7 @@ class StreamedCopy:
         self._count_error: Optional[BaseException] = None
         self.source_counts: Dict[str, int] = {}  # V2's rows in the snapshot, table by table (ONLY)
         self.target_counts: Optional[Dict[str, int]] = None  # the new database's, once filled
+        self.server_major: Optional[int] = None  # staging's server
 
     @classmethod
     def prepare(cls, source: Source, server_major: int, pg_bin_dir: Optional[str], scratch: Path,
@@ -86,11 +87,14 @@ class StreamedCopy:
         except ToolNotFound as exc:
             log.info("No local pg_dump/pg_restore pair to stream with (%s): dumping to a file first.", exc)
             return None
-        return cls(source, pg_dump, pg_restore, scratch, jobs or max(2, min(4, os.cpu_count() or 2)))
+        copy = cls(source, pg_dump, pg_restore, scratch, jobs or max(2, min(4, os.cpu_count() or 2)))
+        copy.server_major = server_major
+        return copy
 
     def describe(self) -> str:
-        return (f"streamed from V2 (the biggest tables by COPY between two connections, binary where their column "
-                f"types allow, the rest by "
+        formats = ("binary where their column types allow" if self.server_major == self.source.major else
+                   "as text between two majors")
+        return (f"streamed from V2 (the biggest tables by COPY between two connections, {formats}, the rest by "
                 f"{self.pg_dump.describe()} | {self.pg_restore.describe()}; {self.jobs} data streams, no file in between)")
 
     def fill(self, target: ConnInfo) -> Dict[str, int]:
